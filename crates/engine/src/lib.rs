@@ -1,0 +1,13 @@
+//! Easel's inference engine: everything between a prompt and an image, with no UI.
+//!
+//! Layout follows the architecture: [`pipeline`] (text encoding, the denoising loop, decoding)
+//! drives [`models`] (families, loading, the networks) and [`schedulers`] (one file per sampler),
+//! drawing noise from [`rng`] generators that reproduce torch's. [`metadata`] reads and writes
+//! the AUTOMATIC1111 `parameters` text that other apps understand.
+
+pub mod error;
+pub mod metadata;
+pub mod rng;
+pub mod schedulers;
+
+pub use error::{Error, Result};

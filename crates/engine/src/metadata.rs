@@ -1,0 +1,1 @@
+//! The AUTOMATIC1111 `parameters` text (what civitai and image viewers read).

@@ -1,0 +1,3 @@
+fn main() {
+    println!("easel: work in progress");
+}
