@@ -5,8 +5,11 @@
 //! drawing noise from [`rng`] generators that reproduce torch's. [`metadata`] reads and writes
 //! the AUTOMATIC1111 `parameters` text that other apps understand.
 
+pub mod device;
 pub mod error;
 pub mod metadata;
+pub mod models;
+pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 

@@ -1,0 +1,205 @@
+//! The CLIP text transformer (transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`),
+//! built from `text_encoder/config.json` with the real checkpoints' `text_model.` key prefix.
+//!
+//! Written here rather than reusing candle-transformers' CLIP, whose causal mask does not
+//! broadcast over a batch and which exposes no penultimate hidden state with the projection.
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use serde::Deserialize;
+
+use super::nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear};
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_positions() -> usize {
+    77
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+#[derive(Debug)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, activation: Activation) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            layer_norm1: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: linear(h, h, attn.pp("q_proj"))?,
+            k_proj: linear(h, h, attn.pp("k_proj"))?,
+            v_proj: linear(h, h, attn.pp("v_proj"))?,
+            out_proj: linear(h, h, attn.pp("out_proj"))?,
+            layer_norm2: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            heads: cfg.num_attention_heads,
+            activation,
+        })
+    }
+
+    fn attention(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let d = c / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, n, self.heads, d))?.transpose(1, 2)?.reshape((b * self.heads, n, d))?.contiguous()
+        };
+        let q = split(self.q_proj.forward(xs)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        // Prompts are at most 77 tokens: the masked score matrix is tiny, no chunking needed.
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(causal_mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?;
+        let out = out.reshape((b, self.heads, n, d))?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.out_proj.forward(&out)
+    }
+
+    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let xs = (self.attention(&self.layer_norm1.forward(xs)?, causal_mask)? + xs)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        let h = match self.activation {
+            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        self.fc2.forward(&h)? + xs
+    }
+}
+
+/// What one text-encoder pass yields.
+pub struct ClipOutput {
+    /// After the final layer norm (what SD 1.x / 2.x condition on).
+    pub last_hidden_state: Tensor,
+    /// Output of the layer before last, without the final norm (what SDXL conditions on).
+    pub penultimate_hidden_state: Tensor,
+    /// The EOS token's final state, through `text_projection` when the model has one.
+    pub pooled: Tensor,
+}
+
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+    config: ClipTextConfig,
+}
+
+/// Id of `<|endoftext|>`, the token whose state CLIP pools.
+pub const EOS_TOKEN_ID: u32 = 49407;
+
+impl ClipTextModel {
+    /// `vb` points at the root of the checkpoint (the model lives under `text_model.`);
+    /// `with_projection` loads `text_projection` (SDXL's second encoder).
+    pub fn new(vb: VarBuilder, config: ClipTextConfig, with_projection: bool) -> Result<Self> {
+        let activation = match config.hidden_act.as_str() {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => candle_core::bail!("unsupported CLIP activation \"{other}\""),
+        };
+        let tm = vb.pp("text_model");
+        let emb = tm.pp("embeddings");
+        let token_embedding = candle_nn::embedding(config.vocab_size, config.hidden_size, emb.pp("token_embedding"))?;
+        let position_embedding = emb.get((config.max_position_embeddings, config.hidden_size), "position_embedding.weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::new(tm.pp(format!("encoder.layers.{i}")), &config, activation))
+            .collect::<Result<Vec<_>>>()?;
+        let text_projection = if with_projection {
+            let dim = config.projection_dim.unwrap_or(config.hidden_size);
+            Some(linear_no_bias(config.hidden_size, dim, vb.pp("text_projection"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm: layer_norm(config.hidden_size, config.layer_norm_eps, tm.pp("final_layer_norm"))?,
+            text_projection,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    fn causal_mask(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)
+    }
+
+    /// Encodes one batch of token-id rows (each already padded to the same length).
+    pub fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<ClipOutput> {
+        let batch = ids.len();
+        let n = ids.first().map(|r| r.len()).unwrap_or(0);
+        if batch == 0 || n == 0 || n > self.config.max_position_embeddings {
+            candle_core::bail!("CLIP input must be 1..={} tokens per row", self.config.max_position_embeddings);
+        }
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let input = Tensor::from_vec(flat, (batch, n), device)?;
+        let positions = self.position_embedding.i(0..n)?;
+        let mut xs = self.token_embedding.forward(&input)?.broadcast_add(&positions)?;
+        let mask = Self::causal_mask(n, device, xs.dtype())?;
+        let mut penultimate = xs.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = xs.clone();
+            }
+            xs = layer.forward(&xs, &mask)?;
+        }
+        let last_hidden_state = self.final_layer_norm.forward(&xs)?;
+        // Pool at the first EOS of each row (transformers takes the argmax id, which is the
+        // first EOS since EOS has the largest id in the vocabulary).
+        let mut pooled_rows = Vec::with_capacity(batch);
+        for (b, row) in ids.iter().enumerate() {
+            let eos = row.iter().position(|&t| t == EOS_TOKEN_ID).unwrap_or(n - 1);
+            pooled_rows.push(last_hidden_state.i((b, eos))?);
+        }
+        let mut pooled = Tensor::stack(&pooled_rows, 0)?;
+        if let Some(proj) = &self.text_projection {
+            pooled = proj.forward(&pooled)?;
+        }
+        Ok(ClipOutput { last_hidden_state, penultimate_hidden_state: penultimate, pooled })
+    }
+}
+

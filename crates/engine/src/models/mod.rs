@@ -1,0 +1,303 @@
+//! Model families, loading from disk, and the networks themselves.
+
+pub mod attention;
+pub mod clip;
+pub mod nn;
+pub mod resnet;
+pub mod safetensors_check;
+pub mod unet;
+pub mod vae;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use crate::{Error, Result};
+use clip::{ClipTextConfig, ClipTextModel};
+use unet::{UNet2DConditionModel, UNetConfig};
+use vae::{VaeConfig, VaeDecoder};
+
+/// The architecture family: decides text encoders, conditioning and default settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x: one OpenAI CLIP-L text encoder, 768-wide context.
+    Sd1,
+    /// SD 2.x: one OpenCLIP-H text encoder (gelu), linear projections in the U-Net.
+    Sd2,
+    /// SDXL: CLIP-L + OpenCLIP-bigG, pooled embedding and size conditioning.
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD 1.x",
+            Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
+        }
+    }
+
+    /// The 4→3 latent-to-RGB projection used for live previews (ComfyUI's latent_formats).
+    pub fn latent_rgb_factors(&self) -> ([[f32; 3]; 4], [f32; 3]) {
+        match self {
+            Family::Sd1 | Family::Sd2 => (
+                [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+                [0.0; 3],
+            ),
+            Family::Sdxl => (
+                [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+                [0.1084, -0.0175, -0.0011],
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What was learned about a model folder before loading any weights.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    /// Display name (the folder's name), as written into the PNG metadata.
+    pub name: String,
+    pub family: Family,
+    /// Distilled few-step model (SD-Turbo, SDXL-Turbo): trailing timesteps, no CFG.
+    pub turbo: bool,
+    /// `prediction_type` from the scheduler config ("epsilon" or "v_prediction").
+    pub prediction_type: String,
+    pub scheduler_config_path: PathBuf,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub text_encoder_2: Option<ClipTextConfig>,
+    /// SDXL pipelines use zero embeddings for an empty negative prompt.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+impl ModelInfo {
+    /// Settings an artist should start from with this model.
+    pub fn default_steps(&self) -> usize {
+        match (self.turbo, self.family) {
+            (true, _) => 1,
+            (false, Family::Sdxl) => 30,
+            (false, _) => 25,
+        }
+    }
+
+    pub fn default_guidance(&self) -> f64 {
+        if self.turbo {
+            0.0
+        } else {
+            7.0
+        }
+    }
+
+    /// Native resolution: 512 for SD 1.x and SD-Turbo, 768 for SD 2.x v-prediction, 1024 for SDXL.
+    pub fn default_size(&self) -> usize {
+        match self.family {
+            Family::Sdxl => 1024,
+            Family::Sd2 if self.prediction_type == "v_prediction" => 768,
+            _ => 512,
+        }
+    }
+}
+
+fn model_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Model { path: path.to_path_buf(), message: message.into() }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| model_error(path, format!("invalid JSON or unexpected contents: {e}")))
+}
+
+/// Reads a diffusers model folder's configs and works out its family, without loading weights.
+pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
+    if !folder.exists() {
+        return Err(model_error(folder, "no such file or folder"));
+    }
+    if !folder.is_dir() {
+        return Err(model_error(folder, "expected a diffusers model folder (with model_index.json, unet/, vae/, text_encoder/)"));
+    }
+    let required = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"];
+    let missing: Vec<&str> = required.iter().copied().filter(|p| !folder.join(p).is_file()).collect();
+    if !missing.is_empty() {
+        return Err(model_error(
+            folder,
+            format!("not a complete diffusers model folder: missing {}", missing.join(", ")),
+        ));
+    }
+    let unet: UNetConfig = read_json(&folder.join("unet/config.json"))?;
+    if let Some(what) = unet.unsupported() {
+        return Err(model_error(&folder.join("unet/config.json"), format!("unsupported U-Net ({what})")));
+    }
+    if unet.in_channels != 4 {
+        let kind = if unet.in_channels == 9 { "an inpainting model" } else { "not a text-to-image model" };
+        return Err(model_error(folder, format!("the U-Net takes {} input channels: {kind}, which Easel does not run yet", unet.in_channels)));
+    }
+    let vae: VaeConfig = read_json(&folder.join("vae/config.json"))?;
+    let text_encoder: ClipTextConfig = read_json(&folder.join("text_encoder/config.json"))?;
+    let text_encoder_2 = if folder.join("text_encoder_2/config.json").is_file() {
+        Some(read_json::<ClipTextConfig>(&folder.join("text_encoder_2/config.json"))?)
+    } else {
+        None
+    };
+    let scheduler_config_path = folder.join("scheduler/scheduler_config.json");
+    let scheduler: serde_json::Value = read_json(&scheduler_config_path)?;
+    let model_index: serde_json::Value = if folder.join("model_index.json").is_file() {
+        read_json(&folder.join("model_index.json"))?
+    } else {
+        serde_json::Value::Null
+    };
+
+    let family = if unet.is_sdxl() {
+        if text_encoder_2.is_none() {
+            return Err(model_error(folder, "SDXL U-Net but no text_encoder_2/ folder"));
+        }
+        Family::Sdxl
+    } else if text_encoder.hidden_act == "gelu" || unet.use_linear_projection {
+        Family::Sd2
+    } else {
+        Family::Sd1
+    };
+    let context_needed = unet.context_dim();
+    let context_given = text_encoder.hidden_size + text_encoder_2.as_ref().map(|t| t.hidden_size).unwrap_or(0);
+    if context_needed != context_given {
+        return Err(model_error(
+            folder,
+            format!("the U-Net expects {context_needed}-wide text embeddings but the text encoders give {context_given}"),
+        ));
+    }
+    let prediction_type = scheduler.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon").to_string();
+    let turbo = scheduler.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing");
+    let force_zeros_for_empty_prompt =
+        family == Family::Sdxl && model_index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
+    let name = folder
+        .canonicalize()
+        .ok()
+        .as_deref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+
+    Ok(ModelInfo {
+        path: folder.to_path_buf(),
+        name,
+        family,
+        turbo,
+        prediction_type,
+        scheduler_config_path,
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        force_zeros_for_empty_prompt,
+    })
+}
+
+/// The weight files of one component folder: the full-precision file if present, else the
+/// `fp16` variant; sharded checkpoints through their `.index.json`.
+pub fn component_weights(component_dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+        let path = component_dir.join(&name);
+        if path.is_file() {
+            return Ok(vec![path]);
+        }
+    }
+    for name in [format!("{stem}.safetensors.index.json"), format!("{stem}.safetensors.index.fp16.json")] {
+        let index_path = component_dir.join(&name);
+        if index_path.is_file() {
+            let index: serde_json::Value = read_json(&index_path)?;
+            let mut shards: Vec<PathBuf> = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|v| v.as_str()).map(|s| component_dir.join(s)).collect())
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            if shards.is_empty() {
+                return Err(model_error(&index_path, "shard index lists no files"));
+            }
+            return Ok(shards);
+        }
+    }
+    let has_pickle = ["bin", "ckpt", "pt"].iter().any(|ext| component_dir.join(format!("{stem}.{ext}")).is_file());
+    let hint = if has_pickle {
+        " (only a pickle .bin was found: Easel loads .safetensors only, since pickle files can run code)"
+    } else {
+        ""
+    };
+    Err(model_error(component_dir, format!("no {stem}.safetensors or {stem}.fp16.safetensors{hint}")))
+}
+
+/// Validates the files, then memory-maps them into a `VarBuilder`.
+pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for file in files {
+        safetensors_check::validate_safetensors(file)?;
+    }
+    // SAFETY: the files were validated above (complete header and data), and Easel never
+    // writes model files while they are mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) };
+    vb.map_err(|e| model_error(files.first().map(PathBuf::as_path).unwrap_or(Path::new("")), e.to_string()))
+}
+
+/// How to place the model: device and the dtype of its weights and activations.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// The VAE's dtype; f32 unless the caller knows f16 is safe for this VAE.
+    pub vae_dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, vae_dtype: DType::F32 }
+    }
+}
+
+/// A loaded text-to-image model: its networks plus what the pipeline needs to drive them.
+pub struct StableDiffusion {
+    pub info: ModelInfo,
+    pub text_encoder: ClipTextModel,
+    pub text_encoder_2: Option<ClipTextModel>,
+    pub unet: UNet2DConditionModel,
+    pub vae: VaeDecoder,
+    pub options: LoadOptions,
+}
+
+fn load_component<T>(folder: &Path, component: &str, stem: &str, dtype: DType, device: &Device, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>) -> Result<T> {
+    let dir = folder.join(component);
+    let files = component_weights(&dir, stem)?;
+    let vb = var_builder(&files, dtype, device)?;
+    build(vb).map_err(|e| model_error(&dir, format!("weights do not match the config: {e}")))
+}
+
+impl StableDiffusion {
+    pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
+        let info = inspect_diffusers_folder(folder)?;
+        let (dtype, device) = (options.dtype, &options.device);
+        let text_encoder = load_component(folder, "text_encoder", "model", dtype, device, |vb| {
+            ClipTextModel::new(vb, info.text_encoder.clone(), false)
+        })?;
+        let text_encoder_2 = match &info.text_encoder_2 {
+            Some(cfg) => Some(load_component(folder, "text_encoder_2", "model", dtype, device, |vb| ClipTextModel::new(vb, cfg.clone(), true))?),
+            None => None,
+        };
+        let unet = load_component(folder, "unet", "diffusion_pytorch_model", dtype, device, |vb| UNet2DConditionModel::new(vb, info.unet.clone()))?;
+        let vae = load_vae(&info, &options)?;
+        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options })
+    }
+}
+
+/// Loads (or reloads, e.g. in f32 after an f16 overflow) the VAE decoder of a model.
+pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
+    load_component(&info.path, "vae", "diffusion_pytorch_model", options.vae_dtype, &options.device, |vb| VaeDecoder::new(vb, info.vae.clone()))
+}

@@ -1,0 +1,266 @@
+//! The text-to-image pipeline: text encoding → the denoising loop → VAE decoding, written as
+//! an explicit loop in the shape of diffusers' `StableDiffusionPipeline.__call__`.
+
+pub mod preview;
+pub mod text;
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+
+use crate::metadata::RgbImage;
+use crate::models::unet::AddedCond;
+use crate::models::{Family, LoadOptions, ModelInfo, StableDiffusion};
+use crate::rng::{make_generator, RngKind};
+use crate::schedulers::{build_scheduler, SamplerId, SchedulerConfig};
+use crate::{Error, Result};
+use text::{encode_prompts, TextConditioning, Tokenizers};
+
+/// Largest image side accepted (larger runs out of memory long before finishing on any machine).
+pub const MAX_SIDE: usize = 4096;
+/// More steps than this is never useful and is most likely a typo.
+pub const MAX_STEPS: usize = 1000;
+
+/// Everything that decides the picture, besides the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: SamplerId,
+    pub rng: RngKind,
+}
+
+impl GenerationRequest {
+    /// Checks the request against the model before any work starts.
+    pub fn validate(&self, info: &ModelInfo) -> Result<()> {
+        let factor = info.vae.downscale_factor();
+        let invalid = |msg: String| Err(Error::InvalidSetting(msg));
+        if self.steps == 0 {
+            return invalid("steps must be at least 1".into());
+        }
+        if self.steps > MAX_STEPS {
+            return invalid(format!("steps must be at most {MAX_STEPS}"));
+        }
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v == 0 || v > MAX_SIDE {
+                return invalid(format!("{name} must be between {factor} and {MAX_SIDE} pixels, got {v}"));
+            }
+            if v % factor != 0 {
+                return invalid(format!("{name} must be a multiple of {factor}, got {v} (try {})", (v / factor).max(1) * factor));
+            }
+        }
+        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
+            return invalid(format!("guidance must be a number ≥ 0, got {}", self.guidance_scale));
+        }
+        Ok(())
+    }
+
+    /// diffusers runs classifier-free guidance only when guidance > 1 (Turbo: one pass a step).
+    pub fn uses_cfg(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+/// Passed to the step callback after every denoising step.
+pub struct StepProgress<'a> {
+    /// 1-based index of the step just finished.
+    pub step: usize,
+    pub total: usize,
+    pub elapsed: Duration,
+    /// The scheduler's current estimate of the clean latents (x0), for live previews.
+    pub denoised: &'a Tensor,
+}
+
+/// A loaded model plus its tokenizers, ready to generate.
+pub struct Pipeline {
+    model: StableDiffusion,
+    tokenizers: Tokenizers,
+    scheduler_config: SchedulerConfig,
+}
+
+impl Pipeline {
+    pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
+        let model = StableDiffusion::load_diffusers(path, options)?;
+        Self::new(model)
+    }
+
+    pub fn new(model: StableDiffusion) -> Result<Self> {
+        let tokenizers = Tokenizers::for_model(&model)?;
+        let scheduler_config = SchedulerConfig::from_file(&model.info.scheduler_config_path)?;
+        Ok(Self { model, tokenizers, scheduler_config })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.model.info
+    }
+
+    pub fn model(&self) -> &StableDiffusion {
+        &self.model
+    }
+
+    pub fn tokenizers(&self) -> &Tokenizers {
+        &self.tokenizers
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    pub fn encode_text(&self, prompt: &str, negative_prompt: &str) -> Result<TextConditioning> {
+        encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt)
+    }
+
+    /// The initial latents: `randn(shape)` from the seeded generator times the scheduler's
+    /// initial sigma, as diffusers' `prepare_latents`.
+    fn latent_shape(&self, req: &GenerationRequest) -> (usize, usize, usize, usize) {
+        let factor = self.model.info.vae.downscale_factor();
+        (1, self.model.info.unet.in_channels, req.height / factor, req.width / factor)
+    }
+
+    /// Runs the denoising loop and returns the final latents (not yet divided by the VAE's
+    /// scaling factor). `on_step` may stop the run by returning `ControlFlow::Break`.
+    pub fn denoise(&self, req: &GenerationRequest, on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>) -> Result<Tensor> {
+        req.validate(&self.model.info)?;
+        let start = Instant::now();
+        let device = &self.model.options.device;
+        let dtype = self.model.options.dtype;
+        let cond = self.encode_text(&req.prompt, &req.negative_prompt)?;
+        let cfg = req.uses_cfg();
+        // Without CFG only the prompt's row is used.
+        let context = if cfg { cond.context.clone() } else { cond.context.narrow(0, 1, 1)? };
+        let batch = context.dim(0)?;
+        let pooled = match &cond.pooled {
+            Some(p) if cfg => Some(p.clone()),
+            Some(p) => Some(p.narrow(0, 1, 1)?),
+            None => None,
+        };
+        let time_ids = if self.model.info.family == Family::Sdxl {
+            let (h, w) = (req.height as f32, req.width as f32);
+            let row = [h, w, 0.0, 0.0, h, w];
+            let data: Vec<f32> = (0..batch).flat_map(|_| row).collect();
+            Some(Tensor::from_vec(data, (batch, 6), device)?.to_dtype(dtype)?)
+        } else {
+            None
+        };
+
+        let mut scheduler = build_scheduler(req.sampler, &self.scheduler_config, req.steps)?;
+        let mut noise = make_generator(req.rng, req.seed);
+        let shape = self.latent_shape(req);
+        let numel = shape.0 * shape.1 * shape.2 * shape.3;
+        let initial = Tensor::from_vec(noise.randn(numel), shape, device)?;
+        let mut latents = (initial * scheduler.init_noise_sigma())?;
+
+        let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
+            let added = match (&pooled, &time_ids) {
+                (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
+                _ => None,
+            };
+            // The U-Net sees the timestep as f32, as torch does after `timesteps.float()`.
+            let out = self.model.unet.forward(&model_input, t as f32, &context, added)?.to_dtype(DType::F32)?;
+            let noise_pred = if cfg {
+                let uncond = out.narrow(0, 0, 1)?;
+                let text = out.narrow(0, 1, 1)?;
+                (&uncond + ((text - &uncond)? * req.guidance_scale)?)?
+            } else {
+                out
+            };
+            let step = scheduler.step(&noise_pred, i, &latents, noise.as_mut())?;
+            latents = step.prev_sample;
+            let progress = StepProgress { step: i + 1, total, elapsed: start.elapsed(), denoised: &step.pred_original_sample };
+            if on_step(progress).is_break() {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Decodes final latents to pixels in [-1, 1] (N, 3, H, W), f32.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        if !all_finite(latents)? {
+            return Err(Error::InvalidSetting(
+                "the denoising produced NaN/Inf values; the model weights may be corrupt or the precision too low".into(),
+            ));
+        }
+        let scaled = (latents / self.model.info.vae.scaling_factor)?;
+        let vae_dtype = self.model.options.vae_dtype;
+        let image = self.model.vae.decode(&scaled.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
+        if all_finite(&image)? {
+            return Ok(image);
+        }
+        if vae_dtype != DType::F32 {
+            // Reduced-precision VAEs (SDXL's above all) overflow: redo the decode in f32
+            // rather than hand back a black image.
+            let options = LoadOptions { vae_dtype: DType::F32, ..self.model.options.clone() };
+            let vae = crate::models::load_vae(&self.model.info, &options)?;
+            let image = vae.decode(&scaled.to_dtype(DType::F32)?)?;
+            if all_finite(&image)? {
+                return Ok(image);
+            }
+        }
+        Err(Error::Model {
+            path: self.model.info.path.join("vae"),
+            message: "the VAE produced NaN/Inf values even in f32: its weights look corrupt".into(),
+        })
+    }
+
+    /// The whole run: prompt to 8-bit RGB image.
+    pub fn generate(&self, req: &GenerationRequest, on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>) -> Result<RgbImage> {
+        let latents = self.denoise(req, on_step)?;
+        let image = self.decode_latents(&latents)?;
+        to_rgb8(&image)
+    }
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(values.iter().all(|v| v.is_finite()))
+}
+
+/// [-1, 1] NCHW (first image) → RGB8, rounding as diffusers' `numpy_to_pil` does.
+pub fn to_rgb8(image: &Tensor) -> Result<RgbImage> {
+    let image = image.to_dtype(DType::F32)?;
+    let (_, c, h, w) = image.dims4()?;
+    if c != 3 {
+        return Err(Error::InvalidSetting(format!("decoded image has {c} channels, expected 3")));
+    }
+    let first = image.narrow(0, 0, 1)?.squeeze(0)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
+    let data = first.iter().map(|&v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    Ok(RgbImage { width: w as u32, height: h as u32, data })
+}
+
+impl GenerationRequest {
+    /// The AUTOMATIC1111-style parameters to store in the PNG.
+    pub fn to_params(&self, model_name: Option<&str>, model_hash: Option<&str>) -> crate::metadata::GenerationParams {
+        let (sampler, schedule) = self.sampler.a1111_name();
+        crate::metadata::GenerationParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps as u32,
+            sampler: sampler.to_string(),
+            schedule_type: schedule.map(str::to_string),
+            cfg_scale: self.guidance_scale,
+            seed: self.seed,
+            width: self.width as u32,
+            height: self.height as u32,
+            model_hash: model_hash.map(str::to_string),
+            model: model_name.map(str::to_string),
+            rng: Some(match self.rng {
+                RngKind::Cpu => "CPU".to_string(),
+                RngKind::Nv => "NV".to_string(),
+            }),
+            version: Some(format!("easel {}", env!("CARGO_PKG_VERSION"))),
+            ..Default::default()
+        }
+    }
+}

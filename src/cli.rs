@@ -1,0 +1,169 @@
+//! The headless command line: the same engine as the window, for scripts, tests and benchmarks.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use easel_engine::device::{load_options, DevicePreference};
+use easel_engine::metadata::write_png;
+use easel_engine::models::inspect_diffusers_folder;
+use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress};
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::SamplerId;
+
+#[derive(Parser, Debug)]
+#[command(name = "easel", version, about = "Text-to-image with Stable Diffusion models, natively.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate one image from a prompt and save it as a PNG with its parameters.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps [default: from the model: 25, SDXL 30, Turbo 1].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; ≤ 1 runs one U-Net pass per step [default: 7, Turbo 0].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Seed for the noise; random (and printed) when left out.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Width in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm.
+    #[arg(long, default_value = "euler")]
+    pub sampler: String,
+    /// Noise generator: cpu (torch CPU: diffusers, ComfyUI) or nv (torch CUDA: AUTOMATIC1111 on NVIDIA).
+    #[arg(long, default_value = "cpu")]
+    pub rng: String,
+    /// Where to write the PNG [default: easel-<seed>.png in the current folder].
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// auto, cpu, cuda or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Generate(args)) => generate(args),
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            println!();
+            Ok(())
+        }
+    }
+}
+
+/// A seed in torch's effective range (its CPU generator keeps 32 bits), from the OS's
+/// hash randomness and the clock: no extra dependency for a number that only needs to vary.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.finish() & 0xFFFF_FFFF
+}
+
+/// Fails early (before minutes of work) when the output cannot be written.
+fn check_output(path: &Path, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        bail!("{} already exists; choose another --output or pass --overwrite", path.display());
+    }
+    if path.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
+        bail!("{}: the output must be a .png file", path.display());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
+    }
+    tempfile::NamedTempFile::new_in(&dir).with_context(|| format!("cannot write into folder {}", dir.display()))?;
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let sampler: SamplerId = args.sampler.parse()?;
+    let rng: RngKind = args.rng.parse()?;
+    let device: DevicePreference = args.device.parse()?;
+    let info = inspect_diffusers_folder(&args.model)?;
+    let size = info.default_size();
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let request = GenerationRequest {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        steps: args.steps.unwrap_or(info.default_steps()),
+        guidance_scale: args.guidance.unwrap_or(info.default_guidance()),
+        seed,
+        width: args.width.unwrap_or(size),
+        height: args.height.unwrap_or(size),
+        sampler,
+        rng,
+    };
+    request.validate(&info)?;
+    let output = args.output.unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
+    check_output(&output, args.overwrite)?;
+
+    let load_start = Instant::now();
+    let options = load_options(device)?;
+    let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
+    eprintln!(
+        "loaded {} model \"{}\" in {:.1} s; seed {seed}, {} steps of {}, guidance {}, {}x{}",
+        info.family,
+        info.name,
+        load_start.elapsed().as_secs_f64(),
+        request.steps,
+        request.sampler.id(),
+        request.guidance_scale,
+        request.width,
+        request.height
+    );
+    let dropped = pipeline.tokenizers().first.encode(&request.prompt)?.dropped_tokens;
+    if dropped > 0 {
+        eprintln!("warning: the prompt is {dropped} tokens over CLIP's 75-token window; the end is ignored");
+    }
+
+    let started = Instant::now();
+    let mut report = |p: StepProgress| {
+        let secs = p.elapsed.as_secs_f64().max(1e-9);
+        let rate = p.step as f64 / secs;
+        let eta = (p.total - p.step) as f64 / rate.max(1e-9);
+        eprint!("\rstep {}/{}  {:.2} it/s  ETA {:.0} s   ", p.step, p.total, rate, eta);
+        let _ = std::io::stderr().flush();
+        ControlFlow::Continue(())
+    };
+    let image = pipeline.generate(&request, &mut report)?;
+    eprintln!("\rdone in {:.1} s{:20}", started.elapsed().as_secs_f64(), "");
+
+    let params = request.to_params(Some(&info.name), None);
+    write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
+        .with_context(|| format!("saving {}", output.display()))?;
+    println!("{}", output.display());
+    Ok(())
+}
