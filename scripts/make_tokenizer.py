@@ -248,7 +248,7 @@ LONG_77 = (
     "a highly detailed digital painting of a majestic lion standing on a rocky cliff at sunset, "
     "golden light, dramatic clouds, volumetric lighting, intricate fur texture, sharp focus, "
     "trending on artstation, by greg rutkowski and alphonse mucha, concept art, matte painting, "
-    "octane render, unreal engine, 8k resolution, cinematic composition"
+    "octane render, unreal engine, 8k resolution, cinematic composition, wind in the mane, dust particles, rim light, award winning photograph, masterpiece"
 )
 LONG_200 = ", ".join(
     [
@@ -328,6 +328,8 @@ CASES = [
     "zero\u200bwidth space and non\u00a0breaking space",
     "a <|endoftext|> literal special token<|startoftext|>inside",
     "dog's cats' DOG'S o'clock rock'n'roll",
+    " ".join(["cat"] * 75),  # exactly 77 ids with BOS/EOS: no truncation, no padding
+    " ".join(["cat"] * 76),  # 78 ids: the last word is truncated away
     LONG_77,
     LONG_200,
 ]
