@@ -36,13 +36,23 @@ impl ClipTokenizer {
     /// The bundled tokenizer, padding with `pad_id` (EOS for SD 1.x, 0 = "!" for SD 2.x/SDXL's second).
     pub fn bundled(pad_id: u32) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self { inner, pad_id })
+        Ok(Self::with_pad(inner, pad_id))
     }
 
     /// A model folder's own `tokenizer.json`.
     pub fn from_file(path: &Path, pad_id: u32) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self { inner, pad_id })
+        Ok(Self::with_pad(inner, pad_id))
+    }
+
+    fn with_pad(mut inner: tokenizers::Tokenizer, pad_id: u32) -> Self {
+        if pad_id == 0 {
+            // transformers registers a "!" pad token as a special token, so every "!" in a
+            // prompt is split off on its own (id 0) instead of merging with its neighbours
+            // ("!!!" → three tokens). SD 2.x and SDXL's second tokenizer behave so in diffusers.
+            inner.add_special_tokens(&[tokenizers::AddedToken::from("!", true)]);
+        }
+        Self { inner, pad_id }
     }
 
     /// Loads `<model>/<subfolder>/tokenizer.json` when the folder has one, else the bundled

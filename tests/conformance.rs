@@ -1,0 +1,191 @@
+//! Easel against diffusers, component by component and end to end, on the tiny random-weight
+//! models in tests/fixtures (made by scripts/make_fixtures.py with pinned diffusers/torch).
+//!
+//! Tolerances (max |difference| relative to the reference's largest magnitude): 1e-5 for one
+//! network call, 1e-4 for whole sampler runs (six CFG steps amplify f32 rounding differences
+//! in matmul order), and PSNR ≥ 40 dB for the final 8-bit image (in practice identical).
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+use common::*;
+use easel_engine::models::unet::AddedCond;
+use easel_engine::models::{Family, LoadOptions, StableDiffusion};
+use easel_engine::pipeline::{GenerationRequest, Pipeline};
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::SamplerId;
+
+const ONE_CALL: f32 = 1e-5;
+const WHOLE_RUN: f32 = 1e-4;
+
+fn load(model: &str) -> Pipeline {
+    Pipeline::load(&model_dir(model), LoadOptions::default()).unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+fn request(reference: &Reference, sampler: SamplerId) -> GenerationRequest {
+    GenerationRequest {
+        prompt: reference.str("prompt").into(),
+        negative_prompt: reference.str("negative_prompt").into(),
+        steps: reference.f64("steps") as usize,
+        guidance_scale: reference.f64("guidance_scale"),
+        seed: reference.f64("seed") as u64,
+        width: reference.f64("width") as usize,
+        height: reference.f64("height") as usize,
+        sampler,
+        rng: RngKind::Cpu,
+    }
+}
+
+#[test]
+fn families_are_detected_from_the_files() {
+    let expected = [("sd1-tiny", Family::Sd1, "epsilon"), ("sd2v-tiny", Family::Sd2, "v_prediction"), ("sdxl-tiny", Family::Sdxl, "epsilon")];
+    for (model, family, prediction) in expected {
+        let info = easel_engine::models::inspect_diffusers_folder(&model_dir(model)).unwrap();
+        assert_eq!(info.family, family, "{model}");
+        assert_eq!(info.prediction_type, prediction, "{model}");
+        assert!(!info.turbo, "{model}");
+    }
+}
+
+#[test]
+fn text_embeddings_match_diffusers() {
+    for model in MODELS {
+        let reference = Reference::load(model);
+        let pipeline = load(model);
+        let cond = pipeline.encode_text(reference.str("prompt"), reference.str("negative_prompt")).unwrap();
+        assert_close(&format!("{model} uncond"), &cond.context.narrow(0, 0, 1).unwrap(), reference.tensor("text.uncond"), ONE_CALL);
+        assert_close(&format!("{model} cond"), &cond.context.narrow(0, 1, 1).unwrap(), reference.tensor("text.cond"), ONE_CALL);
+        if pipeline.info().family == Family::Sdxl {
+            let pooled = cond.pooled.as_ref().unwrap();
+            assert_close("sdxl pooled uncond", &pooled.narrow(0, 0, 1).unwrap(), reference.tensor("text.uncond_pooled"), ONE_CALL);
+            assert_close("sdxl pooled cond", &pooled.narrow(0, 1, 1).unwrap(), reference.tensor("text.cond_pooled"), ONE_CALL);
+        }
+    }
+}
+
+#[test]
+fn empty_prompt_embeddings_match_diffusers() {
+    for model in ["sd1-tiny", "sd2v-tiny"] {
+        let reference = Reference::load(model);
+        let cond = load(model).encode_text("", "").unwrap();
+        assert_close(&format!("{model} empty"), &cond.context.narrow(0, 1, 1).unwrap(), reference.tensor("text.empty"), ONE_CALL);
+    }
+    // SDXL: an empty negative prompt conditions on zeros (diffusers' force_zeros_for_empty_prompt).
+    let cond = load("sdxl-tiny").encode_text("a cat", "").unwrap();
+    let uncond = values(&cond.context.narrow(0, 0, 1).unwrap());
+    assert!(uncond.iter().all(|v| *v == 0.0));
+}
+
+#[test]
+fn unet_call_matches_diffusers() {
+    for model in MODELS {
+        let reference = Reference::load(model);
+        let pipeline = load(model);
+        let sd: &StableDiffusion = pipeline.model();
+        let t = reference.f64("unet.timestep") as f32;
+        let added = if sd.info.family == Family::Sdxl {
+            Some(AddedCond { text_embeds: reference.tensor("unet.text_embeds"), time_ids: reference.tensor("unet.time_ids") })
+        } else {
+            None
+        };
+        let out = sd.unet.forward(reference.tensor("unet.sample"), t, reference.tensor("unet.encoder_hidden_states"), added).unwrap();
+        assert_close(&format!("{model} unet"), &out, reference.tensor("unet.out"), ONE_CALL);
+    }
+}
+
+#[test]
+fn vae_decode_matches_diffusers() {
+    for model in MODELS {
+        let reference = Reference::load(model);
+        let pipeline = load(model);
+        let image = pipeline.decode_latents(reference.tensor("vae.latents")).unwrap();
+        assert_close(&format!("{model} vae"), &image, reference.tensor("vae.image"), ONE_CALL);
+    }
+}
+
+#[test]
+fn initial_noise_matches_torch_cpu_generator() {
+    for model in MODELS {
+        let reference = Reference::load(model);
+        let expected = reference.tensor("noise.initial");
+        let mut generator = easel_engine::rng::make_generator(RngKind::Cpu, 42);
+        let noise = Tensor::from_vec(generator.randn(expected.elem_count()), expected.dims(), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(values(&noise), values(expected), "{model}: initial noise must be bit-exact");
+    }
+}
+
+#[test]
+fn every_sampler_matches_diffusers_end_to_end() {
+    for model in MODELS {
+        let reference = Reference::load(model);
+        let pipeline = load(model);
+        for sampler in SamplerId::ALL {
+            let id = sampler.id();
+            let expected_timesteps = reference.f64s(&format!("sampler.{id}.timesteps"));
+            let scheduler = easel_engine::schedulers::build_scheduler(sampler, pipeline.scheduler_config(), expected_timesteps.len()).unwrap();
+            for (a, e) in scheduler.timesteps().iter().zip(&expected_timesteps) {
+                assert!((a - e).abs() <= 1e-3 * e.abs().max(1.0), "{model} {id}: timesteps {:?} vs {expected_timesteps:?}", scheduler.timesteps());
+            }
+            let req = request(&reference, sampler);
+            let mut steps_seen = 0;
+            let latents = pipeline
+                .denoise(&req, &mut |p| {
+                    steps_seen = p.step;
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            assert_eq!(steps_seen, req.steps);
+            assert_close(&format!("{model} {id} latents"), &latents, reference.tensor(&format!("sampler.{id}.latents")), WHOLE_RUN);
+        }
+    }
+}
+
+#[test]
+fn final_image_matches_diffusers() {
+    for model in MODELS {
+        let reference = Reference::load(model);
+        let pipeline = load(model);
+        let image = pipeline.generate(&request(&reference, SamplerId::Euler), &mut |_| ControlFlow::Continue(())).unwrap();
+        let expected: Vec<u8> = values(reference.tensor("sampler.euler.image")).iter().map(|v| (v * 255.0).round() as u8).collect();
+        let psnr = psnr(&image.data, &expected);
+        eprintln!("{model}: PSNR {psnr:.1} dB against diffusers");
+        assert!(psnr >= 40.0, "{model}: PSNR {psnr} dB < 40");
+    }
+}
+
+#[test]
+fn turbo_configs_match_diffusers() {
+    for (model, steps_list) in [("sd2v-tiny", vec![1usize, 2]), ("sdxl-tiny", vec![2])] {
+        let reference = Reference::load(model);
+        let dir = tempfile::tempdir().unwrap();
+        let turbo_dir = dir.path().join(format!("{model}-turbo"));
+        copy_dir(&model_dir(model), &turbo_dir);
+        // The verbatim SD-Turbo / SDXL-Turbo scheduler config, on the tiny weights.
+        let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(reference.str("turbo.scheduler_config"));
+        std::fs::copy(config, turbo_dir.join("scheduler/scheduler_config.json")).unwrap();
+        let pipeline = Pipeline::load(&turbo_dir, LoadOptions::default()).unwrap();
+        assert!(pipeline.info().turbo, "{model}: trailing spacing marks a Turbo model");
+        assert_eq!(pipeline.info().default_guidance(), 0.0);
+        let sampler = if model == "sdxl-tiny" { SamplerId::EulerAncestral } else { SamplerId::Euler };
+        for steps in steps_list {
+            let req = GenerationRequest { steps, guidance_scale: reference.f64("turbo.guidance_scale"), ..request(&reference, sampler) };
+            let latents = pipeline.denoise(&req, &mut |_| ControlFlow::Continue(())).unwrap();
+            assert_close(&format!("{model} turbo {steps} steps"), &latents, reference.tensor(&format!("turbo.steps{steps}.latents")), WHOLE_RUN);
+        }
+    }
+}
+
+#[test]
+fn cancelling_stops_the_run() {
+    let reference = Reference::load("sd1-tiny");
+    let pipeline = load("sd1-tiny");
+    let mut calls = 0;
+    let result = pipeline.denoise(&request(&reference, SamplerId::Euler), &mut |_| {
+        calls += 1;
+        ControlFlow::Break(())
+    });
+    assert!(matches!(result, Err(easel_engine::Error::Cancelled)));
+    assert_eq!(calls, 1, "the run stops right after the step that asked");
+}
