@@ -26,6 +26,12 @@ pub enum Error {
     #[error("metadata: {0}")]
     Metadata(String),
 
+    #[error("{path}: already exists; not overwriting it")]
+    FileExists { path: PathBuf },
+
+    #[error("{path}: PNG: {message}")]
+    Png { path: PathBuf, message: String },
+
     #[error("cancelled")]
     Cancelled,
 
