@@ -49,7 +49,8 @@ OUT = ROOT / "tests/fixtures/schedulers"
 SYNTH_CONFIGS = OUT / "synthetic_configs"
 
 SAMPLER_IDS = ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
-STEP_COUNTS = [1, 2, 4, 20, 30]
+# 61: np.arange(1000, 0, -1000/61) has 62 elements, so "trailing" gives 62 timesteps
+STEP_COUNTS = [1, 2, 4, 20, 30, 61]
 RUN_STEPS = 4
 LONG_RUN_STEPS = 20
 # config -> samplers that also get a LONG_RUN_STEPS run (multistep history, many steps)
@@ -222,7 +223,7 @@ def run_loop(sched, steps, shape):
         }
         out_steps.append(step)
         latents = res.prev_sample
-    return {"init_noise": b64(init_noise), "steps": out_steps}
+    return {"init_noise": b64(init_noise), "records": out_steps}
 
 
 def record_config(name, config_path):
