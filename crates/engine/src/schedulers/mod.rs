@@ -23,6 +23,8 @@ mod euler;
 mod euler_ancestral;
 mod lcm;
 mod ops;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::str::FromStr;
