@@ -54,9 +54,15 @@ STEP_COUNTS = [1, 2, 4, 20, 30, 61]
 RUN_STEPS = 4
 LONG_RUN_STEPS = 20
 # config -> samplers that also get a LONG_RUN_STEPS run (multistep history, many steps)
-LONG_RUNS = {"sdxl": set(SAMPLER_IDS), "x_dpm_variants": {"dpmpp_2m", "dpmpp_2m_karras"}}
+LONG_RUNS = {
+    "sdxl": set(SAMPLER_IDS),
+    "x_dpm_variants": {"dpmpp_2m", "dpmpp_2m_karras"},
+    "x_dpm_ode3": {"dpmpp_2m", "dpmpp_2m_karras"},
+}
+# configs whose step loops are recorded for some samplers only (schedules are for all)
+RUN_SAMPLERS = {"x_dpm_ode3": {"dpmpp_2m", "dpmpp_2m_karras"}}
 SHAPE = (1, 4, 8, 8)
-LONG_SHAPE = (1, 4, 4, 4)
+SMALL_SHAPE = (1, 4, 4, 4)
 LATENT_SEED = 0
 NOISE_SEED = 7
 
@@ -93,6 +99,24 @@ SYNTHETIC = {
         "steps_offset": 0,
         "timestep_spacing": "trailing",
         "trained_betas": None,
+    },
+    # The ODE solver's other branches: third order, heun, Euler at the final step, leading
+    # spacing with an offset, sample prediction.
+    "x_dpm_ode3": {
+        "_class_name": "DPMSolverMultistepScheduler",
+        "_diffusers_version": "0.27.0",
+        "algorithm_type": "dpmsolver++",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "euler_at_final": True,
+        "lower_order_final": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": "sample",
+        "solver_order": 3,
+        "solver_type": "heun",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
     },
     # Zero terminal SNR, cosine betas, clipping and alpha-to-one, as in v-prediction fine-tunes.
     "x_zsnr": {
@@ -248,9 +272,12 @@ def record_config(name, config_path):
             except Exception as e:  # recorded: the Rust side must refuse too
                 rec["error"] = f"{type(e).__name__}: {e}"
             schedules.append(rec)
-        run_steps = [(RUN_STEPS, SHAPE)]
+        if sampler not in RUN_SAMPLERS.get(name, SAMPLERS):
+            continue
+        # synthetic configs use the small shape too, to keep the fixtures under ~1 MB
+        run_steps = [(RUN_STEPS, SMALL_SHAPE if name in SYNTHETIC else SHAPE)]
         if sampler in LONG_RUNS.get(name, ()):
-            run_steps.append((LONG_RUN_STEPS, LONG_SHAPE))
+            run_steps.append((LONG_RUN_STEPS, SMALL_SHAPE))
         for steps, shape in run_steps:
             rec = {"sampler": sampler, "steps": steps, "shape": list(shape)}
             try:
