@@ -122,8 +122,8 @@ impl SchedulerConfig {
 
     pub(crate) fn train_steps(&self) -> Result<usize> {
         match self.num_train_timesteps {
-            Some(0) => Err(Error::Scheduler(
-                "num_train_timesteps must be positive".into(),
+            Some(n) if n < 2 => Err(Error::Scheduler(
+                "num_train_timesteps must be at least 2".into(),
             )),
             Some(n) => Ok(n),
             None => Ok(1000),

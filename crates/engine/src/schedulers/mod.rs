@@ -99,7 +99,9 @@ impl SamplerId {
             .map(str::trim)
             .filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("automatic"));
         let (name, schedule) = match sampler.strip_suffix(" Karras") {
-            Some(base) if schedule.is_none() => (base.trim_end(), Some("Karras")),
+            Some(base) if schedule.is_none_or(|s| s.eq_ignore_ascii_case("karras")) => {
+                (base.trim_end(), Some("Karras"))
+            }
             _ => (sampler, schedule),
         };
         Self::ALL.into_iter().find(|x| {
