@@ -26,10 +26,16 @@ impl EulerDiscrete {
                 "Euler: interpolation_type {t:?} is not supported"
             )));
         }
-        if let Some(t) = cfg.timestep_type.as_deref().filter(|t| *t != "discrete") {
-            return Err(Error::Scheduler(format!(
-                "Euler: timestep_type {t:?} is not supported"
-            )));
+        let prediction_type = cfg.prediction_type.unwrap_or(PredictionType::Epsilon);
+        // "continuous" only changes anything (EDM timesteps, as for SVD) with v-prediction
+        match cfg.timestep_type.as_deref() {
+            None | Some("discrete") => {}
+            Some("continuous") if prediction_type != PredictionType::VPrediction => {}
+            Some(t) => {
+                return Err(Error::Scheduler(format!(
+                    "Euler: timestep_type {t:?} is not supported with this prediction_type"
+                )))
+            }
         }
         let train_steps = cfg.train_steps()?;
         let mut ac = alphas_cumprod(cfg, DEFAULT_BETAS)?;
@@ -72,7 +78,7 @@ impl EulerDiscrete {
             timesteps,
             init_noise_sigma: init_noise_sigma(&sigmas, spacing),
             sigmas,
-            prediction_type: cfg.prediction_type.unwrap_or(PredictionType::Epsilon),
+            prediction_type,
         })
     }
 }

@@ -4,17 +4,25 @@
 //! The denoising loop a pipeline runs, as diffusers' pipelines do:
 //!
 //! ```text
-//! let mut sched = build_scheduler(sampler, &config, steps)?;
-//! latents = randn(shape) * sched.init_noise_sigma()          // multiply in float32
-//! for (i, &t) in sched.timesteps().iter().enumerate() {      // may be longer than `steps`
+//! let mut sched = build_scheduler(sampler, &config, steps)?;   // a fresh one per image
+//! latents = randn(shape) * sched.init_noise_sigma()            // multiply in float32
+//! for (i, &t) in sched.timesteps().iter().enumerate() {        // may be longer than `steps`
 //!     let input = sched.scale_model_input(&latents, i)?;
-//!     let model_output = unet(&input, t as f32)?;            // float32 timestep
+//!     let model_output = unet(&input, t as f32)?;              // CFG applied here
 //!     latents = sched.step(&model_output, i, &latents, &mut noise)?.prev_sample;
 //! }
 //! ```
 //!
-//! Scheduler math runs in float32 whatever the latents' dtype; `prev_sample` comes back in
-//! `model_output`'s dtype (as diffusers), `pred_original_sample` in float32.
+//! The U-Net's timestep: Euler and Euler a give float32 values (fractional with "linspace"
+//! spacing or Karras sigmas), DDIM, DPM-Solver and LCM integers; diffusers' time embedding casts
+//! either to float32, so `t as f32` is exact. Scheduler math runs in float32 whatever the
+//! latents' dtype; `prev_sample` comes back in `model_output`'s dtype (as diffusers),
+//! `pred_original_sample` in float32. The noise generator is the one that made the initial
+//! latents, continued (diffusers passes the same `generator` to `step`).
+//!
+//! Numerics: schedules are within 1 float32 ulp of diffusers', per-step latents within ~5e-7
+//! (see tests.rs). The remaining differences come from torch's sqrt/exp/log (MKL, not
+//! correctly rounded and CPU-dependent) where ours are.
 
 mod config;
 mod ddim;
