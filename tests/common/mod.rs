@@ -43,7 +43,12 @@ impl Reference {
     }
 
     pub fn f64s(&self, key: &str) -> Vec<f64> {
-        self.json[key].as_array().unwrap_or_else(|| panic!("reference key {key} missing")).iter().map(|v| v.as_f64().unwrap()).collect()
+        self.json[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("reference key {key} missing"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
     }
 }
 

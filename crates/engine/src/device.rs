@@ -23,7 +23,9 @@ impl std::str::FromStr for DevicePreference {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda),
             "metal" => Ok(Self::Metal),
-            other => Err(Error::InvalidSetting(format!("unknown device \"{other}\" (expected auto, cpu, cuda or metal)"))),
+            other => {
+                Err(Error::InvalidSetting(format!("unknown device \"{other}\" (expected auto, cpu, cuda or metal)")))
+            }
         }
     }
 }

@@ -97,30 +97,22 @@ impl GenerationParams {
 
     /// The value of an `extra` key.
     pub fn extra_value(&self, key: &str) -> Option<&str> {
-        self.extra
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.extra.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// The infotext exactly as A1111 writes it.
     pub fn to_infotext(&self) -> String {
-        let mut entries: Vec<(&str, String)> = vec![
-            ("Steps", self.steps.to_string()),
-            ("Sampler", self.sampler.clone()),
-        ];
+        let mut entries: Vec<(&str, String)> =
+            vec![("Steps", self.steps.to_string()), ("Sampler", self.sampler.clone())];
         if let Some(schedule) = non_empty(&self.schedule_type) {
             entries.push(("Schedule type", schedule.to_owned()));
         }
         entries.push(("CFG scale", format_number(self.cfg_scale)));
         entries.push(("Seed", self.seed.to_string()));
         entries.push(("Size", format!("{}x{}", self.width, self.height)));
-        for (key, value) in [
-            ("Model hash", &self.model_hash),
-            ("Model", &self.model),
-            ("VAE hash", &self.vae_hash),
-            ("VAE", &self.vae),
-        ] {
+        for (key, value) in
+            [("Model hash", &self.model_hash), ("Model", &self.model), ("VAE hash", &self.vae_hash), ("VAE", &self.vae)]
+        {
             if let Some(value) = non_empty(value) {
                 entries.push((key, value.to_owned()));
             }
@@ -212,10 +204,7 @@ fn key_rank(key: &str) -> usize {
     match key {
         "Version" => extension_slot + 1,
         "User" => extension_slot + 2,
-        _ => A1111_KEY_ORDER
-            .iter()
-            .position(|k| *k == key)
-            .unwrap_or(extension_slot),
+        _ => A1111_KEY_ORDER.iter().position(|k| *k == key).unwrap_or(extension_slot),
     }
 }
 
@@ -392,11 +381,7 @@ fn split_infotext(text: &str) -> (String, String, Vec<(String, String)>) {
             in_negative_prompt = true;
             line = rest.trim_matches(is_python_space);
         }
-        let target = if in_negative_prompt {
-            &mut negative_prompt
-        } else {
-            &mut prompt
-        };
+        let target = if in_negative_prompt { &mut negative_prompt } else { &mut prompt };
         if !target.is_empty() {
             target.push('\n');
         }
@@ -415,11 +400,7 @@ pub fn parse_infotext(text: &str) -> Result<GenerationParams> {
             "no A1111 parameters line (\"Steps: …, Sampler: …\") at the end of the text".into(),
         ));
     }
-    let mut params = GenerationParams {
-        prompt,
-        negative_prompt,
-        ..Default::default()
-    };
+    let mut params = GenerationParams { prompt, negative_prompt, ..Default::default() };
 
     // A dictionary in A1111: a repeated key keeps its first place and its last value.
     let mut values: Vec<(String, String)> = Vec::new();
@@ -428,11 +409,7 @@ pub fn parse_infotext(text: &str) -> Result<GenerationParams> {
             // A1111 skips these (indexing the empty value raises inside its try).
             continue;
         }
-        let value = if raw.starts_with('"') && raw.ends_with('"') {
-            unquote(&raw)
-        } else {
-            raw
-        };
+        let value = if raw.starts_with('"') && raw.ends_with('"') { unquote(&raw) } else { raw };
         match values.iter_mut().find(|(k, _)| *k == key) {
             Some(entry) => entry.1 = value,
             None => values.push((key, value)),
@@ -454,9 +431,7 @@ pub fn parse_infotext(text: &str) -> Result<GenerationParams> {
             "Model" => params.model = Some(value),
             "VAE hash" => params.vae_hash = Some(value),
             "VAE" => params.vae = Some(value),
-            "Denoising strength" => {
-                params.denoising_strength = Some(parse_number::<f64>(&key, &value)?)
-            }
+            "Denoising strength" => params.denoising_strength = Some(parse_number::<f64>(&key, &value)?),
             "Clip skip" => params.clip_skip = Some(parse_number::<u32>(&key, &value)?),
             "RNG" => params.rng = Some(value),
             "Version" => params.version = Some(value),
@@ -516,20 +491,9 @@ impl RgbImage {
 /// place, so readers never see half a file. With `overwrite == false` an existing file is left
 /// alone and [`Error::FileExists`] is returned; the final rename refuses to replace a file that
 /// appears meanwhile (no window for a race).
-pub fn write_png(
-    path: &Path,
-    image: &RgbImage,
-    text_chunks: &[(&str, &str)],
-    overwrite: bool,
-) -> Result<()> {
-    let png_error = |message: String| Error::Png {
-        path: path.to_owned(),
-        message,
-    };
-    let io_error = |source: std::io::Error| Error::Io {
-        path: path.to_owned(),
-        source,
-    };
+pub fn write_png(path: &Path, image: &RgbImage, text_chunks: &[(&str, &str)], overwrite: bool) -> Result<()> {
+    let png_error = |message: String| Error::Png { path: path.to_owned(), message };
+    let io_error = |source: std::io::Error| Error::Io { path: path.to_owned(), source };
     if RgbImage::expected_len(image.width, image.height) != Some(image.data.len())
         || image.width == 0
         || image.height == 0
@@ -543,40 +507,27 @@ pub fn write_png(
     }
     for (keyword, _) in text_chunks {
         let valid = (1..=79).contains(&keyword.chars().count())
-            && keyword
-                .chars()
-                .all(|c| matches!(c as u32, 0x20..=0x7e | 0xa1..=0xff))
+            && keyword.chars().all(|c| matches!(c as u32, 0x20..=0x7e | 0xa1..=0xff))
             && !keyword.starts_with(' ')
             && !keyword.ends_with(' ')
             && !keyword.contains("  ");
         if !valid {
-            return Err(png_error(format!(
-                "{keyword:?} is not a valid PNG text keyword (1-79 Latin-1 characters)"
-            )));
+            return Err(png_error(format!("{keyword:?} is not a valid PNG text keyword (1-79 Latin-1 characters)")));
         }
     }
     if !overwrite && path.exists() {
-        return Err(Error::FileExists {
-            path: path.to_owned(),
-        });
+        return Err(Error::FileExists { path: path.to_owned() });
     }
 
     let directory = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
         _ => PathBuf::from("."),
     };
-    let temporary = tempfile::Builder::new()
-        .prefix(".easel-")
-        .suffix(".png.part")
-        .tempfile_in(&directory)
-        .map_err(io_error)?;
+    let temporary =
+        tempfile::Builder::new().prefix(".easel-").suffix(".png.part").tempfile_in(&directory).map_err(io_error)?;
 
     {
-        let mut encoder = png::Encoder::new(
-            BufWriter::new(temporary.as_file()),
-            image.width,
-            image.height,
-        );
+        let mut encoder = png::Encoder::new(BufWriter::new(temporary.as_file()), image.width, image.height);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         for (keyword, text) in text_chunks {
@@ -587,29 +538,19 @@ pub fn write_png(
             };
             added.map_err(|e| png_error(e.to_string()))?;
         }
-        let mut writer = encoder
-            .write_header()
-            .map_err(|e| png_error(e.to_string()))?;
-        writer
-            .write_image_data(&image.data)
-            .map_err(|e| png_error(e.to_string()))?;
+        let mut writer = encoder.write_header().map_err(|e| png_error(e.to_string()))?;
+        writer.write_image_data(&image.data).map_err(|e| png_error(e.to_string()))?;
         // Writes IEND and flushes the buffer into the file.
         writer.finish().map_err(|e| png_error(e.to_string()))?;
     }
     // On disk before it gets its name, so a crash cannot leave a truncated image behind.
     temporary.as_file().sync_all().map_err(io_error)?;
 
-    let persisted = if overwrite {
-        temporary.persist(path)
-    } else {
-        temporary.persist_noclobber(path)
-    };
+    let persisted = if overwrite { temporary.persist(path) } else { temporary.persist_noclobber(path) };
     match persisted {
         Ok(_) => Ok(()),
         Err(e) if !overwrite && e.error.kind() == std::io::ErrorKind::AlreadyExists => {
-            Err(Error::FileExists {
-                path: path.to_owned(),
-            })
+            Err(Error::FileExists { path: path.to_owned() })
         }
         Err(e) => Err(io_error(e.error)),
     }
@@ -619,23 +560,14 @@ pub fn write_png(
 const MAX_TEXT_BYTES: usize = 64 << 20;
 
 fn open_png(path: &Path) -> Result<png::Decoder<BufReader<File>>> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     Ok(png::Decoder::new(BufReader::new(file)))
 }
 
 fn png_decode_error(path: &Path, error: png::DecodingError) -> Error {
     match error {
-        png::DecodingError::IoError(source) => Error::Io {
-            path: path.to_owned(),
-            source,
-        },
-        other => Error::Png {
-            path: path.to_owned(),
-            message: other.to_string(),
-        },
+        png::DecodingError::IoError(source) => Error::Io { path: path.to_owned(), source },
+        other => Error::Png { path: path.to_owned(), message: other.to_string() },
     }
 }
 
@@ -653,33 +585,20 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     }
     for chunk in &info.compressed_latin1_text {
         let mut chunk = chunk.clone();
-        chunk
-            .decompress_text_with_limit(MAX_TEXT_BYTES)
-            .map_err(decode_error)?;
-        texts.push((
-            chunk.keyword.clone(),
-            chunk.get_text().map_err(decode_error)?,
-        ));
+        chunk.decompress_text_with_limit(MAX_TEXT_BYTES).map_err(decode_error)?;
+        texts.push((chunk.keyword.clone(), chunk.get_text().map_err(decode_error)?));
     }
     for chunk in &info.utf8_text {
         let mut chunk = chunk.clone();
-        chunk
-            .decompress_text_with_limit(MAX_TEXT_BYTES)
-            .map_err(decode_error)?;
-        texts.push((
-            chunk.keyword.clone(),
-            chunk.get_text().map_err(decode_error)?,
-        ));
+        chunk.decompress_text_with_limit(MAX_TEXT_BYTES).map_err(decode_error)?;
+        texts.push((chunk.keyword.clone(), chunk.get_text().map_err(decode_error)?));
     }
     Ok(texts)
 }
 
 /// The A1111 `parameters` text of a PNG, if it has one.
 pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
-    Ok(read_png_text(path)?
-        .into_iter()
-        .find(|(keyword, _)| keyword == PARAMETERS_KEYWORD)
-        .map(|(_, text)| text))
+    Ok(read_png_text(path)?.into_iter().find(|(keyword, _)| keyword == PARAMETERS_KEYWORD).map(|(_, text)| text))
 }
 
 /// The pixels of a PNG as 8-bit RGB (grey is widened, alpha dropped, 16-bit narrowed).
@@ -688,36 +607,22 @@ pub fn read_png(path: &Path) -> Result<RgbImage> {
     let mut decoder = open_png(path)?;
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(decode_error)?;
-    let buffer_size = reader.output_buffer_size().ok_or_else(|| Error::Png {
-        path: path.to_owned(),
-        message: "image too large".into(),
-    })?;
+    let buffer_size = reader
+        .output_buffer_size()
+        .ok_or_else(|| Error::Png { path: path.to_owned(), message: "image too large".into() })?;
     let mut buffer = vec![0u8; buffer_size];
     let frame = reader.next_frame(&mut buffer).map_err(decode_error)?;
     buffer.truncate(frame.buffer_size());
     let data = match frame.color_type {
         png::ColorType::Rgb => buffer,
-        png::ColorType::Rgba => buffer
-            .chunks_exact(4)
-            .flat_map(|p| [p[0], p[1], p[2]])
-            .collect(),
+        png::ColorType::Rgba => buffer.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
         png::ColorType::Grayscale => buffer.iter().flat_map(|&g| [g, g, g]).collect(),
-        png::ColorType::GrayscaleAlpha => buffer
-            .chunks_exact(2)
-            .flat_map(|p| [p[0], p[0], p[0]])
-            .collect(),
+        png::ColorType::GrayscaleAlpha => buffer.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
         png::ColorType::Indexed => {
-            return Err(Error::Png {
-                path: path.to_owned(),
-                message: "palette image was not expanded".into(),
-            })
+            return Err(Error::Png { path: path.to_owned(), message: "palette image was not expanded".into() })
         }
     };
-    Ok(RgbImage {
-        width: frame.width,
-        height: frame.height,
-        data,
-    })
+    Ok(RgbImage { width: frame.width, height: frame.height, data })
 }
 
 #[cfg(test)]
@@ -792,10 +697,7 @@ mod tests {
         assert_eq!(quote("line1\nline2"), r#""line1\nline2""#);
         assert_eq!(quote("tab\there: \\ back"), r#""tab\there: \\ back""#);
         assert_eq!(quote("ctl\u{1}\u{1f}: é 🦊"), r#""ctl\u0001\u001f: é 🦊""#);
-        assert_eq!(
-            quote("no special \"quotes\" here"),
-            "no special \"quotes\" here"
-        );
+        assert_eq!(quote("no special \"quotes\" here"), "no special \"quotes\" here");
     }
 
     #[test]
@@ -824,14 +726,8 @@ mod tests {
                 extra: vec![
                     ("Hires upscale".into(), "2".into()),
                     ("Hires upscaler".into(), "R-ESRGAN 4x+".into()),
-                    (
-                        "Lora hashes".into(),
-                        "fox_v2: 9c1a3e5b7d21, snow: 0123456789ab".into(),
-                    ),
-                    (
-                        "Odd value".into(),
-                        "tab\t, newline\n, quote \", ctl \u{7}".into(),
-                    ),
+                    ("Lora hashes".into(), "fox_v2: 9c1a3e5b7d21, snow: 0123456789ab".into()),
+                    ("Odd value".into(), "tab\t, newline\n, quote \", ctl \u{7}".into()),
                 ],
                 ..base_params()
             },
@@ -876,19 +772,12 @@ mod tests {
         assert_eq!(params.version.as_deref(), Some("v1.6.0"));
         assert_eq!(params.rng_or_default(), "GPU");
         assert_eq!(params.rng_kind().ok(), Some(RngKind::Nv));
-        assert_eq!(
-            params.negative_prompt,
-            "(worst quality, low quality:1.4), easynegative, bad-hands-5"
-        );
+        assert_eq!(params.negative_prompt, "(worst quality, low quality:1.4), easynegative, bad-hands-5");
 
         for (name, sampler, schedule) in [
             ("Euler a", "Euler a", None),
             ("DPM++ 2M SDE Karras", "DPM++ 2M SDE", Some("Karras")),
-            (
-                "DPM++ 2M SDE Exponential",
-                "DPM++ 2M SDE",
-                Some("Exponential"),
-            ),
+            ("DPM++ 2M SDE Exponential", "DPM++ 2M SDE", Some("Exponential")),
             ("DPM2 a Karras", "DPM2 a", Some("Karras")),
             ("Euler SGMUniform", "Euler", Some("SGM Uniform")),
             ("DDIM", "DDIM", None),
@@ -917,10 +806,7 @@ mod tests {
         assert_eq!(params.cfg_scale, 6.5);
         assert_eq!(params.denoising_strength, Some(0.45));
         assert_eq!(params.vae_hash.as_deref(), Some("735e4c3a44"));
-        assert_eq!(
-            params.extra_value("Lora hashes"),
-            Some("fox_v2: 9c1a3e5b7d21")
-        );
+        assert_eq!(params.extra_value("Lora hashes"), Some("fox_v2: 9c1a3e5b7d21"));
         assert_eq!(params.extra_value("Hires upscaler"), Some("R-ESRGAN 4x+"));
         assert_eq!(params.version.as_deref(), Some("v1.10.1"));
         assert_eq!(params.to_infotext(), text);
@@ -937,10 +823,7 @@ mod tests {
                     Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, RNG: CPU, \
                     Version: v1.9.4";
         let params = parse(text);
-        assert_eq!(
-            params.prompt,
-            "a cozy cabin in the woods\nwinter, snow, warm light from the windows"
-        );
+        assert_eq!(params.prompt, "a cozy cabin in the woods\nwinter, snow, warm light from the windows");
         assert_eq!(params.negative_prompt, "people,\ntext, signature");
         assert_eq!(params.schedule_type.as_deref(), Some("Automatic"));
         assert_eq!(params.rng_kind().ok(), Some(RngKind::Cpu));
@@ -1025,24 +908,17 @@ mod tests {
 
     #[test]
     fn never_panics_on_arbitrary_or_truncated_text() {
-        let valid = GenerationParams {
-            extra: vec![("Lora hashes".into(), "a: 1, b: 2".into())],
-            ..base_params()
-        }
-        .to_infotext();
+        let valid = GenerationParams { extra: vec![("Lora hashes".into(), "a: 1, b: 2".into())], ..base_params() }
+            .to_infotext();
         for (end, _) in valid.char_indices() {
             let _ = parse_infotext(&valid[..end]);
             let _ = parse_infotext(&valid[end..]);
         }
-        let alphabet: Vec<char> = "ab Z09_-/:,\"\\\n\r\t xé🦊 Steps: Size: 12x34 Negative prompt:"
-            .chars()
-            .collect();
+        let alphabet: Vec<char> = "ab Z09_-/:,\"\\\n\r\t xé🦊 Steps: Size: 12x34 Negative prompt:".chars().collect();
         let mut scramble = Scramble(0x9E37_79B9_7F4A_7C15);
         for _ in 0..3000 {
             let len = (scramble.next() % 80) as usize;
-            let text: String = (0..len)
-                .map(|_| alphabet[(scramble.next() % alphabet.len() as u64) as usize])
-                .collect();
+            let text: String = (0..len).map(|_| alphabet[(scramble.next() % alphabet.len() as u64) as usize]).collect();
             let _ = parse_infotext(&text);
             // Mutate one character of a valid text, too.
             let mut chars: Vec<char> = valid.chars().collect();
@@ -1057,14 +933,8 @@ mod tests {
     }
 
     fn test_image(width: u32, height: u32) -> RgbImage {
-        let data = (0..width * height * 3)
-            .map(|i| (i * 7 % 256) as u8)
-            .collect();
-        RgbImage {
-            width,
-            height,
-            data,
-        }
+        let data = (0..width * height * 3).map(|i| (i * 7 % 256) as u8).collect();
+        RgbImage { width, height, data }
     }
 
     #[test]
@@ -1072,11 +942,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("fox.png");
         let image = test_image(7, 5);
-        let infotext = GenerationParams {
-            prompt: "🦊 a fox, 狐狸, café".into(),
-            ..base_params()
-        }
-        .to_infotext();
+        let infotext = GenerationParams { prompt: "🦊 a fox, 狐狸, café".into(), ..base_params() }.to_infotext();
         let chunks = [
             (PARAMETERS_KEYWORD, infotext.as_str()),
             ("Comment", "café au lait"), // Latin-1: stays tEXt
@@ -1129,18 +995,9 @@ mod tests {
         let missing = dir.path().join("missing").join("out.png");
         assert!(write_png(&missing, &test_image(1, 1), &[], true).is_err());
 
-        let wrong_size = RgbImage {
-            width: 4,
-            height: 4,
-            data: vec![0; 5],
-        };
+        let wrong_size = RgbImage { width: 4, height: 4, data: vec![0; 5] };
         assert!(write_png(&dir.path().join("a.png"), &wrong_size, &[], false).is_err());
-        let bad_keyword = write_png(
-            &dir.path().join("b.png"),
-            &test_image(1, 1),
-            &[("", "x")],
-            false,
-        );
+        let bad_keyword = write_png(&dir.path().join("b.png"), &test_image(1, 1), &[("", "x")], false);
         assert!(bad_keyword.is_err());
 
         assert!(read_png_text(&not_a_dir).is_err());

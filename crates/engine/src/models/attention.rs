@@ -54,7 +54,13 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn new(vb: VarBuilder, query_dim: usize, context_dim: Option<usize>, heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         let context_dim = context_dim.unwrap_or(query_dim);
         Ok(Self {
@@ -78,9 +84,7 @@ impl CrossAttention {
 
     fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (bh, n, d) = x.dims3()?;
-        x.reshape((bh / self.heads, self.heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((bh / self.heads, n, self.heads * d))
+        x.reshape((bh / self.heads, self.heads, n, d))?.transpose(1, 2)?.reshape((bh / self.heads, n, self.heads * d))
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
@@ -103,10 +107,7 @@ struct FeedForward {
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
-        Ok(Self {
-            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: linear(inner, dim, vb.pp("net.2"))?,
-        })
+        Ok(Self { proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?, out: linear(inner, dim, vb.pp("net.2"))? })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -182,7 +183,9 @@ impl SpatialTransformer {
             })
         };
         let blocks = (0..cfg.layers)
-            .map(|i| BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), c, cfg.heads, cfg.context_dim))
+            .map(|i| {
+                BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), c, cfg.heads, cfg.context_dim)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: group_norm(cfg.norm_groups, c, 1e-6, vb.pp("norm"))?,
@@ -239,12 +242,7 @@ impl VaeAttention {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self
-            .group_norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;

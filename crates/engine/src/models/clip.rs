@@ -139,7 +139,8 @@ impl ClipTextModel {
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
         let token_embedding = candle_nn::embedding(config.vocab_size, config.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding = emb.get((config.max_position_embeddings, config.hidden_size), "position_embedding.weight")?;
+        let position_embedding =
+            emb.get((config.max_position_embeddings, config.hidden_size), "position_embedding.weight")?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::new(tm.pp(format!("encoder.layers.{i}")), &config, activation))
             .collect::<Result<Vec<_>>>()?;
@@ -164,7 +165,8 @@ impl ClipTextModel {
     }
 
     fn causal_mask(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-        let mask: Vec<f32> = (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask: Vec<f32> =
+            (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
         Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)
     }
 
@@ -202,4 +204,3 @@ impl ClipTextModel {
         Ok(ClipOutput { last_hidden_state, penultimate_hidden_state: penultimate, pooled })
     }
 }
-

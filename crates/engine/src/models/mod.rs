@@ -44,11 +44,21 @@ impl Family {
     pub fn latent_rgb_factors(&self) -> ([[f32; 3]; 4], [f32; 3]) {
         match self {
             Family::Sd1 | Family::Sd2 => (
-                [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+                [
+                    [0.3512, 0.2297, 0.3227],
+                    [0.3250, 0.4974, 0.2350],
+                    [-0.2829, 0.1762, 0.2721],
+                    [-0.2120, -0.2616, -0.7177],
+                ],
                 [0.0; 3],
             ),
             Family::Sdxl => (
-                [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+                [
+                    [0.3651, 0.4232, 0.4341],
+                    [-0.2533, -0.0042, 0.1068],
+                    [0.1076, 0.1111, -0.0362],
+                    [-0.3165, -0.2492, -0.2188],
+                ],
                 [0.1084, -0.0175, -0.0011],
             ),
         }
@@ -124,9 +134,13 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
         return Err(model_error(folder, "no such file or folder"));
     }
     if !folder.is_dir() {
-        return Err(model_error(folder, "expected a diffusers model folder (with model_index.json, unet/, vae/, text_encoder/)"));
+        return Err(model_error(
+            folder,
+            "expected a diffusers model folder (with model_index.json, unet/, vae/, text_encoder/)",
+        ));
     }
-    let required = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"];
+    let required =
+        ["unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"];
     let missing: Vec<&str> = required.iter().copied().filter(|p| !folder.join(p).is_file()).collect();
     if !missing.is_empty() {
         return Err(model_error(
@@ -140,7 +154,10 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
     }
     if unet.in_channels != 4 {
         let kind = if unet.in_channels == 9 { "an inpainting model" } else { "not a text-to-image model" };
-        return Err(model_error(folder, format!("the U-Net takes {} input channels: {kind}, which Easel does not run yet", unet.in_channels)));
+        return Err(model_error(
+            folder,
+            format!("the U-Net takes {} input channels: {kind}, which Easel does not run yet", unet.in_channels),
+        ));
     }
     let vae: VaeConfig = read_json(&folder.join("vae/config.json"))?;
     let text_encoder: ClipTextConfig = read_json(&folder.join("text_encoder/config.json"))?;
@@ -172,13 +189,15 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
     if context_needed != context_given {
         return Err(model_error(
             folder,
-            format!("the U-Net expects {context_needed}-wide text embeddings but the text encoders give {context_given}"),
+            format!(
+                "the U-Net expects {context_needed}-wide text embeddings but the text encoders give {context_given}"
+            ),
         ));
     }
     let prediction_type = scheduler.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon").to_string();
     let turbo = scheduler.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing");
-    let force_zeros_for_empty_prompt =
-        family == Family::Sdxl && model_index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
+    let force_zeros_for_empty_prompt = family == Family::Sdxl
+        && model_index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
     let name = folder
         .canonicalize()
         .ok()
@@ -273,7 +292,14 @@ pub struct StableDiffusion {
     pub options: LoadOptions,
 }
 
-fn load_component<T>(folder: &Path, component: &str, stem: &str, dtype: DType, device: &Device, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>) -> Result<T> {
+fn load_component<T>(
+    folder: &Path,
+    component: &str,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T> {
     let dir = folder.join(component);
     let files = component_weights(&dir, stem)?;
     let vb = var_builder(&files, dtype, device)?;
@@ -288,10 +314,14 @@ impl StableDiffusion {
             ClipTextModel::new(vb, info.text_encoder.clone(), false)
         })?;
         let text_encoder_2 = match &info.text_encoder_2 {
-            Some(cfg) => Some(load_component(folder, "text_encoder_2", "model", dtype, device, |vb| ClipTextModel::new(vb, cfg.clone(), true))?),
+            Some(cfg) => Some(load_component(folder, "text_encoder_2", "model", dtype, device, |vb| {
+                ClipTextModel::new(vb, cfg.clone(), true)
+            })?),
             None => None,
         };
-        let unet = load_component(folder, "unet", "diffusion_pytorch_model", dtype, device, |vb| UNet2DConditionModel::new(vb, info.unet.clone()))?;
+        let unet = load_component(folder, "unet", "diffusion_pytorch_model", dtype, device, |vb| {
+            UNet2DConditionModel::new(vb, info.unet.clone())
+        })?;
         let vae = load_vae(&info, &options)?;
         Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options })
     }
@@ -299,5 +329,7 @@ impl StableDiffusion {
 
 /// Loads (or reloads, e.g. in f32 after an f16 overflow) the VAE decoder of a model.
 pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
-    load_component(&info.path, "vae", "diffusion_pytorch_model", options.vae_dtype, &options.device, |vb| VaeDecoder::new(vb, info.vae.clone()))
+    load_component(&info.path, "vae", "diffusion_pytorch_model", options.vae_dtype, &options.device, |vb| {
+        VaeDecoder::new(vb, info.vae.clone())
+    })
 }

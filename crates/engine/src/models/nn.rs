@@ -4,7 +4,14 @@ use candle_core::Result;
 pub use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-pub fn conv2d(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
+pub fn conv2d(
+    in_ch: usize,
+    out_ch: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)
 }

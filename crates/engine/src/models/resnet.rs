@@ -27,18 +27,11 @@ pub struct ResnetConfig {
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cfg: &ResnetConfig) -> Result<Self> {
         let (cin, cout) = (cfg.in_channels, cfg.out_channels);
-        let conv_shortcut = if cin != cout {
-            Some(conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
-        } else {
-            None
-        };
+        let conv_shortcut = if cin != cout { Some(conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?) } else { None };
         Ok(Self {
             norm1: group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
             conv1: conv2d(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: cfg
-                .temb_channels
-                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
-                .transpose()?,
+            time_emb_proj: cfg.temb_channels.map(|t| linear(t, cout, vb.pp("time_emb_proj"))).transpose()?,
             norm2: group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,

@@ -118,18 +118,16 @@ impl UNetConfig {
                 return Some(format!("block type \"{t}\""));
             }
         }
-        if self.down_block_types.len() != self.block_out_channels.len() || self.up_block_types.len() != self.block_out_channels.len() {
+        if self.down_block_types.len() != self.block_out_channels.len()
+            || self.up_block_types.len() != self.block_out_channels.len()
+        {
             return Some("block_out_channels and block types of different lengths".into());
         }
         None
     }
 
     fn heads(&self, block: usize) -> usize {
-        self.num_attention_heads
-            .as_ref()
-            .or(self.attention_head_dim.as_ref())
-            .map(|h| h.get(block))
-            .unwrap_or(8)
+        self.num_attention_heads.as_ref().or(self.attention_head_dim.as_ref()).map(|h| h.get(block)).unwrap_or(8)
     }
 
     fn transformer_layers(&self, block: usize) -> usize {
@@ -147,7 +145,13 @@ impl UNetConfig {
 
 /// Sinusoidal embedding of timesteps (diffusers' `get_timestep_embedding`), computed in f32 in
 /// the same order of operations as torch so the embedding is bit-compatible.
-pub fn timestep_embedding(timesteps: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Result<Tensor> {
+pub fn timestep_embedding(
+    timesteps: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
     let half = dim / 2;
     let denom = half as f32 - freq_shift as f32;
     let log_max_period = (10000f64).ln() as f32;
@@ -178,7 +182,10 @@ struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self { linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?, linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))? })
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -242,7 +249,16 @@ impl UNet2DConditionModel {
         let groups = config.norm_num_groups;
         let context_dim = config.context_dim();
         let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
-            ResnetBlock2D::new(vb, &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: Some(time_embed_dim), groups, eps: config.norm_eps })
+            ResnetBlock2D::new(
+                vb,
+                &ResnetConfig {
+                    in_channels: cin,
+                    out_channels: cout,
+                    temb_channels: Some(time_embed_dim),
+                    groups,
+                    eps: config.norm_eps,
+                },
+            )
         };
         let transformer = |vb: VarBuilder, channels: usize, block: usize, layers: usize| {
             SpatialTransformer::new(
@@ -261,10 +277,17 @@ impl UNet2DConditionModel {
         let conv_in = conv2d(config.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], time_embed_dim)?;
         let add_embedding = if config.is_sdxl() {
-            let (Some(time_dim), Some(in_dim)) = (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) else {
-                candle_core::bail!("SDXL U-Net config lacks addition_time_embed_dim / projection_class_embeddings_input_dim");
+            let (Some(time_dim), Some(in_dim)) =
+                (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim)
+            else {
+                candle_core::bail!(
+                    "SDXL U-Net config lacks addition_time_embed_dim / projection_class_embeddings_input_dim"
+                );
             };
-            Some(AddEmbedding { time_dim, embedding: TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, time_embed_dim)? })
+            Some(AddEmbedding {
+                time_dim,
+                embedding: TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, time_embed_dim)?,
+            })
         } else {
             None
         };
@@ -282,7 +305,12 @@ impl UNet2DConditionModel {
                 let cin = if j == 0 { cin_block } else { cout };
                 resnets.push(resnet(vb.pp(format!("resnets.{j}")), cin, cout)?);
                 if with_attention {
-                    attentions.push(transformer(vb.pp(format!("attentions.{j}")), cout, i, config.transformer_layers(i))?);
+                    attentions.push(transformer(
+                        vb.pp(format!("attentions.{j}")),
+                        cout,
+                        i,
+                        config.transformer_layers(i),
+                    )?);
                 }
             }
             let downsampler = if i + 1 < n_blocks {
@@ -301,7 +329,12 @@ impl UNet2DConditionModel {
                 resnet(mid_vb.pp("resnets.0"), mid_channels, mid_channels)?,
                 resnet(mid_vb.pp("resnets.1"), mid_channels, mid_channels)?,
             ],
-            attentions: vec![transformer(mid_vb.pp("attentions.0"), mid_channels, last, config.transformer_layers(last))?],
+            attentions: vec![transformer(
+                mid_vb.pp("attentions.0"),
+                mid_channels,
+                last,
+                config.transformer_layers(last),
+            )?],
         };
 
         let mut up_blocks = Vec::with_capacity(n_blocks);
@@ -320,7 +353,12 @@ impl UNet2DConditionModel {
                 let res_in = if j == 0 { prev_out } else { cout };
                 resnets.push(resnet(vb.pp(format!("resnets.{j}")), res_in + skip, cout)?);
                 if with_attention {
-                    attentions.push(transformer(vb.pp(format!("attentions.{j}")), cout, level, config.transformer_layers(level))?);
+                    attentions.push(transformer(
+                        vb.pp(format!("attentions.{j}")),
+                        cout,
+                        level,
+                        config.transformer_layers(level),
+                    )?);
                 }
             }
             let upsampler = if i < last { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
@@ -345,20 +383,33 @@ impl UNet2DConditionModel {
     }
 
     /// One denoiser evaluation. `timestep` is broadcast over the batch, as diffusers does.
-    pub fn forward(&self, sample: &Tensor, timestep: f32, encoder_hidden_states: &Tensor, added: Option<AddedCond>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        encoder_hidden_states: &Tensor,
+        added: Option<AddedCond>,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let device = sample.device();
         let dtype = sample.dtype();
-        let t_emb = timestep_embedding(&vec![timestep; batch], self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift, device)?;
+        let t_emb = timestep_embedding(
+            &vec![timestep; batch],
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            device,
+        )?;
         let mut emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?;
         if let Some(add) = &self.add_embedding {
             let Some(added) = added else {
                 candle_core::bail!("SDXL U-Net called without pooled text embeddings and time ids");
             };
             let ids: Vec<f32> = added.time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let time_embeds = timestep_embedding(&ids, add.time_dim, self.config.flip_sin_to_cos, self.config.freq_shift, device)?
-                .reshape((batch, ()))?
-                .to_dtype(dtype)?;
+            let time_embeds =
+                timestep_embedding(&ids, add.time_dim, self.config.flip_sin_to_cos, self.config.freq_shift, device)?
+                    .reshape((batch, ()))?
+                    .to_dtype(dtype)?;
             let add_input = Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], 1)?;
             emb = (emb + add.embedding.forward(&add_input)?)?;
         }

@@ -83,7 +83,10 @@ impl VaeDecoder {
         let latent = config.latent_channels;
         let top = ch[ch.len() - 1];
         let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
-            ResnetBlock2D::new(vb, &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: 1e-6 })
+            ResnetBlock2D::new(
+                vb,
+                &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: 1e-6 },
+            )
         };
         let post_quant_conv = if config.use_post_quant_conv {
             Some(conv2d(latent, latent, 1, 1, 0, vb.pp("post_quant_conv"))?)
@@ -106,7 +109,8 @@ impl VaeDecoder {
             let resnets = (0..=config.layers_per_block)
                 .map(|j| resnet(vb.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout))
                 .collect::<Result<Vec<_>>>()?;
-            let upsampler = if i + 1 < reversed.len() { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
+            let upsampler =
+                if i + 1 < reversed.len() { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
             up_blocks.push(UpDecoderBlock { resnets, upsampler });
             cin = cout;
         }

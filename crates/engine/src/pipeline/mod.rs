@@ -53,7 +53,10 @@ impl GenerationRequest {
                 return invalid(format!("{name} must be between {factor} and {MAX_SIDE} pixels, got {v}"));
             }
             if v % factor != 0 {
-                return invalid(format!("{name} must be a multiple of {factor}, got {v} (try {})", (v / factor).max(1) * factor));
+                return invalid(format!(
+                    "{name} must be a multiple of {factor}, got {v} (try {})",
+                    (v / factor).max(1) * factor
+                ));
             }
         }
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
@@ -126,7 +129,11 @@ impl Pipeline {
 
     /// Runs the denoising loop and returns the final latents (not yet divided by the VAE's
     /// scaling factor). `on_step` may stop the run by returning `ControlFlow::Break`.
-    pub fn denoise(&self, req: &GenerationRequest, on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>) -> Result<Tensor> {
+    pub fn denoise(
+        &self,
+        req: &GenerationRequest,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
         req.validate(&self.model.info)?;
         let start = Instant::now();
         let device = &self.model.options.device;
@@ -177,7 +184,8 @@ impl Pipeline {
             };
             let step = scheduler.step(&noise_pred, i, &latents, noise.as_mut())?;
             latents = step.prev_sample;
-            let progress = StepProgress { step: i + 1, total, elapsed: start.elapsed(), denoised: &step.pred_original_sample };
+            let progress =
+                StepProgress { step: i + 1, total, elapsed: start.elapsed(), denoised: &step.pred_original_sample };
             if on_step(progress).is_break() {
                 return Err(Error::Cancelled);
             }
@@ -189,7 +197,8 @@ impl Pipeline {
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         if !all_finite(latents)? {
             return Err(Error::InvalidSetting(
-                "the denoising produced NaN/Inf values; the model weights may be corrupt or the precision too low".into(),
+                "the denoising produced NaN/Inf values; the model weights may be corrupt or the precision too low"
+                    .into(),
             ));
         }
         let scaled = (latents / self.model.info.vae.scaling_factor)?;
@@ -215,7 +224,11 @@ impl Pipeline {
     }
 
     /// The whole run: prompt to 8-bit RGB image.
-    pub fn generate(&self, req: &GenerationRequest, on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>) -> Result<RgbImage> {
+    pub fn generate(
+        &self,
+        req: &GenerationRequest,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<RgbImage> {
         let latents = self.denoise(req, on_step)?;
         let image = self.decode_latents(&latents)?;
         to_rgb8(&image)

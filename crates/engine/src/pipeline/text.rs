@@ -35,24 +35,28 @@ pub struct Tokenized {
 impl ClipTokenizer {
     /// The bundled tokenizer, padding with `pad_id` (EOS for SD 1.x, 0 = "!" for SD 2.x/SDXL's second).
     pub fn bundled(pad_id: u32) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self::with_pad(inner, pad_id))
+        let inner =
+            tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Self::with_pad(inner, pad_id)
     }
 
     /// A model folder's own `tokenizer.json`.
     pub fn from_file(path: &Path, pad_id: u32) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self::with_pad(inner, pad_id))
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Self::with_pad(inner, pad_id)
     }
 
-    fn with_pad(mut inner: tokenizers::Tokenizer, pad_id: u32) -> Self {
+    fn with_pad(mut inner: tokenizers::Tokenizer, pad_id: u32) -> Result<Self> {
         if pad_id == 0 {
             // transformers registers a "!" pad token as a special token, so every "!" in a
             // prompt is split off on its own (id 0) instead of merging with its neighbours
             // ("!!!" → three tokens). SD 2.x and SDXL's second tokenizer behave so in diffusers.
-            inner.add_special_tokens(&[tokenizers::AddedToken::from("!", true)]);
+            inner
+                .add_special_tokens([tokenizers::AddedToken::from("!", true)])
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
         }
-        Self { inner, pad_id }
+        Ok(Self { inner, pad_id })
     }
 
     /// Loads `<model>/<subfolder>/tokenizer.json` when the folder has one, else the bundled
@@ -144,14 +148,24 @@ pub struct TextConditioning {
     pub dropped_tokens: usize,
 }
 
-fn run_encoder(model: &ClipTextModel, rows: &[Vec<u32>], device: &Device, penultimate: bool) -> Result<(Tensor, Tensor)> {
+fn run_encoder(
+    model: &ClipTextModel,
+    rows: &[Vec<u32>],
+    device: &Device,
+    penultimate: bool,
+) -> Result<(Tensor, Tensor)> {
     let out = model.forward(rows, device)?;
     let hidden = if penultimate { out.penultimate_hidden_state } else { out.last_hidden_state };
     Ok((hidden, out.pooled))
 }
 
 /// Encodes `[negative, prompt]` with every text encoder of the model.
-pub fn encode_prompts(model: &StableDiffusion, tokenizers: &Tokenizers, prompt: &str, negative: &str) -> Result<TextConditioning> {
+pub fn encode_prompts(
+    model: &StableDiffusion,
+    tokenizers: &Tokenizers,
+    prompt: &str,
+    negative: &str,
+) -> Result<TextConditioning> {
     let device = &model.options.device;
     let first_neg = tokenizers.first.encode(negative)?;
     let first_pos = tokenizers.first.encode(prompt)?;

@@ -42,9 +42,7 @@ impl RngKind {
         match text.trim().to_ascii_lowercase().as_str() {
             "cpu" => Ok(Self::Cpu),
             "nv" | "gpu" | "cuda" => Ok(Self::Nv),
-            _ => Err(Error::InvalidSetting(format!(
-                "unknown RNG {text:?} (expected \"cpu\" or \"nv\")"
-            ))),
+            _ => Err(Error::InvalidSetting(format!("unknown RNG {text:?} (expected \"cpu\" or \"nv\")"))),
         }
     }
 

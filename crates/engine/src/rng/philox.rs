@@ -129,15 +129,8 @@ impl NoiseGenerator for PhiloxGenerator {
                 if first >= count {
                     break;
                 }
-                let words = philox4x32_10(
-                    [
-                        block as u32,
-                        (block >> 32) as u32,
-                        thread as u32,
-                        (thread >> 32) as u32,
-                    ],
-                    self.key,
-                );
+                let words =
+                    philox4x32_10([block as u32, (block >> 32) as u32, thread as u32, (thread >> 32) as u32], self.key);
                 let (sin01, cos01) = self.box_muller(words[0], words[1]);
                 let mut lanes = [sin01, cos01, 0.0, 0.0];
                 if first + 2 * threads < count {
@@ -234,11 +227,7 @@ fn cuda_logf(a: f32) -> f32 {
         0x3eaa_aa78, // 0.33333182
     ];
     const LN_2: u32 = 0x3f31_7218;
-    let (a, mut exponent) = if a < f32::MIN_POSITIVE {
-        (a * 8_388_608.0, -23.0f32)
-    } else {
-        (a, 0.0f32)
-    };
+    let (a, mut exponent) = if a < f32::MIN_POSITIVE { (a * 8_388_608.0, -23.0f32) } else { (a, 0.0f32) };
     let bits = a.to_bits() as i32;
     // Split into 2^e · m with m in [2/3, 4/3).
     let e = bits.wrapping_sub(0x3f2a_aaab) & (0xff80_0000u32 as i32);

@@ -4,18 +4,9 @@
 use super::*;
 use serde::Deserialize;
 
-const TORCH_CPU: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/rng/torch_cpu.json"
-);
-const PHILOX: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/rng/philox.json"
-);
-const PHILOX_TORCH_CUDA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/rng/philox_torch_cuda.json"
-);
+const TORCH_CPU: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/rng/torch_cpu.json");
+const PHILOX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/rng/philox.json");
+const PHILOX_TORCH_CUDA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/rng/philox_torch_cuda.json");
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -114,11 +105,7 @@ fn torch_cpu_matches_torch_bit_for_bit() {
         let mut generator = TorchCpuGenerator::new(case.seed);
         for (i, call) in case.calls.iter().enumerate() {
             let values = generator.randn(call.n);
-            assert_bit_exact(
-                &format!("{} call {i} (n={})", case.name, call.n),
-                &values,
-                call,
-            );
+            assert_bit_exact(&format!("{} call {i} (n={})", case.name, call.n), &values, call);
         }
     }
 }
@@ -128,11 +115,7 @@ fn torch_cpu_keeps_only_the_low_32_bits_of_the_seed() {
     // The fixture's seed_2_pow_32 case came from torch itself; here the generator agrees.
     let fixture = load(TORCH_CPU);
     let by_name = |name: &str| {
-        fixture
-            .cases
-            .iter()
-            .find(|case| case.name == name)
-            .unwrap_or_else(|| panic!("fixture has no case {name}"))
+        fixture.cases.iter().find(|case| case.name == name).unwrap_or_else(|| panic!("fixture has no case {name}"))
     };
     let zero = by_name("seed_0_for_wide_seeds");
     let wide = by_name("seed_2_pow_32");
@@ -154,10 +137,8 @@ fn philox_matches_numpy_reference_bit_for_bit() {
         let mut generator = philox_for(case);
         for (i, call) in case.calls.iter().enumerate() {
             let values = generator.randn(call.n);
-            let what = format!(
-                "{} [{:?}, threads {:?}] call {i} (n={})",
-                case.name, case.box_muller, case.threads, call.n
-            );
+            let what =
+                format!("{} [{:?}, threads {:?}] call {i} (n={})", case.name, case.box_muller, case.threads, call.n);
             assert_bit_exact(&what, &values, call);
         }
     }
@@ -191,10 +172,7 @@ fn philox_stays_within_2e_6_of_torch_cuda() {
         }
     }
     // About a quarter are bit-identical on an H100; far fewer would mean a modelling slip.
-    assert!(
-        identical * 5 > compared,
-        "only {identical} of {compared} bit-identical"
-    );
+    assert!(identical * 5 > compared, "only {identical} of {compared} bit-identical");
 }
 
 #[test]
@@ -203,11 +181,7 @@ fn philox_offset_advances_one_block_per_call_until_a_thread_needs_more() {
     generator.randn(65_536);
     assert_eq!(generator.offset(), 4);
     generator.randn(0);
-    assert_eq!(
-        generator.offset(),
-        4,
-        "an empty call leaves the generator alone"
-    );
+    assert_eq!(generator.offset(), 4, "an empty call leaves the generator alone");
     let mut small_gpu = PhiloxGenerator::new(1).with_gpu_threads(1_000);
     small_gpu.randn(4_000);
     assert_eq!(small_gpu.offset(), 4);

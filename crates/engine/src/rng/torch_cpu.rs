@@ -38,14 +38,9 @@ impl Mt19937 {
         state[0] = seed as u32;
         for i in 1..Self::N {
             let previous = state[i - 1];
-            state[i] = 1_812_433_253u32
-                .wrapping_mul(previous ^ (previous >> 30))
-                .wrapping_add(i as u32);
+            state[i] = 1_812_433_253u32.wrapping_mul(previous ^ (previous >> 30)).wrapping_add(i as u32);
         }
-        Self {
-            state,
-            next: Self::N,
-        }
+        Self { state, next: Self::N }
     }
 
     fn regenerate(&mut self) {
@@ -88,10 +83,7 @@ impl TorchCpuGenerator {
     /// Same as `torch.Generator("cpu").manual_seed(seed)`. Any 64-bit seed is accepted; torch's
     /// MT19937 uses only its low 32 bits, so `seed` and `seed + 2^32` give the same noise.
     pub fn new(seed: u64) -> Self {
-        Self {
-            engine: Mt19937::new(seed),
-            cached_normal: None,
-        }
+        Self { engine: Mt19937::new(seed), cached_normal: None }
     }
 
     /// `random64()`: two draws, the first one the high word.
@@ -222,16 +214,9 @@ const MINUS_DP1: f32 = from_double(-0.78515625);
 const MINUS_DP2: f32 = from_double(-2.4187564849853515625e-4);
 #[allow(clippy::excessive_precision)]
 const MINUS_DP3: f32 = from_double(-3.77489497744594108e-8);
-const SIN_POLY: [f32; 3] = [
-    from_double(-1.9515295891E-4),
-    from_double(8.3321608736E-3),
-    from_double(-1.6666654611E-1),
-];
-const COS_POLY: [f32; 3] = [
-    from_double(2.443315711809948E-005),
-    from_double(-1.388731625493765E-003),
-    from_double(4.166664568298827E-002),
-];
+const SIN_POLY: [f32; 3] = [from_double(-1.9515295891E-4), from_double(8.3321608736E-3), from_double(-1.6666654611E-1)];
+const COS_POLY: [f32; 3] =
+    [from_double(2.443315711809948E-005), from_double(-1.388731625493765E-003), from_double(4.166664568298827E-002)];
 
 /// `sincos256_ps` for one lane: (sin x, cos x) for the angles Box-Muller uses, [0, 2π).
 fn avx_sincos(x: f32) -> (f32, f32) {
@@ -260,16 +245,8 @@ fn avx_sincos(x: f32) -> (f32, f32) {
     sin_poly *= z;
     sin_poly = sin_poly.mul_add(r, r);
 
-    let (sin, cos) = if use_sin_poly_for_sin {
-        (sin_poly, cos_poly)
-    } else {
-        (cos_poly, sin_poly)
-    };
-    let sin = if sin_negative_input != sin_flip {
-        -sin
-    } else {
-        sin
-    };
+    let (sin, cos) = if use_sin_poly_for_sin { (sin_poly, cos_poly) } else { (cos_poly, sin_poly) };
+    let sin = if sin_negative_input != sin_flip { -sin } else { sin };
     let cos = if cos_flip { -cos } else { cos };
     (sin, cos)
 }

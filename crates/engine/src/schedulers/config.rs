@@ -103,10 +103,7 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         Self::from_json_str(&text).map_err(|e| match e {
             Error::Scheduler(m) => Error::Scheduler(format!("{}: {m}", path.display())),
             e => e,
@@ -122,9 +119,7 @@ impl SchedulerConfig {
 
     pub(crate) fn train_steps(&self) -> Result<usize> {
         match self.num_train_timesteps {
-            Some(n) if n < 2 => Err(Error::Scheduler(
-                "num_train_timesteps must be at least 2".into(),
-            )),
+            Some(n) if n < 2 => Err(Error::Scheduler("num_train_timesteps must be at least 2".into())),
             Some(n) => Ok(n),
             None => Ok(1000),
         }
@@ -158,10 +153,7 @@ fn quote_non_finite(text: &str) -> Cow<'_, str> {
             }
         } else if c == '"' {
             in_string = true;
-        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"]
-            .into_iter()
-            .find(|t| rest.starts_with(t))
-        {
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
             out.push('"');
             out.push_str(tok);
             out.push('"');
@@ -188,11 +180,7 @@ fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f6
             "-Infinity" => f64::NEG_INFINITY,
             "Infinity" => f64::INFINITY,
             "NaN" => f64::NAN,
-            _ => {
-                return Err(serde::de::Error::custom(format!(
-                    "expected a number, got {s:?}"
-                )))
-            }
+            _ => return Err(serde::de::Error::custom(format!("expected a number, got {s:?}"))),
         }),
     })
 }
@@ -206,11 +194,8 @@ pub(crate) struct BetaDefaults {
 }
 
 /// Euler, Euler a, DDIM and DPM-Solver: `linear` from 0.0001 to 0.02.
-pub(crate) const DEFAULT_BETAS: BetaDefaults = BetaDefaults {
-    beta_start: 0.0001,
-    beta_end: 0.02,
-    beta_schedule: BetaSchedule::Linear,
-};
+pub(crate) const DEFAULT_BETAS: BetaDefaults =
+    BetaDefaults { beta_start: 0.0001, beta_end: 0.02, beta_schedule: BetaSchedule::Linear };
 
 /// `alphas_cumprod` as every class's `__init__` computes it (float32 tensors), including
 /// `rescale_betas_zero_snr` (classes that then pin the last value do so themselves).
@@ -230,18 +215,13 @@ pub(crate) fn alphas_cumprod(cfg: &SchedulerConfig, d: BetaDefaults) -> Result<V
         match cfg.beta_schedule.unwrap_or(d.beta_schedule) {
             BetaSchedule::Linear => torch_linspace_f32(start, end, n),
             // torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=float32) ** 2
-            BetaSchedule::ScaledLinear => torch_linspace_f32(start.powf(0.5), end.powf(0.5), n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            BetaSchedule::ScaledLinear => {
+                torch_linspace_f32(start.powf(0.5), end.powf(0.5), n).into_iter().map(|b| b * b).collect()
+            }
             BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar(n),
         }
     };
-    let betas = if cfg.rescale_betas_zero_snr == Some(true) {
-        rescale_zero_terminal_snr(&betas)
-    } else {
-        betas
-    };
+    let betas = if cfg.rescale_betas_zero_snr == Some(true) { rescale_zero_terminal_snr(&betas) } else { betas };
     let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
     Ok(cumprod(&alphas))
 }
@@ -270,24 +250,14 @@ pub(crate) fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32>
     let step = (e - s) / (steps - 1) as f32;
     let half = steps / 2;
     (0..steps)
-        .map(|i| {
-            if i < half {
-                step.mul_add(i as f32, s)
-            } else {
-                (-step).mul_add((steps - i - 1) as f32, e)
-            }
-        })
+        .map(|i| if i < half { step.mul_add(i as f32, s) } else { (-step).mul_add((steps - i - 1) as f32, e) })
         .collect()
 }
 
 /// diffusers' `betas_for_alpha_bar(n)` with the cosine transform (`squaredcos_cap_v2`), in
 /// Python floats, then `torch.tensor(..., dtype=float32)`.
 fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| {
-        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-            .cos()
-            .powf(2.0)
-    };
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powf(2.0);
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -307,18 +277,12 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
         *v = (*v - last) * scale;
     }
     let ab: Vec<f32> = sqrt_ab.iter().map(|v| v * v).collect();
-    std::iter::once(ab[0])
-        .chain(ab.windows(2).map(|w| w[1] / w[0]))
-        .map(|a| 1.0 - a)
-        .collect()
+    std::iter::once(ab[0]).chain(ab.windows(2).map(|w| w[1] / w[0])).map(|a| 1.0 - a).collect()
 }
 
 /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` on the float32 tensor.
 pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod
-        .iter()
-        .map(|&a| ((1.0 - a) / a).sqrt())
-        .collect()
+    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
 }
 
 /// `np.linspace(start, stop, num, endpoint)` in float64, numpy's formula: `i * step + start`,
@@ -330,11 +294,7 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize, endpoint: bool) -> 
     if div > 0 {
         let step = delta / div as f64;
         for v in y.iter_mut() {
-            *v = if step == 0.0 {
-                *v / div as f64 * delta
-            } else {
-                *v * step
-            };
+            *v = if step == 0.0 { *v / div as f64 * delta } else { *v * step };
         }
     } else {
         for v in y.iter_mut() {
@@ -443,12 +403,7 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 
 /// The timestep values a spacing gives, before each class's own conversion (float64, as numpy).
 /// Euler, Euler a and DDIM share these formulas; DPM-Solver's differ (it spaces `n + 1` points).
-pub(crate) fn spaced_timesteps(
-    spacing: TimestepSpacing,
-    train_steps: usize,
-    n: usize,
-    steps_offset: i64,
-) -> Vec<f64> {
+pub(crate) fn spaced_timesteps(spacing: TimestepSpacing, train_steps: usize, n: usize, steps_offset: i64) -> Vec<f64> {
     let t = train_steps as f64;
     match spacing {
         TimestepSpacing::Linspace => {
@@ -458,15 +413,11 @@ pub(crate) fn spaced_timesteps(
         }
         TimestepSpacing::Leading => {
             let ratio = train_steps / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio) as f64 + steps_offset as f64)
-                .collect()
+            (0..n).rev().map(|i| (i * ratio) as f64 + steps_offset as f64).collect()
         }
-        TimestepSpacing::Trailing => np_arange(t, 0.0, -(t / n as f64))
-            .into_iter()
-            .map(|v| np_round(v) - 1.0)
-            .collect(),
+        TimestepSpacing::Trailing => {
+            np_arange(t, 0.0, -(t / n as f64)).into_iter().map(|v| np_round(v) - 1.0).collect()
+        }
     }
 }
 
@@ -481,10 +432,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.lambda_min_clipped, Some(f64::NEG_INFINITY));
-        assert_eq!(
-            cfg.other["_note"].as_str(),
-            Some("NaN and -Infinity in a string")
-        );
+        assert_eq!(cfg.other["_note"].as_str(), Some("NaN and -Infinity in a string"));
     }
 
     #[test]

@@ -3,8 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::{
-    alphas_cumprod, np_round, spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing,
-    DEFAULT_BETAS,
+    alphas_cumprod, np_round, spaced_timesteps, PredictionType, SchedulerConfig, TimestepSpacing, DEFAULT_BETAS,
 };
 use super::{check_index, ops, Scheduler, StepOutput};
 use crate::rng::NoiseGenerator;
@@ -33,11 +32,10 @@ impl Ddim {
         let ac = alphas_cumprod(cfg, DEFAULT_BETAS)?;
         let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
         // int64 timesteps; "linspace" is rounded (half to even) before the cast
-        let timesteps: Vec<f64> =
-            spaced_timesteps(spacing, train_steps, steps, cfg.steps_offset.unwrap_or(0))
-                .into_iter()
-                .map(np_round)
-                .collect();
+        let timesteps: Vec<f64> = spaced_timesteps(spacing, train_steps, steps, cfg.steps_offset.unwrap_or(0))
+            .into_iter()
+            .map(np_round)
+            .collect();
         // "trailing" with e.g. 61 steps ends at timestep -1, which diffusers indexes Python-style
         // (the last alphas_cumprod); only what Python would refuse is refused here
         let len = train_steps as f64;
@@ -46,11 +44,7 @@ impl Ddim {
                 "DDIM: timestep {t} is outside the {train_steps} training timesteps (check steps_offset)"
             )));
         }
-        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            ac[0]
-        };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { ac[0] };
         let clip = cfg.clip_sample.unwrap_or(true);
         Ok(Self {
             timesteps,
@@ -90,18 +84,11 @@ impl Scheduler for Ddim {
         let t = self.timesteps[step_index] as i64;
         let prev_t = t - self.step_ratio;
         let a_t = self.alphas_cumprod[t.rem_euclid(self.alphas_cumprod.len() as i64) as usize];
-        let a_prev = if prev_t >= 0 {
-            self.alphas_cumprod[prev_t as usize]
-        } else {
-            self.final_alpha_cumprod
-        };
+        let a_prev = if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { self.final_alpha_cumprod };
         let b_t = 1.0 - a_t;
 
         let (x0, eps) = match self.prediction_type {
-            PredictionType::Epsilon => (
-                ops::div(&(&sample - ops::mul(&model, b_t.sqrt())?)?, a_t.sqrt())?,
-                model,
-            ),
+            PredictionType::Epsilon => (ops::div(&(&sample - ops::mul(&model, b_t.sqrt())?)?, a_t.sqrt())?, model),
             PredictionType::Sample => {
                 let eps = ops::div(&(&sample - ops::mul(&model, a_t.sqrt())?)?, b_t.sqrt())?;
                 (model, eps)
@@ -120,9 +107,6 @@ impl Scheduler for Ddim {
         let std_dev_t = 0.0 * variance.sqrt();
         let direction = ops::mul(&eps, (1.0 - a_prev - std_dev_t * std_dev_t).sqrt())?;
         let prev = (ops::mul(&x0, a_prev.sqrt())? + direction)?;
-        Ok(StepOutput {
-            prev_sample: prev.to_dtype(model_output.dtype())?,
-            pred_original_sample: x0,
-        })
+        Ok(StepOutput { prev_sample: prev.to_dtype(model_output.dtype())?, pred_original_sample: x0 })
     }
 }

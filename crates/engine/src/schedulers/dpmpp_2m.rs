@@ -8,9 +8,8 @@
 use candle_core::Tensor;
 
 use super::config::{
-    alphas_cumprod, karras_sigmas, log_sigmas, np_arange, np_interp_arange, np_linspace, np_round,
-    sigma_to_t, train_sigmas, BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig,
-    TimestepSpacing, DEFAULT_BETAS,
+    alphas_cumprod, karras_sigmas, log_sigmas, np_arange, np_interp_arange, np_linspace, np_round, sigma_to_t,
+    train_sigmas, BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, DEFAULT_BETAS,
 };
 use super::{check_index, ops, Scheduler, StepOutput};
 use crate::rng::NoiseGenerator;
@@ -40,33 +39,23 @@ impl DpmSolverMultistep {
         cfg.reject("use_lu_lambdas", cfg.use_lu_lambdas)?;
         cfg.reject("use_flow_sigmas", cfg.use_flow_sigmas)?;
         if cfg.variance_type.is_some() {
-            return Err(Error::Scheduler(
-                "DPM-Solver: learned variance_type is not supported".into(),
-            ));
+            return Err(Error::Scheduler("DPM-Solver: learned variance_type is not supported".into()));
         }
         let sde = match cfg.algorithm_type.as_deref() {
             None | Some("dpmsolver++") | Some("deis") => false,
             Some("sde-dpmsolver++") => true,
             Some(other) => {
-                return Err(Error::Scheduler(format!(
-                    "DPM-Solver: algorithm_type {other:?} is not supported"
-                )))
+                return Err(Error::Scheduler(format!("DPM-Solver: algorithm_type {other:?} is not supported")))
             }
         };
         let heun = match cfg.solver_type.as_deref() {
             None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => false,
             Some("heun") => true,
-            Some(other) => {
-                return Err(Error::Scheduler(format!(
-                    "DPM-Solver: solver_type {other:?} is not supported"
-                )))
-            }
+            Some(other) => return Err(Error::Scheduler(format!("DPM-Solver: solver_type {other:?} is not supported"))),
         };
         let solver_order = cfg.solver_order.unwrap_or(2);
         if !(1..=3).contains(&solver_order) {
-            return Err(Error::Scheduler(format!(
-                "DPM-Solver: solver_order {solver_order} is not supported (1 to 3)"
-            )));
+            return Err(Error::Scheduler(format!("DPM-Solver: solver_order {solver_order} is not supported (1 to 3)")));
         }
 
         let train_steps = cfg.train_steps()?;
@@ -88,33 +77,23 @@ impl DpmSolverMultistep {
 
         // DPM-Solver spaces n + 1 points and drops the last (unlike Euler and DDIM)
         let offset = cfg.steps_offset.unwrap_or(0) as f64;
-        let mut timesteps: Vec<f64> =
-            match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
-                TimestepSpacing::Linspace => {
-                    let mut v: Vec<f64> =
-                        np_linspace(0.0, last_timestep as f64 - 1.0, steps + 1, true)
-                            .into_iter()
-                            .map(np_round)
-                            .collect();
-                    v.reverse();
-                    v.pop();
-                    v
-                }
-                TimestepSpacing::Leading => {
-                    let ratio = last_timestep / (steps + 1);
-                    (1..=steps)
-                        .rev()
-                        .map(|i| (i * ratio) as f64 + offset)
-                        .collect()
-                }
-                TimestepSpacing::Trailing => {
-                    let ratio = train_steps as f64 / steps as f64;
-                    np_arange(last_timestep as f64, 0.0, -ratio)
-                        .into_iter()
-                        .map(|t| np_round(t) - 1.0)
-                        .collect()
-                }
-            };
+        let mut timesteps: Vec<f64> = match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
+            TimestepSpacing::Linspace => {
+                let mut v: Vec<f64> =
+                    np_linspace(0.0, last_timestep as f64 - 1.0, steps + 1, true).into_iter().map(np_round).collect();
+                v.reverse();
+                v.pop();
+                v
+            }
+            TimestepSpacing::Leading => {
+                let ratio = last_timestep / (steps + 1);
+                (1..=steps).rev().map(|i| (i * ratio) as f64 + offset).collect()
+            }
+            TimestepSpacing::Trailing => {
+                let ratio = train_steps as f64 / steps as f64;
+                np_arange(last_timestep as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) - 1.0).collect()
+            }
+        };
 
         let train = train_sigmas(&ac);
         let mut sigmas: Vec<f64> = if karras {
@@ -122,8 +101,7 @@ impl DpmSolverMultistep {
             let sigma_max = cfg.sigma_max.unwrap_or(train[train_steps - 1] as f64);
             let sigmas = karras_sigmas(sigma_min, sigma_max, steps);
             let ls = log_sigmas(&train);
-            let round = cfg.beta_schedule.unwrap_or(DEFAULT_BETAS.beta_schedule)
-                != BetaSchedule::SquaredcosCapV2;
+            let round = cfg.beta_schedule.unwrap_or(DEFAULT_BETAS.beta_schedule) != BetaSchedule::SquaredcosCapV2;
             timesteps = sigmas
                 .iter()
                 .map(|&s| {
@@ -135,10 +113,7 @@ impl DpmSolverMultistep {
             sigmas
         } else {
             let train64: Vec<f64> = train.iter().map(|&s| s as f64).collect();
-            timesteps
-                .iter()
-                .map(|&t| np_interp_arange(t, &train64))
-                .collect()
+            timesteps.iter().map(|&t| np_interp_arange(t, &train64)).collect()
         };
         let final_sigmas_type = cfg.final_sigmas_type.unwrap_or(FinalSigmasType::Zero);
         sigmas.push(match final_sigmas_type {
@@ -168,9 +143,7 @@ impl DpmSolverMultistep {
         Ok(match self.prediction_type {
             PredictionType::Epsilon => ops::div(&(sample - ops::mul(model, sigma_t)?)?, alpha_t)?,
             PredictionType::Sample => model.clone(),
-            PredictionType::VPrediction => {
-                (ops::mul(sample, alpha_t)? - ops::mul(model, sigma_t)?)?
-            }
+            PredictionType::VPrediction => (ops::mul(sample, alpha_t)? - ops::mul(model, sigma_t)?)?,
         })
     }
 
@@ -180,23 +153,15 @@ impl DpmSolverMultistep {
             .ok_or_else(|| Error::Scheduler("DPM-Solver: missing model output history".into()))
     }
 
-    fn first_order(
-        &self,
-        i: usize,
-        x0: &Tensor,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    fn first_order(&self, i: usize, x0: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
         match noise {
-            None => Ok((ops::mul(sample, sigma_t / sigma_s)?
-                - ops::mul(x0, alpha_t * ((-h).exp() - 1.0))?)?),
+            None => Ok((ops::mul(sample, sigma_t / sigma_s)? - ops::mul(x0, alpha_t * ((-h).exp() - 1.0))?)?),
             Some(noise) => {
                 let e2 = (-2.0 * h).exp();
-                Ok(((ops::mul(sample, sigma_t / sigma_s * (-h).exp())?
-                    + ops::mul(x0, alpha_t * (1.0 - e2))?)?
+                Ok(((ops::mul(sample, sigma_t / sigma_s * (-h).exp())? + ops::mul(x0, alpha_t * (1.0 - e2))?)?
                     + ops::mul(noise, sigma_t * (1.0 - e2).sqrt())?)?)
             }
         }
@@ -217,8 +182,7 @@ impl DpmSolverMultistep {
         let e = (-h).exp();
         match noise {
             None => {
-                let base =
-                    (ops::mul(sample, sigma_t / sigma_s0)? - ops::mul(d0, alpha_t * (e - 1.0))?)?;
+                let base = (ops::mul(sample, sigma_t / sigma_s0)? - ops::mul(d0, alpha_t * (e - 1.0))?)?;
                 if self.heun {
                     Ok((base + ops::mul(&d1, alpha_t * ((e - 1.0) / h + 1.0))?)?)
                 } else {
@@ -227,13 +191,9 @@ impl DpmSolverMultistep {
             }
             Some(noise) => {
                 let e2 = (-2.0 * h).exp();
-                let base = (ops::mul(sample, sigma_t / sigma_s0 * e)?
-                    + ops::mul(d0, alpha_t * (1.0 - e2))?)?;
-                let c1 = if self.heun {
-                    alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0)
-                } else {
-                    0.5 * (alpha_t * (1.0 - e2))
-                };
+                let base = (ops::mul(sample, sigma_t / sigma_s0 * e)? + ops::mul(d0, alpha_t * (1.0 - e2))?)?;
+                let c1 =
+                    if self.heun { alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0) } else { 0.5 * (alpha_t * (1.0 - e2)) };
                 Ok(((base + ops::mul(&d1, c1)?)? + ops::mul(noise, sigma_t * (1.0 - e2).sqrt())?)?)
             }
         }
@@ -249,11 +209,7 @@ impl DpmSolverMultistep {
         let lambda_s1 = lambda(alpha_s1, sigma_s1);
         let lambda_s2 = lambda(alpha_s2, sigma_s2);
         let (m0, m1, m2) = (self.history(0)?, self.history(1)?, self.history(2)?);
-        let (h, h_0, h_1) = (
-            lambda_t - lambda_s0,
-            lambda_s0 - lambda_s1,
-            lambda_s1 - lambda_s2,
-        );
+        let (h, h_0, h_1) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
         let (r0, r1) = (h_0 / h, h_1 / h);
         let d0 = m0;
         let d1_0 = ops::mul(&(m0 - m1)?, 1.0 / r0)?;
@@ -263,15 +219,13 @@ impl DpmSolverMultistep {
         let d2 = ops::mul(&d1_diff, 1.0 / (r0 + r1))?;
         let e = (-h).exp();
         match noise {
-            None => Ok((((ops::mul(sample, sigma_t / sigma_s0)?
-                - ops::mul(d0, alpha_t * (e - 1.0))?)?
+            None => Ok((((ops::mul(sample, sigma_t / sigma_s0)? - ops::mul(d0, alpha_t * (e - 1.0))?)?
                 + ops::mul(&d1, alpha_t * ((e - 1.0) / h + 1.0))?)?
                 - ops::mul(&d2, alpha_t * ((e - 1.0 + h) / (h * h) - 0.5))?)?),
             Some(noise) => {
                 let e2 = (-2.0 * h).exp();
                 let two_h = 2.0 * h;
-                Ok(((((ops::mul(sample, sigma_t / sigma_s0 * e)?
-                    + ops::mul(d0, alpha_t * (1.0 - e2))?)?
+                Ok(((((ops::mul(sample, sigma_t / sigma_s0 * e)? + ops::mul(d0, alpha_t * (1.0 - e2))?)?
                     + ops::mul(&d1, alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0))?)?
                     + ops::mul(&d2, alpha_t * ((1.0 - e2 - two_h) / (two_h * two_h) - 0.5))?)?
                     + ops::mul(noise, sigma_t * (1.0 - e2).sqrt())?)?)
@@ -325,10 +279,8 @@ impl Scheduler for DpmSolverMultistep {
                 self.next_step
             )));
         }
-        let lower_order_final = i == n - 1
-            && (self.euler_at_final
-                || (self.lower_order_final && n < 15)
-                || self.final_sigmas_zero);
+        let lower_order_final =
+            i == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigmas_zero);
         let lower_order_second = i + 2 == n && self.lower_order_final && n < 15;
 
         let model = ops::f32(model_output)?;
@@ -336,11 +288,7 @@ impl Scheduler for DpmSolverMultistep {
         let x0 = self.convert_model_output(&model, &sample, i)?;
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(x0.clone()));
-        let eps = if self.sde {
-            Some(ops::randn_like(&model, noise)?)
-        } else {
-            None
-        };
+        let eps = if self.sde { Some(ops::randn_like(&model, noise)?) } else { None };
         let eps = eps.as_ref();
 
         let prev = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
@@ -354,9 +302,6 @@ impl Scheduler for DpmSolverMultistep {
             self.lower_order_nums += 1;
         }
         self.next_step += 1;
-        Ok(StepOutput {
-            prev_sample: prev.to_dtype(model_output.dtype())?,
-            pred_original_sample: x0,
-        })
+        Ok(StepOutput { prev_sample: prev.to_dtype(model_output.dtype())?, pred_original_sample: x0 })
     }
 }

@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 
 use super::config::{
-    alphas_cumprod, karras_sigmas, log_sigmas, np_interp_arange, sigma_to_t, spaced_timesteps,
-    train_sigmas, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, DEFAULT_BETAS,
+    alphas_cumprod, karras_sigmas, log_sigmas, np_interp_arange, sigma_to_t, spaced_timesteps, train_sigmas,
+    FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, DEFAULT_BETAS,
 };
 use super::{check_index, ops, Scheduler, StepOutput};
 use crate::rng::NoiseGenerator;
@@ -22,9 +22,7 @@ impl EulerDiscrete {
         cfg.reject("use_exponential_sigmas", cfg.use_exponential_sigmas)?;
         cfg.reject("use_beta_sigmas", cfg.use_beta_sigmas)?;
         if let Some(t) = cfg.interpolation_type.as_deref().filter(|t| *t != "linear") {
-            return Err(Error::Scheduler(format!(
-                "Euler: interpolation_type {t:?} is not supported"
-            )));
+            return Err(Error::Scheduler(format!("Euler: interpolation_type {t:?} is not supported")));
         }
         let prediction_type = cfg.prediction_type.unwrap_or(PredictionType::Epsilon);
         // "continuous" only changes anything (EDM timesteps, as for SVD) with v-prediction
@@ -45,41 +43,27 @@ impl EulerDiscrete {
         }
         let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
         // timesteps are float32 in diffusers; sigmas come from them by np.interp in float64
-        let timesteps: Vec<f32> =
-            spaced_timesteps(spacing, train_steps, steps, cfg.steps_offset.unwrap_or(0))
-                .into_iter()
-                .map(|t| t as f32)
-                .collect();
+        let timesteps: Vec<f32> = spaced_timesteps(spacing, train_steps, steps, cfg.steps_offset.unwrap_or(0))
+            .into_iter()
+            .map(|t| t as f32)
+            .collect();
         let train = train_sigmas(&ac);
         let train64: Vec<f64> = train.iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| np_interp_arange(t as f64, &train64))
-            .collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| np_interp_arange(t as f64, &train64)).collect();
         let mut timesteps: Vec<f64> = timesteps.into_iter().map(f64::from).collect();
         if cfg.use_karras_sigmas == Some(true) {
             let sigma_min = cfg.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let sigma_max = cfg.sigma_max.unwrap_or(sigmas[0]);
             sigmas = karras_sigmas(sigma_min, sigma_max, steps);
             let ls = log_sigmas(&train);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &ls) as f32 as f64)
-                .collect();
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &ls) as f32 as f64).collect();
         }
-        sigmas.push(
-            match cfg.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => train[0] as f64,
-            },
-        );
+        sigmas.push(match cfg.final_sigmas_type.unwrap_or(FinalSigmasType::Zero) {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => train[0] as f64,
+        });
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
-        Ok(Self {
-            timesteps,
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing),
-            sigmas,
-            prediction_type,
-        })
+        Ok(Self { timesteps, init_noise_sigma: init_noise_sigma(&sigmas, spacing), sigmas, prediction_type })
     }
 }
 
@@ -149,9 +133,6 @@ impl Scheduler for EulerDiscrete {
         let derivative = ops::div(&(&sample - &x0)?, sigma_hat)?;
         let dt = self.sigmas[step_index + 1] - sigma_hat;
         let prev = (&sample + ops::mul(&derivative, dt)?)?;
-        Ok(StepOutput {
-            prev_sample: prev.to_dtype(model_output.dtype())?,
-            pred_original_sample: x0,
-        })
+        Ok(StepOutput { prev_sample: prev.to_dtype(model_output.dtype())?, pred_original_sample: x0 })
     }
 }

@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 
 use super::config::{
-    alphas_cumprod, np_interp_arange, spaced_timesteps, train_sigmas, PredictionType,
-    SchedulerConfig, TimestepSpacing, DEFAULT_BETAS,
+    alphas_cumprod, np_interp_arange, spaced_timesteps, train_sigmas, PredictionType, SchedulerConfig, TimestepSpacing,
+    DEFAULT_BETAS,
 };
 use super::euler::{init_noise_sigma, pred_original, scale_by_sigma};
 use super::{check_index, ops, Scheduler, StepOutput};
@@ -23,9 +23,7 @@ impl EulerAncestralDiscrete {
         let prediction_type = cfg.prediction_type.unwrap_or(PredictionType::Epsilon);
         if prediction_type == PredictionType::Sample {
             // diffusers raises NotImplementedError in step()
-            return Err(Error::Scheduler(
-                "Euler a does not support prediction_type \"sample\"".into(),
-            ));
+            return Err(Error::Scheduler("Euler a does not support prediction_type \"sample\"".into()));
         }
         let train_steps = cfg.train_steps()?;
         let mut ac = alphas_cumprod(cfg, DEFAULT_BETAS)?;
@@ -33,11 +31,10 @@ impl EulerAncestralDiscrete {
             ac[train_steps - 1] = 2f32.powi(-24);
         }
         let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-        let timesteps: Vec<f32> =
-            spaced_timesteps(spacing, train_steps, steps, cfg.steps_offset.unwrap_or(0))
-                .into_iter()
-                .map(|t| t as f32)
-                .collect();
+        let timesteps: Vec<f32> = spaced_timesteps(spacing, train_steps, steps, cfg.steps_offset.unwrap_or(0))
+            .into_iter()
+            .map(|t| t as f32)
+            .collect();
         let train64: Vec<f64> = train_sigmas(&ac).iter().map(|&s| s as f64).collect();
         let sigmas: Vec<f32> = timesteps
             .iter()
@@ -95,9 +92,6 @@ impl Scheduler for EulerAncestralDiscrete {
         let prev = (&sample + ops::mul(&derivative, sigma_down - sigma)?)?;
         let eps = ops::randn_like(&model, noise)?;
         let prev = (prev + ops::mul(&eps, sigma_up)?)?;
-        Ok(StepOutput {
-            prev_sample: prev.to_dtype(model_output.dtype())?,
-            pred_original_sample: x0,
-        })
+        Ok(StepOutput { prev_sample: prev.to_dtype(model_output.dtype())?, pred_original_sample: x0 })
     }
 }

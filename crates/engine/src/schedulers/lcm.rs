@@ -6,19 +6,14 @@
 
 use candle_core::Tensor;
 
-use super::config::{
-    alphas_cumprod, np_linspace, BetaDefaults, BetaSchedule, PredictionType, SchedulerConfig,
-};
+use super::config::{alphas_cumprod, np_linspace, BetaDefaults, BetaSchedule, PredictionType, SchedulerConfig};
 use super::{check_index, ops, Scheduler, StepOutput};
 use crate::rng::NoiseGenerator;
 use crate::{Error, Result};
 
 /// LCMScheduler's own defaults (the SD values, unlike the other classes).
-const LCM_BETAS: BetaDefaults = BetaDefaults {
-    beta_start: 0.00085,
-    beta_end: 0.012,
-    beta_schedule: BetaSchedule::ScaledLinear,
-};
+const LCM_BETAS: BetaDefaults =
+    BetaDefaults { beta_start: 0.00085, beta_end: 0.012, beta_schedule: BetaSchedule::ScaledLinear };
 
 pub(crate) struct Lcm {
     timesteps: Vec<f64>,
@@ -47,26 +42,18 @@ impl Lcm {
         let ac = alphas_cumprod(cfg, LCM_BETAS)?;
         // the distillation schedule k-1, 2k-1, ..., T-1, walked backwards at evenly spaced indices
         let k = (train_steps / original_steps) as i64;
-        let origin: Vec<i64> = (1..=original_steps as i64)
-            .rev()
-            .map(|i| i * k - 1)
-            .collect();
+        let origin: Vec<i64> = (1..=original_steps as i64).rev().map(|i| i * k - 1).collect();
         let timesteps = np_linspace(0.0, origin.len() as f64, steps, false)
             .into_iter()
             .map(|i| origin[i.floor() as usize] as f64)
             .collect();
-        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            ac[0]
-        };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { ac[0] };
         Ok(Self {
             timesteps,
             alphas_cumprod: ac,
             final_alpha_cumprod,
             prediction_type: cfg.prediction_type.unwrap_or(PredictionType::Epsilon),
-            clip_sample_range: (cfg.clip_sample == Some(true))
-                .then(|| cfg.clip_sample_range.unwrap_or(1.0) as f32),
+            clip_sample_range: (cfg.clip_sample == Some(true)).then(|| cfg.clip_sample_range.unwrap_or(1.0) as f32),
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0) as f32,
         })
     }
@@ -106,11 +93,7 @@ impl Scheduler for Lcm {
         let sample = ops::f32(sample)?;
         let last = step_index + 1 == self.timesteps.len();
         let t = self.timesteps[step_index] as i64;
-        let prev_t = if last {
-            t
-        } else {
-            self.timesteps[step_index + 1] as i64
-        };
+        let prev_t = if last { t } else { self.timesteps[step_index + 1] as i64 };
         let a_t = self.alpha_at(t);
         let a_prev = self.alpha_at(prev_t);
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
@@ -123,13 +106,9 @@ impl Scheduler for Lcm {
         let c_out = scaled_t / denom.sqrt();
 
         let x0 = match self.prediction_type {
-            PredictionType::Epsilon => {
-                ops::div(&(&sample - ops::mul(&model, b_t.sqrt())?)?, a_t.sqrt())?
-            }
+            PredictionType::Epsilon => ops::div(&(&sample - ops::mul(&model, b_t.sqrt())?)?, a_t.sqrt())?,
             PredictionType::Sample => model.clone(),
-            PredictionType::VPrediction => {
-                (ops::mul(&sample, a_t.sqrt())? - ops::mul(&model, b_t.sqrt())?)?
-            }
+            PredictionType::VPrediction => (ops::mul(&sample, a_t.sqrt())? - ops::mul(&model, b_t.sqrt())?)?,
         };
         let x0 = match self.clip_sample_range {
             Some(r) => x0.clamp(-r, r)?,
@@ -142,9 +121,6 @@ impl Scheduler for Lcm {
             let eps = ops::randn_like(&model, noise)?;
             (ops::mul(&denoised, a_prev.sqrt())? + ops::mul(&eps, b_prev.sqrt())?)?
         };
-        Ok(StepOutput {
-            prev_sample: prev.to_dtype(model_output.dtype())?,
-            pred_original_sample: denoised,
-        })
+        Ok(StepOutput { prev_sample: prev.to_dtype(model_output.dtype())?, pred_original_sample: denoised })
     }
 }

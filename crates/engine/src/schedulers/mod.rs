@@ -103,9 +103,7 @@ impl SamplerId {
     /// or old style (`DPM++ 2M Karras`). `Automatic` counts as no schedule type.
     pub fn from_a1111(sampler: &str, schedule_type: Option<&str>) -> Option<Self> {
         let sampler = sampler.trim();
-        let schedule = schedule_type
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("automatic"));
+        let schedule = schedule_type.map(str::trim).filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("automatic"));
         let (name, schedule) = match sampler.strip_suffix(" Karras") {
             Some(base) if schedule.is_none_or(|s| s.eq_ignore_ascii_case("karras")) => {
                 (base.trim_end(), Some("Karras"))
@@ -136,10 +134,7 @@ impl FromStr for SamplerId {
     fn from_str(s: &str) -> Result<Self> {
         Self::from_id(s).ok_or_else(|| {
             let ids: Vec<&str> = Self::ALL.iter().map(|x| x.id()).collect();
-            Error::InvalidSetting(format!(
-                "unknown sampler {s:?}; expected one of {}",
-                ids.join(", ")
-            ))
+            Error::InvalidSetting(format!("unknown sampler {s:?}; expected one of {}", ids.join(", ")))
         })
     }
 }
@@ -194,21 +189,12 @@ pub fn build_scheduler(
     }
     Ok(match sampler {
         SamplerId::Euler => Box::new(euler::EulerDiscrete::new(config, num_inference_steps)?),
-        SamplerId::EulerAncestral => Box::new(euler_ancestral::EulerAncestralDiscrete::new(
-            config,
-            num_inference_steps,
-        )?),
+        SamplerId::EulerAncestral => {
+            Box::new(euler_ancestral::EulerAncestralDiscrete::new(config, num_inference_steps)?)
+        }
         SamplerId::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
-        SamplerId::DpmPp2m => Box::new(dpmpp_2m::DpmSolverMultistep::new(
-            config,
-            num_inference_steps,
-            false,
-        )?),
-        SamplerId::DpmPp2mKarras => Box::new(dpmpp_2m::DpmSolverMultistep::new(
-            config,
-            num_inference_steps,
-            true,
-        )?),
+        SamplerId::DpmPp2m => Box::new(dpmpp_2m::DpmSolverMultistep::new(config, num_inference_steps, false)?),
+        SamplerId::DpmPp2mKarras => Box::new(dpmpp_2m::DpmSolverMultistep::new(config, num_inference_steps, true)?),
         SamplerId::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
     })
 }
@@ -216,9 +202,7 @@ pub fn build_scheduler(
 /// Refuses a step index past the schedule (a caller bug, reported rather than panicking).
 fn check_index(step_index: usize, len: usize) -> Result<()> {
     if step_index >= len {
-        return Err(Error::Scheduler(format!(
-            "step {step_index} is past the last of {len} steps"
-        )));
+        return Err(Error::Scheduler(format!("step {step_index} is past the last of {len} steps")));
     }
     Ok(())
 }

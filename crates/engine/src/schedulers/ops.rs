@@ -33,10 +33,7 @@ pub(crate) fn randn_like(like: &Tensor, noise: &mut dyn NoiseGenerator) -> Resul
     let n = like.elem_count();
     let values = noise.randn(n);
     if values.len() != n {
-        return Err(Error::Scheduler(format!(
-            "noise generator returned {} values, expected {n}",
-            values.len()
-        )));
+        return Err(Error::Scheduler(format!("noise generator returned {} values, expected {n}", values.len())));
     }
     Ok(Tensor::from_vec(values, like.shape(), like.device())?)
 }

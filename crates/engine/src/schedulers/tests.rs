@@ -69,10 +69,7 @@ fn fixtures() -> Vec<Fixture> {
         .collect();
     paths.sort();
     assert!(paths.len() >= 8, "fixtures missing in {}", dir.display());
-    paths
-        .iter()
-        .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
-        .collect()
+    paths.iter().map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()).collect()
 }
 
 fn config_of(f: &Fixture) -> SchedulerConfig {
@@ -101,10 +98,7 @@ fn f32s(b64: &str) -> Vec<f32> {
             bits &= (1 << nbits) - 1;
         }
     }
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Replays the noise diffusers drew, checking each draw's size and that all are used.
@@ -112,10 +106,7 @@ struct ReplayNoise(VecDeque<Vec<f32>>);
 
 impl NoiseGenerator for ReplayNoise {
     fn randn(&mut self, n: usize) -> Vec<f32> {
-        let v = self
-            .0
-            .pop_front()
-            .expect("scheduler drew more noise than diffusers");
+        let v = self.0.pop_front().expect("scheduler drew more noise than diffusers");
         assert_eq!(v.len(), n, "noise draw size");
         v
     }
@@ -153,28 +144,12 @@ fn tensor_err(actual: &Tensor, expected: &[f32], scale: f32) -> f64 {
     let scale = expected.iter().fold(scale.max(1.0), |m, b| m.max(b.abs())) as f64;
     a.iter()
         .zip(expected)
-        .map(|(&a, &b)| {
-            if a.is_nan() && b.is_nan() {
-                0.0
-            } else {
-                ((a - b) as f64).abs() / scale
-            }
-        })
-        .fold(
-            0.0,
-            |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
-        )
+        .map(|(&a, &b)| if a.is_nan() && b.is_nan() { 0.0 } else { ((a - b) as f64).abs() / scale })
+        .fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 #[test]
@@ -187,28 +162,13 @@ fn alphas_cumprod_match_torch() {
             *ac.last_mut().unwrap() = 2f32.powi(-24);
         }
         let expected = f32s(&f.alphas_cumprod);
-        let diffs = ac
-            .iter()
-            .zip(&expected)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        let worst = ac
-            .iter()
-            .zip(&expected)
-            .map(|(&a, &b)| rel(a as f64, b as f64))
-            .fold(0.0, f64::max);
-        eprintln!(
-            "{}: {diffs} alphas_cumprod differ, worst {worst:e}",
-            f.config
-        );
+        let diffs = ac.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let worst = ac.iter().zip(&expected).map(|(&a, &b)| rel(a as f64, b as f64)).fold(0.0, f64::max);
+        eprintln!("{}: {diffs} alphas_cumprod differ, worst {worst:e}", f.config);
         if cfg.rescale_betas_zero_snr == Some(true) {
             // rescaling takes a sqrt of the whole vector, which torch's vectorised kernel does not
             // round correctly (about 1 value in 5 is 1 ulp off), and 1 - ratio amplifies that
-            assert!(
-                worst <= 2e-6,
-                "{}: alphas_cumprod off by {worst:e}",
-                f.config
-            );
+            assert!(worst <= 2e-6, "{}: alphas_cumprod off by {worst:e}", f.config);
         } else {
             assert_eq!(diffs, 0, "{}: alphas_cumprod not bit-exact", f.config);
         }
@@ -241,12 +201,7 @@ impl Report {
         for (config, w) in &self.worst {
             eprintln!("{name}: {config}: worst difference {w:e}");
         }
-        assert!(
-            self.failures.is_empty(),
-            "{name}: {} failures:\n{}",
-            self.failures.len(),
-            self.failures.join("\n")
-        );
+        assert!(self.failures.is_empty(), "{name}: {} failures:\n{}", self.failures.len(), self.failures.join("\n"));
     }
 }
 
@@ -267,17 +222,9 @@ struct Tolerance {
 /// affected.
 fn tolerance(config: &str) -> Tolerance {
     if config == "x_zsnr" {
-        Tolerance {
-            schedule: 2e-3,
-            tensor: 1e-3,
-            timestep_slack: 1.0,
-        }
+        Tolerance { schedule: 2e-3, tensor: 1e-3, timestep_slack: 1.0 }
     } else {
-        Tolerance {
-            schedule: SCHEDULE_RTOL,
-            tensor: TENSOR_TOL,
-            timestep_slack: 0.0,
-        }
+        Tolerance { schedule: SCHEDULE_RTOL, tensor: TENSOR_TOL, timestep_slack: 0.0 }
     }
 }
 
@@ -324,25 +271,20 @@ fn schedules_match_diffusers() {
                 continue;
             }
             for (i, (a, b)) in s.timesteps().iter().zip(ts).enumerate() {
-                report.check(&f.config, rtol, timestep_err(*a, *b, &tol), || {
-                    format!("{what}: timestep {i}: {a} vs {b}")
-                });
+                report
+                    .check(&f.config, rtol, timestep_err(*a, *b, &tol), || format!("{what}: timestep {i}: {a} vs {b}"));
             }
             match (s.sigmas(), &r.sigmas) {
                 (Some(a), Some(b)) if a.len() == b.len() => {
                     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                        report.check(&f.config, rtol, rel(*x as f64, *y), || {
-                            format!("{what}: sigma {i}: {x} vs {y}")
-                        });
+                        report.check(&f.config, rtol, rel(*x as f64, *y), || format!("{what}: sigma {i}: {x} vs {y}"));
                     }
                 }
                 (None, None) => {}
                 (a, b) => report.fail(format!("{what}: sigmas {a:?} vs {b:?}")),
             }
             let (a, b) = (s.init_noise_sigma(), r.init_noise_sigma.unwrap());
-            report.check(&f.config, rtol, rel(a, b), || {
-                format!("{what}: init_noise_sigma {a} vs {b}")
-            });
+            report.check(&f.config, rtol, rel(a, b), || format!("{what}: init_noise_sigma {a} vs {b}"));
         }
     }
     report.finish("schedules");
@@ -394,10 +336,7 @@ fn step_loops_match_diffusers() {
                 let out = Tensor::from_vec(out, r.shape.as_slice(), &dev).unwrap();
                 let mut noise = ReplayNoise(rec.noise.iter().map(|b| f32s(b)).collect());
                 let step = s.step(&out, i, &latents, &mut noise).unwrap();
-                assert!(
-                    noise.0.is_empty(),
-                    "{what}: step {i} drew less noise than diffusers"
-                );
+                assert!(noise.0.is_empty(), "{what}: step {i} drew less noise than diffusers");
                 let prev = f32s(&rec.prev_sample);
                 report.check(
                     &format!("{} {}", f.config, r.sampler),
@@ -407,12 +346,9 @@ fn step_loops_match_diffusers() {
                 );
                 let x0 = f32s(&rec.pred_original_sample);
                 let e = tensor_err(&step.pred_original_sample, &x0, scale);
-                report.check(
-                    &format!("{} {}", f.config, r.sampler),
-                    tol.tensor,
-                    e,
-                    || format!("{what}: step {i}: pred_original_sample"),
-                );
+                report.check(&format!("{} {}", f.config, r.sampler), tol.tensor, e, || {
+                    format!("{what}: step {i}: pred_original_sample")
+                });
                 latents = step.prev_sample;
             }
         }
@@ -428,51 +364,26 @@ fn sampler_ids_round_trip() {
         let (name, schedule) = s.a1111_name();
         assert_eq!(SamplerId::from_a1111(name, schedule), Some(s));
     }
-    let err = "euler_ancestral"
-        .parse::<SamplerId>()
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("euler_a") && err.contains("dpmpp_2m_karras"),
-        "{err}"
-    );
+    let err = "euler_ancestral".parse::<SamplerId>().unwrap_err().to_string();
+    assert!(err.contains("euler_a") && err.contains("dpmpp_2m_karras"), "{err}");
 }
 
 #[test]
 fn a1111_names() {
     use SamplerId::*;
-    assert_eq!(
-        SamplerId::from_a1111("DPM++ 2M Karras", None),
-        Some(DpmPp2mKarras)
-    );
-    assert_eq!(
-        SamplerId::from_a1111("DPM++ 2M", Some("Karras")),
-        Some(DpmPp2mKarras)
-    );
-    assert_eq!(
-        SamplerId::from_a1111("DPM++ 2M Karras", Some("Karras")),
-        Some(DpmPp2mKarras)
-    );
-    assert_eq!(
-        SamplerId::from_a1111("DPM++ 2M", Some("Automatic")),
-        Some(DpmPp2m)
-    );
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", None), Some(DpmPp2mKarras));
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Karras")), Some(DpmPp2mKarras));
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", Some("Karras")), Some(DpmPp2mKarras));
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Automatic")), Some(DpmPp2m));
     assert_eq!(SamplerId::from_a1111("Euler a", None), Some(EulerAncestral));
-    assert_eq!(
-        SamplerId::from_a1111("euler a", Some("")),
-        Some(EulerAncestral)
-    );
+    assert_eq!(SamplerId::from_a1111("euler a", Some("")), Some(EulerAncestral));
     assert_eq!(SamplerId::from_a1111("Euler", Some("Karras")), None);
     assert_eq!(SamplerId::from_a1111("DPM++ 2M SDE", None), None);
-    assert_eq!(
-        SamplerId::from_a1111("DPM++ 2M Karras", Some("Exponential")),
-        None
-    );
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", Some("Exponential")), None);
 }
 
 fn sd15() -> SchedulerConfig {
-    SchedulerConfig::from_file(repo_root().join("tests/fixtures/scheduler_configs/sd15.json"))
-        .unwrap()
+    SchedulerConfig::from_file(repo_root().join("tests/fixtures/scheduler_configs/sd15.json")).unwrap()
 }
 
 /// For samplers that must not draw.
@@ -507,23 +418,14 @@ fn absent_keys_take_the_class_default() {
 fn refusals() {
     let cfg = sd15();
     for s in SamplerId::ALL {
-        assert!(matches!(
-            build_scheduler(s, &cfg, 0),
-            Err(Error::InvalidSetting(_))
-        ));
+        assert!(matches!(build_scheduler(s, &cfg, 0), Err(Error::InvalidSetting(_))));
     }
     assert!(build_scheduler(SamplerId::Lcm, &cfg, 51).is_err());
     assert!(build_scheduler(SamplerId::Lcm, &cfg, 50).is_ok());
 
-    let thresholding = SchedulerConfig {
-        thresholding: Some(true),
-        ..cfg.clone()
-    };
+    let thresholding = SchedulerConfig { thresholding: Some(true), ..cfg.clone() };
     for s in [SamplerId::Ddim, SamplerId::DpmPp2m, SamplerId::Lcm] {
-        let e = build_scheduler(s, &thresholding, 4)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = build_scheduler(s, &thresholding, 4).err().unwrap().to_string();
         assert!(e.contains("thresholding"), "{e}");
     }
     // Euler has no such option; diffusers ignores the key there
