@@ -1,6 +1,6 @@
 //! The headless command line: the same engine as the window, for scripts, tests and benchmarks.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -151,17 +151,31 @@ fn generate(args: GenerateArgs) -> Result<()> {
         eprintln!("warning: the prompt is {dropped} tokens over CLIP's 75-token window; the end is ignored");
     }
 
+    if request.prompt.trim().is_empty() {
+        eprintln!("warning: the prompt is empty: the image follows no text");
+    }
+
     let started = Instant::now();
+    // On a terminal the progress line rewrites itself; in logs each step gets its own line.
+    let interactive = std::io::stderr().is_terminal();
     let mut report = |p: StepProgress| {
         let secs = p.elapsed.as_secs_f64().max(1e-9);
         let rate = p.step as f64 / secs;
         let eta = (p.total - p.step) as f64 / rate.max(1e-9);
-        eprint!("\rstep {}/{}  {:.2} it/s  ETA {:.0} s   ", p.step, p.total, rate, eta);
-        let _ = std::io::stderr().flush();
+        let line = format!("step {}/{}  {:.2} it/s  ETA {:.0} s", p.step, p.total, rate, eta);
+        if interactive {
+            eprint!("\r{line}   ");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
         ControlFlow::Continue(())
     };
     let image = pipeline.generate(&request, &mut report)?;
-    eprintln!("\rdone in {:.1} s{:20}", started.elapsed().as_secs_f64(), "");
+    if interactive {
+        eprintln!();
+    }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 
     let params = request.to_params(Some(&info.name), None);
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)

@@ -1,0 +1,171 @@
+//! `easel generate` as a user runs it: the PNG and its parameters, and clear refusals of bad
+//! input before any work starts.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::model_dir;
+use easel_engine::metadata::{parse_infotext, read_png, read_png_parameters};
+
+fn easel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_easel")).args(args).output().expect("run easel")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn generate(model: &Path, output: &Path, extra: &[&str]) -> Output {
+    let model = model.to_str().unwrap();
+    let output = output.to_str().unwrap();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red fox, (snow:1.2)",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        output,
+    ];
+    args.extend_from_slice(extra);
+    easel(&args)
+}
+
+#[test]
+fn generate_writes_a_png_with_a1111_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("fox.png");
+    let out = generate(
+        &model_dir("sd1-tiny"),
+        &out_path,
+        &["--steps", "3", "--seed", "1234", "--sampler", "dpmpp_2m_karras", "--negative-prompt", "blurry"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("step 3/3"), "per-step progress on stderr: {}", stderr(&out));
+
+    let image = read_png(&out_path).unwrap();
+    assert_eq!((image.width, image.height), (64, 64));
+    let distinct: std::collections::HashSet<&u8> = image.data.iter().collect();
+    assert!(distinct.len() > 16, "not a flat (e.g. black) image");
+
+    let text = read_png_parameters(&out_path).unwrap().expect("parameters chunk");
+    let params = parse_infotext(&text).unwrap();
+    assert_eq!(params.prompt, "a red fox, (snow:1.2)");
+    assert_eq!(params.negative_prompt, "blurry");
+    assert_eq!((params.steps, params.seed, params.width, params.height), (3, 1234, 64, 64));
+    assert_eq!(params.sampler, "DPM++ 2M");
+    assert_eq!(params.schedule_type.as_deref(), Some("Karras"));
+    assert_eq!(params.model.as_deref(), Some("sd1-tiny"));
+    assert_eq!(params.rng.as_deref(), Some("CPU"));
+}
+
+#[test]
+fn same_seed_same_image_and_random_seed_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    for path in [&a, &b] {
+        let out = generate(&model_dir("sd2v-tiny"), path, &["--steps", "2", "--seed", "99"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(read_png(&a).unwrap().data, read_png(&b).unwrap().data);
+
+    let c = dir.path().join("c.png");
+    let out = generate(&model_dir("sd2v-tiny"), &c, &["--steps", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let params = parse_infotext(&read_png_parameters(&c).unwrap().unwrap()).unwrap();
+    assert!(stderr(&out).contains(&format!("seed {}", params.seed)), "the random seed is printed: {}", stderr(&out));
+}
+
+#[test]
+fn existing_output_is_never_overwritten_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keep.png");
+    std::fs::write(&path, b"precious").unwrap();
+    let out = generate(&model_dir("sd1-tiny"), &path, &["--steps", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+
+    let out = generate(&model_dir("sd1-tiny"), &path, &["--steps", "1", "--overwrite"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(read_png(&path).is_ok());
+}
+
+#[test]
+fn invalid_settings_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.png");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--width", "65"], "multiple of 8"),
+        (&["--steps", "0"], "at least 1"),
+        (&["--sampler", "heun_plus"], "unknown sampler"),
+        (&["--rng", "quantum"], "quantum"),
+        (&["--guidance", "-3"], "guidance"),
+    ];
+    for (extra, message) in cases {
+        let out = generate(&model_dir("sd1-tiny"), &path, extra);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        let err = stderr(&out);
+        assert!(err.contains(message), "{extra:?}: expected {message:?} in {err:?}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("step 1/"), "refused before denoising: {err}");
+        assert!(!path.exists());
+    }
+}
+
+#[test]
+fn bad_models_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("x.png");
+
+    let out = generate(&dir.path().join("missing"), &out_path, &[]);
+    assert!(stderr(&out).contains("no such file or folder"), "{}", stderr(&out));
+
+    // A folder that is only part of a model.
+    let partial = dir.path().join("partial");
+    std::fs::create_dir_all(partial.join("vae")).unwrap();
+    let out = generate(&partial, &out_path, &[]);
+    assert!(stderr(&out).contains("missing unet/config.json"), "{}", stderr(&out));
+
+    // A truncated U-Net file: a clear error naming the sizes, never a SIGBUS.
+    let truncated = dir.path().join("truncated");
+    common::copy_dir(&model_dir("sd1-tiny"), &truncated);
+    let unet = truncated.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
+    let out = generate(&truncated, &out_path, &["--steps", "1"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("truncated") && err.contains(&bytes.len().to_string()), "{err}");
+
+    // Garbage instead of a safetensors header.
+    std::fs::write(&unet, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();
+    let err = stderr(&generate(&truncated, &out_path, &["--steps", "1"]));
+    assert!(err.contains("header is not valid JSON"), "{err}");
+
+    // Weights that do not fit the config (another model's U-Net).
+    std::fs::copy(model_dir("sdxl-tiny").join("unet/diffusion_pytorch_model.safetensors"), &unet).unwrap();
+    let err = stderr(&generate(&truncated, &out_path, &["--steps", "1"]));
+    assert!(err.contains("weights do not match the config"), "{err}");
+
+    // An inpainting U-Net is named as such.
+    let config_path = truncated.join("unet/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"in_channels\": 4", "\"in_channels\": 9");
+    std::fs::write(&config_path, config).unwrap();
+    let err = stderr(&generate(&truncated, &out_path, &["--steps", "1"]));
+    assert!(err.contains("inpainting"), "{err}");
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn no_arguments_prints_help_for_now() {
+    let out = easel(&["--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("generate"));
+}
