@@ -15,7 +15,11 @@ use easel_engine::rng::RngKind;
 use easel_engine::schedulers::SamplerId;
 
 #[derive(Parser, Debug)]
-#[command(name = "easel", version, about = "Text-to-image with Stable Diffusion models, natively.")]
+#[command(
+    name = "easel",
+    version,
+    about = "Text-to-image with Stable Diffusion models, natively. With no command, opens the window."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -68,27 +72,10 @@ pub struct GenerateArgs {
     pub device: String,
 }
 
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Some(Command::Generate(args)) => generate(args),
-        None => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            println!();
-            Ok(())
-        }
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Generate(args) => generate(args),
     }
-}
-
-/// A seed in torch's effective range (its CPU generator keeps 32 bits), from the OS's
-/// hash randomness and the clock: no extra dependency for a number that only needs to vary.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
-    );
-    hasher.finish() & 0xFFFF_FFFF
 }
 
 /// Fails early (before minutes of work) when the output cannot be written.
@@ -116,7 +103,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let device: DevicePreference = args.device.parse()?;
     let info = inspect_diffusers_folder(&args.model)?;
     let size = info.default_size();
-    let seed = args.seed.unwrap_or_else(random_seed);
+    let seed = args.seed.unwrap_or_else(easel_engine::rng::random_seed);
     let request = GenerationRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,

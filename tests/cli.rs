@@ -164,7 +164,7 @@ fn bad_models_give_clear_errors() {
 }
 
 #[test]
-fn no_arguments_prints_help_for_now() {
+fn help_lists_the_commands() {
     let out = easel(&["--help"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("generate"));

@@ -40,7 +40,11 @@ pub struct GenerationRequest {
 impl GenerationRequest {
     /// Checks the request against the model before any work starts.
     pub fn validate(&self, info: &ModelInfo) -> Result<()> {
-        let factor = info.vae.downscale_factor();
+        self.validate_for(info.vae.downscale_factor())
+    }
+
+    /// The same checks for a model whose image sides must be multiples of `factor`.
+    pub fn validate_for(&self, factor: usize) -> Result<()> {
         let invalid = |msg: String| Err(Error::InvalidSetting(msg));
         if self.steps == 0 {
             return invalid("steps must be at least 1".into());
@@ -52,7 +56,7 @@ impl GenerationRequest {
             if v == 0 || v > MAX_SIDE {
                 return invalid(format!("{name} must be between {factor} and {MAX_SIDE} pixels, got {v}"));
             }
-            if v % factor != 0 {
+            if !v.is_multiple_of(factor) {
                 return invalid(format!(
                     "{name} must be a multiple of {factor}, got {v} (try {})",
                     (v / factor).max(1) * factor

@@ -26,3 +26,21 @@ pub fn latent_to_rgb(latents: &Tensor, family: Family) -> Result<RgbImage> {
     }
     Ok(RgbImage { width: w as u32, height: h as u32, data })
 }
+
+/// The first latent of a batch copied to host memory, channel-major — what a UI needs to draw a
+/// preview without touching tensors. A copy, never a view, so a preview cannot alias the
+/// sampler's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentPlanes {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+pub fn latent_planes(latents: &Tensor) -> Result<LatentPlanes> {
+    let first = latents.narrow(0, 0, 1)?.squeeze(0)?.to_dtype(DType::F32)?;
+    let (channels, height, width) = first.dims3()?;
+    let data = first.flatten_all()?.to_vec1::<f32>()?;
+    Ok(LatentPlanes { channels, height, width, data })
+}

@@ -83,3 +83,13 @@ pub fn make_generator(kind: RngKind, seed: u64) -> Box<dyn NoiseGenerator> {
 
 #[cfg(test)]
 mod tests;
+
+/// A fresh seed in torch's effective range (its CPU generator keeps only 32 bits), from the
+/// OS-seeded hasher and the clock: no extra dependency for a number that only needs to vary.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    hasher.write_u128(nanos);
+    hasher.finish() & 0xFFFF_FFFF
+}

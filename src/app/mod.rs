@@ -1,0 +1,437 @@
+//! The window: egui panels and their state. Inference runs on the [`Worker`]; this module only
+//! sends it commands and drains its events once per frame.
+
+pub mod import;
+pub mod preview;
+pub mod settings;
+mod ui;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use easel_engine::metadata::{read_png, read_png_text, RgbImage};
+use easel_engine::models::clip::EOS_TOKEN_ID;
+use easel_engine::pipeline::text::ClipTokenizer;
+use easel_engine::pipeline::GenerationRequest;
+use easel_engine::rng::{random_seed, RngKind};
+use easel_engine::schedulers::SamplerId;
+use eframe::egui;
+
+use crate::worker::{Command, Event, JobId, ModelSummary, Worker};
+use import::{import_settings, ImportedSettings};
+use preview::LatentFrame;
+use settings::Settings;
+
+/// Opens the window and runs until it is closed.
+pub fn run() -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Easel")
+            .with_inner_size([1280.0, 820.0])
+            .with_min_inner_size([720.0, 480.0]),
+        ..Default::default()
+    };
+    eframe::run_native("Easel", options, Box::new(|cc| Ok(Box::new(EaselApp::new(cc)))))
+        .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
+}
+
+#[derive(Debug, Clone)]
+pub enum ModelState {
+    None,
+    Loading(PathBuf),
+    Ready(ModelSummary),
+    Failed { path: PathBuf, error: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct QueuedJob {
+    pub job: JobId,
+    pub request: GenerationRequest,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub job: JobId,
+    pub request: GenerationRequest,
+    pub step: usize,
+    pub total: usize,
+    pub elapsed: Duration,
+    pub cancelling: bool,
+}
+
+pub struct GalleryImage {
+    pub image: Arc<RgbImage>,
+    pub texture: egui::TextureHandle,
+    pub parameters: String,
+    pub request: Option<GenerationRequest>,
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
+    Info,
+    Error,
+}
+
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub kind: NoticeKind,
+    pub text: String,
+}
+
+/// What the central view shows.
+#[derive(Clone)]
+pub enum CentralView {
+    Empty,
+    Preview(Arc<LatentFrame>),
+    Gallery(usize),
+}
+
+pub struct EaselApp {
+    pub settings: Settings,
+    pub model: ModelState,
+    pub queue: VecDeque<QueuedJob>,
+    pub running: Option<RunningJob>,
+    pub gallery: Vec<GalleryImage>,
+    pub view: CentralView,
+    pub notices: Vec<Notice>,
+    pub last_seed: Option<u64>,
+    worker: Worker,
+    next_job: JobId,
+    tokenizer: Option<ClipTokenizer>,
+    token_counts: [(String, usize); 2],
+    /// The wgpu preview renderer is installed (absent under glow and in headless tests).
+    gpu_preview: bool,
+    preview_texture: Option<(usize, egui::TextureHandle)>,
+    preview_generation: usize,
+}
+
+impl EaselApp {
+    pub fn new(cc: &eframe::CreationContext<'_>) -> Self {
+        let stored = cc.storage.and_then(|s| s.get_string(settings::STORAGE_KEY));
+        let settings = Settings::from_stored(stored.as_deref());
+        let gpu_preview = match cc.wgpu_render_state.as_ref() {
+            Some(render_state) => {
+                preview::LatentPreviewRenderer::install(render_state);
+                true
+            }
+            None => false,
+        };
+        Self::with_settings(&cc.egui_ctx, settings, gpu_preview)
+    }
+
+    /// Builds the app around `settings` (tests use this to start from a known state).
+    pub fn with_settings(ctx: &egui::Context, settings: Settings, gpu_preview: bool) -> Self {
+        let repaint_ctx = ctx.clone();
+        let worker = Worker::spawn(Box::new(move || repaint_ctx.request_repaint()));
+        let mut app = Self {
+            settings,
+            model: ModelState::None,
+            queue: VecDeque::new(),
+            running: None,
+            gallery: Vec::new(),
+            view: CentralView::Empty,
+            notices: Vec::new(),
+            last_seed: None,
+            worker,
+            next_job: 1,
+            tokenizer: ClipTokenizer::bundled(EOS_TOKEN_ID).ok(),
+            token_counts: Default::default(),
+            gpu_preview,
+            preview_texture: None,
+            preview_generation: 0,
+        };
+        if let Some(path) = app.settings.model_path.clone() {
+            app.load_model(path);
+        }
+        app
+    }
+
+    pub fn load_model(&mut self, path: PathBuf) {
+        self.settings.model_path = Some(path.clone());
+        self.model = ModelState::Loading(path.clone());
+        self.worker.send(Command::LoadModel { path });
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.running.is_some() || !self.queue.is_empty()
+    }
+
+    fn notify(&mut self, kind: NoticeKind, text: impl Into<String>) {
+        self.notices.push(Notice { kind, text: text.into() });
+        // Keep the list short: the newest messages matter.
+        if self.notices.len() > 4 {
+            self.notices.remove(0);
+        }
+    }
+
+    /// Prompt tokens against CLIP's 75-token window, recounted only when the text changes.
+    fn token_count(&mut self, which: usize) -> Option<usize> {
+        let text = if which == 0 { &self.settings.prompt } else { &self.settings.negative_prompt };
+        if self.token_counts[which].0 != *text || (text.is_empty() && self.token_counts[which].1 != 0) {
+            let count = self.tokenizer.as_ref()?.count_prompt_tokens(text).ok()?;
+            self.token_counts[which] = (text.clone(), count);
+        }
+        Some(self.token_counts[which].1)
+    }
+
+    /// Builds the request from the current settings, refusing bad values with a message.
+    pub fn build_request(&self, seed: u64) -> Result<GenerationRequest, String> {
+        let sampler: SamplerId = self.settings.sampler.parse().map_err(|e: easel_engine::Error| e.to_string())?;
+        let rng: RngKind = self.settings.rng.parse().map_err(|e: easel_engine::Error| e.to_string())?;
+        let request = GenerationRequest {
+            prompt: self.settings.prompt.clone(),
+            negative_prompt: self.settings.negative_prompt.clone(),
+            steps: self.settings.steps,
+            guidance_scale: self.settings.guidance,
+            seed,
+            width: self.settings.width,
+            height: self.settings.height,
+            sampler,
+            rng,
+        };
+        let multiple = match &self.model {
+            ModelState::Ready(m) => m.size_multiple,
+            _ => 8,
+        };
+        request.validate_for(multiple).map_err(|e| match e {
+            easel_engine::Error::InvalidSetting(message) => message,
+            other => other.to_string(),
+        })?;
+        Ok(request)
+    }
+
+    /// Queues `batch_count` jobs (seed, seed+1, … like AUTOMATIC1111, or fresh random seeds).
+    pub fn generate(&mut self) {
+        if !matches!(self.model, ModelState::Ready(_)) {
+            self.notify(NoticeKind::Error, "Open a model first (Model → Open…).");
+            return;
+        }
+        let base_seed = if self.settings.random_seed { random_seed() } else { self.settings.seed };
+        for i in 0..self.settings.batch_count.max(1) {
+            let seed =
+                if self.settings.random_seed && i > 0 { random_seed() } else { base_seed.wrapping_add(i as u64) };
+            match self.build_request(seed) {
+                Ok(request) => {
+                    let job = self.next_job;
+                    self.next_job += 1;
+                    self.queue.push_back(QueuedJob { job, request });
+                }
+                Err(message) => {
+                    self.notify(NoticeKind::Error, message);
+                    return;
+                }
+            }
+        }
+        self.last_seed = Some(base_seed);
+        self.pump_queue();
+    }
+
+    pub fn cancel_running(&mut self) {
+        if let Some(running) = &mut self.running {
+            running.cancelling = true;
+            self.worker.cancel(running.job);
+        }
+    }
+
+    pub fn remove_queued(&mut self, job: JobId) {
+        self.queue.retain(|q| q.job != job);
+    }
+
+    fn pump_queue(&mut self) {
+        if self.running.is_some() || !matches!(self.model, ModelState::Ready(_)) {
+            return;
+        }
+        let Some(next) = self.queue.pop_front() else { return };
+        let save_dir = self.settings.autosave.then(|| self.settings.outputs_dir());
+        self.worker.send(Command::Generate { job: next.job, request: next.request.clone(), save_dir });
+        let total = next.request.steps;
+        self.running = Some(RunningJob {
+            job: next.job,
+            request: next.request,
+            step: 0,
+            total,
+            elapsed: Duration::ZERO,
+            cancelling: false,
+        });
+    }
+
+    /// Applies the worker's events; called once per frame.
+    pub fn handle_events(&mut self, ctx: &egui::Context) {
+        for event in self.worker.drain() {
+            match event {
+                Event::ModelLoading { .. } => {}
+                Event::ModelLoaded { model, seconds } => {
+                    self.notify(
+                        NoticeKind::Info,
+                        format!("Loaded {} ({}) in {seconds:.1} s.", model.name, model.family),
+                    );
+                    self.model = ModelState::Ready(model);
+                }
+                Event::ModelFailed { path, error } => {
+                    self.notify(
+                        NoticeKind::Error,
+                        format!("Could not load the model: {error}. Choose another model folder."),
+                    );
+                    self.model = ModelState::Failed { path, error };
+                }
+                Event::JobStarted { .. } => {}
+                Event::Progress { job, step, total, elapsed, preview } => {
+                    if let Some(running) = self.running.as_mut().filter(|r| r.job == job) {
+                        running.step = step;
+                        running.total = total;
+                        running.elapsed = elapsed;
+                        self.preview_generation += 1;
+                        self.view = CentralView::Preview(preview);
+                    }
+                }
+                Event::JobFinished { job, image, request, parameters, saved, seconds } => {
+                    self.finish_job(job);
+                    let path = match saved {
+                        Some(Ok(path)) => Some(path),
+                        Some(Err(error)) => {
+                            self.notify(
+                                NoticeKind::Error,
+                                format!(
+                                    "The image was not saved: {error}. Choose another outputs folder, or use Save as…"
+                                ),
+                            );
+                            None
+                        }
+                        None => None,
+                    };
+                    let texture =
+                        ctx.load_texture(format!("image-{job}"), color_image(&image), egui::TextureOptions::LINEAR);
+                    self.gallery.push(GalleryImage { image, texture, parameters, request: Some(request), path });
+                    self.view = CentralView::Gallery(self.gallery.len() - 1);
+                    self.notify(NoticeKind::Info, format!("Finished in {seconds:.1} s."));
+                }
+                Event::JobFailed { job, error } => {
+                    self.finish_job(job);
+                    self.notify(NoticeKind::Error, format!("Generation failed: {error}"));
+                }
+                Event::JobCancelled { job } => {
+                    self.finish_job(job);
+                    self.notify(NoticeKind::Info, "Cancelled.");
+                    if matches!(self.view, CentralView::Preview(_)) {
+                        self.view = if self.gallery.is_empty() {
+                            CentralView::Empty
+                        } else {
+                            CentralView::Gallery(self.gallery.len() - 1)
+                        };
+                    }
+                }
+            }
+        }
+        self.pump_queue();
+    }
+
+    fn finish_job(&mut self, job: JobId) {
+        if self.running.as_ref().is_some_and(|r| r.job == job) {
+            self.running = None;
+        }
+    }
+
+    /// Restores settings read from an image (the parts it had).
+    pub fn apply_imported(&mut self, imported: &ImportedSettings) {
+        let s = &mut self.settings;
+        if let Some(v) = &imported.prompt {
+            s.prompt = v.clone();
+        }
+        if let Some(v) = &imported.negative_prompt {
+            s.negative_prompt = v.clone();
+        }
+        if let Some(v) = imported.steps {
+            s.steps = v;
+        }
+        if let Some(v) = imported.guidance {
+            s.guidance = v;
+        }
+        if let Some(v) = imported.seed {
+            s.seed = v;
+            s.random_seed = false;
+        }
+        if let Some(v) = imported.width {
+            s.width = v;
+        }
+        if let Some(v) = imported.height {
+            s.height = v;
+        }
+        if let Some(v) = imported.sampler {
+            s.sampler = v.id().to_string();
+        }
+        if let Some(v) = &imported.rng {
+            s.rng = v.clone();
+        }
+    }
+
+    /// Reuses the parameters of a finished image.
+    pub fn reuse(&mut self, index: usize) {
+        let Some(request) = self.gallery.get(index).and_then(|g| g.request.clone()) else { return };
+        let imported = ImportedSettings {
+            source: "Easel",
+            prompt: Some(request.prompt),
+            negative_prompt: Some(request.negative_prompt),
+            steps: Some(request.steps),
+            guidance: Some(request.guidance_scale),
+            seed: Some(request.seed),
+            width: Some(request.width),
+            height: Some(request.height),
+            sampler: Some(request.sampler),
+            rng: Some(request.rng.to_string()),
+        };
+        self.apply_imported(&imported);
+    }
+
+    /// Shows a dropped PNG and restores its settings when it carries any.
+    pub fn open_image(&mut self, ctx: &egui::Context, path: &Path) {
+        let image = match read_png(path) {
+            Ok(image) => Arc::new(image),
+            Err(e) => return self.notify(NoticeKind::Error, format!("Could not open {}: {e}", path.display())),
+        };
+        let chunks = read_png_text(path).unwrap_or_default();
+        let imported = import_settings(&chunks);
+        let parameters = chunks.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).unwrap_or_default();
+        let texture =
+            ctx.load_texture(format!("dropped-{}", path.display()), color_image(&image), egui::TextureOptions::LINEAR);
+        self.gallery.push(GalleryImage { image, texture, parameters, request: None, path: Some(path.to_path_buf()) });
+        self.view = CentralView::Gallery(self.gallery.len() - 1);
+        match imported {
+            Some(settings) => {
+                self.apply_imported(&settings);
+                self.notify(NoticeKind::Info, format!("Restored the settings of this {} image.", settings.source));
+            }
+            None => self.notify(NoticeKind::Info, "This image carries no generation settings."),
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
+        for path in dropped {
+            if path.is_dir() {
+                self.load_model(path);
+            } else {
+                self.open_image(ctx, &path);
+            }
+        }
+    }
+}
+
+impl eframe::App for EaselApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let ctx = ui.ctx().clone();
+        self.handle_events(&ctx);
+        self.handle_dropped_files(&ctx);
+        ui::draw(self, ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        storage.set_string(settings::STORAGE_KEY, self.settings.to_stored());
+    }
+}
+
+pub fn color_image(image: &RgbImage) -> egui::ColorImage {
+    egui::ColorImage::from_rgb([image.width as usize, image.height as usize], &image.data)
+}

@@ -1,0 +1,443 @@
+//! Drawing the panels. State changes go through `EaselApp` methods so tests can drive them.
+
+use easel_engine::pipeline::text::PROMPT_TOKEN_WINDOW;
+use easel_engine::schedulers::SamplerId;
+use eframe::egui::{self, Color32, Key, Modifiers, RichText};
+
+use super::{CentralView, EaselApp, ModelState, NoticeKind};
+
+const SIZE_PRESETS: [(&str, usize, usize); 7] = [
+    ("512 × 512 (SD 1.x)", 512, 512),
+    ("768 × 768 (SD 2.x)", 768, 768),
+    ("1024 × 1024 (SDXL)", 1024, 1024),
+    ("512 × 768 portrait", 512, 768),
+    ("768 × 512 landscape", 768, 512),
+    ("832 × 1216 SDXL portrait", 832, 1216),
+    ("1216 × 832 SDXL landscape", 1216, 832),
+];
+
+pub fn draw(app: &mut EaselApp, ui: &mut egui::Ui) {
+    if ui.input_mut(|i| i.consume_key(Modifiers::COMMAND, Key::Enter)) {
+        app.generate();
+    }
+    egui::Panel::left("settings").resizable(true).default_size(340.0).show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| settings_panel(app, ui));
+    });
+    egui::Panel::bottom("gallery").resizable(false).default_size(112.0).show(ui, |ui| gallery_strip(app, ui));
+    egui::CentralPanel::default().show(ui, |ui| central(app, ui));
+}
+
+fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
+    ui.add_space(6.0);
+    ui.heading("Model");
+    ui.horizontal(|ui| {
+        match &app.model {
+            ModelState::None => ui.label("No model"),
+            ModelState::Loading(path) => {
+                ui.label(format!("Loading {}…", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
+            }
+            ModelState::Ready(m) => ui.label(
+                RichText::new(format!("{} · {}{}", m.name, m.family, if m.turbo { " Turbo" } else { "" })).strong(),
+            ),
+            ModelState::Failed { .. } => ui.colored_label(Color32::LIGHT_RED, "Failed to load"),
+        };
+    });
+    if ui.button("Open model folder…").clicked() {
+        if let Some(path) = rfd::FileDialog::new().set_title("Choose a diffusers model folder").pick_folder() {
+            app.load_model(path);
+        }
+    }
+    if let ModelState::Ready(m) = &app.model {
+        let (steps, guidance, size) = (m.default_steps, m.default_guidance, m.default_size);
+        if ui
+            .small_button("Use the model's defaults")
+            .on_hover_text(format!("{steps} steps, guidance {guidance}, {size}×{size}"))
+            .clicked()
+        {
+            app.settings.steps = steps;
+            app.settings.guidance = guidance;
+            app.settings.width = size;
+            app.settings.height = size;
+        }
+    }
+    ui.separator();
+
+    let label = ui.horizontal(|ui| {
+        let label = ui.heading("Prompt");
+        token_counter(app, ui, 0);
+        label
+    });
+    ui.add(
+        egui::TextEdit::multiline(&mut app.settings.prompt)
+            .desired_rows(4)
+            .desired_width(f32::INFINITY)
+            .hint_text("a watercolor fox in the snow")
+            .id_salt("prompt"),
+    )
+    .labelled_by(label.inner.id);
+    let label = ui.horizontal(|ui| {
+        let label = ui.label("Negative prompt");
+        token_counter(app, ui, 1);
+        label
+    });
+    ui.add(
+        egui::TextEdit::multiline(&mut app.settings.negative_prompt)
+            .desired_rows(2)
+            .desired_width(f32::INFINITY)
+            .hint_text("blurry, low quality")
+            .id_salt("negative"),
+    )
+    .labelled_by(label.inner.id);
+    ui.separator();
+
+    egui::Grid::new("params").num_columns(2).spacing([8.0, 6.0]).show(ui, |ui| {
+        let label = ui.label("Steps");
+        ui.add(egui::Slider::new(&mut app.settings.steps, 1..=150)).labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Guidance");
+        ui.add(egui::Slider::new(&mut app.settings.guidance, 0.0..=20.0).step_by(0.5)).labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Sampler");
+        let current = app
+            .settings
+            .sampler
+            .parse::<SamplerId>()
+            .map(sampler_label)
+            .unwrap_or_else(|_| app.settings.sampler.clone());
+        egui::ComboBox::from_id_salt("sampler")
+            .selected_text(current)
+            .show_ui(ui, |ui| {
+                for sampler in SamplerId::ALL {
+                    ui.selectable_value(&mut app.settings.sampler, sampler.id().to_string(), sampler_label(sampler));
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Seed");
+        ui.horizontal(|ui| {
+            ui.add_enabled(!app.settings.random_seed, egui::DragValue::new(&mut app.settings.seed).speed(1.0))
+                .labelled_by(label.id);
+            if ui.button("Random").on_hover_text("Pick a new random seed").clicked() {
+                app.settings.seed = easel_engine::rng::random_seed();
+                app.settings.random_seed = false;
+            }
+            if ui
+                .add_enabled(app.last_seed.is_some(), egui::Button::new("Last"))
+                .on_hover_text("Reuse the last seed")
+                .clicked()
+            {
+                if let Some(seed) = app.last_seed {
+                    app.settings.seed = seed;
+                    app.settings.random_seed = false;
+                }
+            }
+        });
+        ui.end_row();
+        ui.label("");
+        ui.checkbox(&mut app.settings.random_seed, "Random seed each time");
+        ui.end_row();
+        let label = ui.label("Width");
+        ui.add(egui::DragValue::new(&mut app.settings.width).speed(8.0).range(8..=2048).suffix(" px"))
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Height");
+        ui.add(egui::DragValue::new(&mut app.settings.height).speed(8.0).range(8..=2048).suffix(" px"))
+            .labelled_by(label.id);
+        ui.end_row();
+        ui.label("");
+        ui.horizontal(|ui| {
+            if ui.button("Swap").clicked() {
+                std::mem::swap(&mut app.settings.width, &mut app.settings.height);
+            }
+            ui.menu_button("Presets", |ui| {
+                for (label, w, h) in SIZE_PRESETS {
+                    if ui.button(label).clicked() {
+                        app.settings.width = w;
+                        app.settings.height = h;
+                        ui.close();
+                    }
+                }
+            });
+        });
+        ui.end_row();
+        let label = ui.label("Batch count");
+        ui.add(egui::DragValue::new(&mut app.settings.batch_count).range(1..=32)).labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Noise");
+        egui::ComboBox::from_id_salt("rng")
+            .selected_text(if app.settings.rng == "nv" { "GPU (A1111 NV)" } else { "CPU (diffusers, ComfyUI)" })
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut app.settings.rng, "cpu".to_string(), "CPU (diffusers, ComfyUI)");
+                ui.selectable_value(&mut app.settings.rng, "nv".to_string(), "GPU (A1111 NV)");
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+    });
+    ui.separator();
+
+    ui.horizontal(|ui| {
+        let ready = matches!(app.model, ModelState::Ready(_));
+        let label = if app.is_busy() { "Generate (queue)" } else { "Generate" };
+        if ui
+            .add_enabled(ready, egui::Button::new(RichText::new(label).size(18.0)).min_size([150.0, 34.0].into()))
+            .on_hover_text("Ctrl+Enter")
+            .clicked()
+        {
+            app.generate();
+        }
+        if app.running.is_some() && ui.add(egui::Button::new("Cancel").min_size([80.0, 34.0].into())).clicked() {
+            app.cancel_running();
+        }
+    });
+    if !app.queue.is_empty() {
+        ui.label(format!("Queue ({})", app.queue.len()));
+        let mut remove = None;
+        for queued in &app.queue {
+            ui.horizontal(|ui| {
+                if ui.small_button("×").on_hover_text("Remove from the queue").clicked() {
+                    remove = Some(queued.job);
+                }
+                ui.label(format!(
+                    "#{} · seed {} · {}",
+                    queued.job,
+                    queued.request.seed,
+                    shorten(&queued.request.prompt, 28)
+                ));
+            });
+        }
+        if let Some(job) = remove {
+            app.remove_queued(job);
+        }
+    }
+    ui.separator();
+    ui.collapsing("Saving", |ui| {
+        ui.checkbox(&mut app.settings.autosave, "Save every image automatically");
+        ui.label(RichText::new(app.settings.outputs_dir().display().to_string()).small());
+        ui.horizontal(|ui| {
+            if ui.button("Change folder…").clicked() {
+                if let Some(dir) = rfd::FileDialog::new().set_title("Outputs folder").pick_folder() {
+                    app.settings.outputs_dir = Some(dir);
+                }
+            }
+            if ui.button("Open outputs folder").clicked() {
+                let dir = app.settings.outputs_dir();
+                let _ = std::fs::create_dir_all(&dir);
+                ui.ctx().open_url(egui::OpenUrl::new_tab(format!("file://{}", dir.display())));
+            }
+        });
+    });
+}
+
+fn token_counter(app: &mut EaselApp, ui: &mut egui::Ui, which: usize) {
+    if let Some(count) = app.token_count(which) {
+        let text = format!("{count}/{PROMPT_TOKEN_WINDOW}");
+        let color = if count > PROMPT_TOKEN_WINDOW { Color32::LIGHT_RED } else { ui.visuals().weak_text_color() };
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            ui.label(RichText::new(text).color(color))
+                .on_hover_text("CLIP reads 75 tokens; the rest of a longer prompt is ignored");
+        });
+    }
+}
+
+fn sampler_label(sampler: SamplerId) -> String {
+    match sampler.a1111_name() {
+        (name, Some(schedule)) => format!("{name} {schedule}"),
+        (name, None) => name.to_string(),
+    }
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(max).collect::<String>())
+    }
+}
+
+fn central(app: &mut EaselApp, ui: &mut egui::Ui) {
+    for i in (0..app.notices.len()).rev() {
+        let notice = app.notices[i].clone();
+        let mut dismiss = false;
+        ui.horizontal(|ui| {
+            let color = if notice.kind == NoticeKind::Error {
+                Color32::from_rgb(255, 120, 110)
+            } else {
+                ui.visuals().text_color()
+            };
+            if ui.small_button("×").clicked() {
+                dismiss = true;
+            }
+            ui.colored_label(color, &notice.text);
+        });
+        if dismiss {
+            app.notices.remove(i);
+        }
+    }
+
+    if let Some(running) = &app.running {
+        let fraction = if running.total > 0 { running.step as f32 / running.total as f32 } else { 0.0 };
+        let secs = running.elapsed.as_secs_f32().max(1e-3);
+        let rate = running.step as f32 / secs;
+        let eta = if rate > 0.0 { (running.total - running.step) as f32 / rate } else { 0.0 };
+        let status = if running.cancelling {
+            "cancelling…".to_string()
+        } else {
+            format!("step {}/{} · {rate:.2} it/s · ETA {eta:.0} s", running.step, running.total)
+        };
+        ui.add(egui::ProgressBar::new(fraction).text(status));
+    }
+
+    match &app.model {
+        ModelState::None | ModelState::Failed { .. } if app.gallery.is_empty() => return first_run(app, ui),
+        _ => {}
+    }
+
+    let view = app.view.clone();
+    match view {
+        CentralView::Empty => {
+            ui.centered_and_justified(|ui| {
+                ui.label(RichText::new("Type a prompt and press Generate (Ctrl+Enter).").size(16.0).weak())
+            });
+        }
+        CentralView::Preview(frame) => {
+            let rect = fit_rect(ui, frame.width as f32, frame.height as f32);
+            if app.gpu_preview {
+                super::preview::paint(ui, rect, frame);
+            } else {
+                // No wgpu (glow backend or headless tests): project on the CPU instead.
+                let generation = app.preview_generation;
+                let stale = app.preview_texture.as_ref().is_none_or(|(g, _)| *g != generation);
+                if stale {
+                    let rgb = frame.cpu_rgb();
+                    let image = egui::ColorImage::from_rgb([frame.width, frame.height], &rgb);
+                    let texture = ui.ctx().load_texture("preview", image, egui::TextureOptions::LINEAR);
+                    app.preview_texture = Some((generation, texture));
+                }
+                if let Some((_, texture)) = &app.preview_texture {
+                    ui.painter().image(
+                        texture.id(),
+                        rect,
+                        egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+                        Color32::WHITE,
+                    );
+                }
+            }
+        }
+        CentralView::Gallery(index) => image_view(app, ui, index),
+    }
+}
+
+/// The largest rect of the image's aspect ratio that fits the remaining space, centred.
+fn fit_rect(ui: &mut egui::Ui, width: f32, height: f32) -> egui::Rect {
+    let available = ui.available_rect_before_wrap();
+    let scale = (available.width() / width).min(available.height() / height).max(0.01);
+    let size = egui::vec2(width * scale, height * scale);
+    let rect = egui::Rect::from_center_size(available.center(), size);
+    ui.allocate_rect(available, egui::Sense::hover());
+    rect
+}
+
+fn image_view(app: &mut EaselApp, ui: &mut egui::Ui, index: usize) {
+    let Some(item) = app.gallery.get(index) else { return };
+    let parameters = item.parameters.clone();
+    let path = item.path.clone();
+    let has_request = item.request.is_some();
+    let mut reuse = false;
+    ui.horizontal(|ui| {
+        if ui.button("Save as…").clicked() {
+            save_as(app, index);
+        }
+        if ui.add_enabled(!parameters.is_empty(), egui::Button::new("Copy parameters")).clicked() {
+            ui.ctx().copy_text(parameters.clone());
+        }
+        if ui.add_enabled(has_request, egui::Button::new("Reuse parameters")).clicked() {
+            reuse = true;
+        }
+        if let Some(path) = &path {
+            ui.label(RichText::new(path.display().to_string()).small().weak());
+        }
+    });
+    if reuse {
+        app.reuse(index);
+    }
+    let Some(item) = app.gallery.get(index) else { return };
+    let (w, h) = (item.image.width as f32, item.image.height as f32);
+    let texture_id = item.texture.id();
+    let rect = fit_rect(ui, w, h);
+    ui.painter().image(
+        texture_id,
+        rect,
+        egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+        Color32::WHITE,
+    );
+}
+
+fn save_as(app: &mut EaselApp, index: usize) {
+    let Some(item) = app.gallery.get(index) else { return };
+    let default_name = item
+        .path
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "easel.png".into());
+    let Some(path) = rfd::FileDialog::new().add_filter("PNG image", &["png"]).set_file_name(default_name).save_file()
+    else {
+        return;
+    };
+    let chunks = [(easel_engine::metadata::PARAMETERS_KEYWORD, item.parameters.as_str())];
+    let chunks: &[(&str, &str)] = if item.parameters.is_empty() { &[] } else { &chunks };
+    // The native dialog already asked whether to replace an existing file.
+    match easel_engine::metadata::write_png(&path, &item.image, chunks, true) {
+        Ok(()) => app.notify(NoticeKind::Info, format!("Saved {}", path.display())),
+        Err(e) => app.notify(NoticeKind::Error, format!("Could not save: {e}. Try another folder.")),
+    }
+}
+
+fn gallery_strip(app: &mut EaselApp, ui: &mut egui::Ui) {
+    egui::ScrollArea::horizontal().show(ui, |ui| {
+        ui.horizontal(|ui| {
+            if app.gallery.is_empty() {
+                ui.label(RichText::new("Images of this session appear here.").weak());
+            }
+            let selected = match app.view {
+                CentralView::Gallery(i) => Some(i),
+                _ => None,
+            };
+            let mut clicked = None;
+            for (i, item) in app.gallery.iter().enumerate().rev() {
+                let size = egui::vec2(96.0 * item.image.width as f32 / item.image.height.max(1) as f32, 96.0);
+                let image = egui::Image::new((item.texture.id(), size));
+                let response = ui.add(egui::Button::image(image).selected(selected == Some(i)));
+                if response.clicked() {
+                    clicked = Some(i);
+                }
+            }
+            if let Some(i) = clicked {
+                app.view = CentralView::Gallery(i);
+            }
+        });
+    });
+}
+
+fn first_run(app: &mut EaselApp, ui: &mut egui::Ui) {
+    ui.vertical_centered(|ui| {
+        ui.add_space(60.0);
+        ui.heading(RichText::new("Welcome to Easel").size(28.0));
+        ui.add_space(12.0);
+        ui.label("Easel needs a Stable Diffusion model: SD 1.x, SD 2.x, SDXL, SD-Turbo or SDXL-Turbo, as a diffusers folder.");
+        ui.add_space(12.0);
+        if ui.add(egui::Button::new(RichText::new("Open a model folder…").size(18.0)).min_size([240.0, 40.0].into())).clicked() {
+            if let Some(path) = rfd::FileDialog::new().set_title("Choose a diffusers model folder").pick_folder() {
+                app.load_model(path);
+            }
+        }
+        ui.add_space(16.0);
+        ui.label("No model yet? Download one with the Hugging Face CLI, then open its folder:");
+        ui.code("huggingface-cli download stabilityai/sd-turbo --local-dir ~/models/sd-turbo");
+        ui.label(RichText::new("(built-in downloads are coming; SD-Turbo is small and makes an image in one step)").weak());
+        ui.add_space(8.0);
+        ui.label("You can also drop a model folder, or a PNG to read its settings, onto this window.");
+    });
+}

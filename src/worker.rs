@@ -1,0 +1,280 @@
+//! The background worker: owns the loaded model and runs jobs, so no frame ever waits on
+//! inference. Typed commands go in, typed events come out (each tagged with its job id), and
+//! every event wakes the UI through the `repaint` callback — the worker knows nothing of egui.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use easel_engine::metadata::{write_png, RgbImage};
+use easel_engine::models::{Family, ModelInfo};
+use easel_engine::pipeline::preview::{latent_planes, LatentPlanes};
+use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress};
+
+use crate::app::preview::LatentFrame;
+
+pub type JobId = u64;
+
+/// No job is being cancelled.
+const NO_JOB: u64 = u64::MAX;
+
+#[derive(Debug)]
+pub enum Command {
+    LoadModel {
+        path: PathBuf,
+    },
+    /// Generate one image; when `save_dir` is set the worker saves it there with its parameters.
+    Generate {
+        job: JobId,
+        request: GenerationRequest,
+        save_dir: Option<PathBuf>,
+    },
+    Shutdown,
+}
+
+/// What the UI needs to know about the loaded model (no tensors).
+#[derive(Debug, Clone)]
+pub struct ModelSummary {
+    pub path: PathBuf,
+    pub name: String,
+    pub family: Family,
+    pub turbo: bool,
+    pub default_steps: usize,
+    pub default_guidance: f64,
+    pub default_size: usize,
+    /// Image sides must be multiples of this (8 for every real SD VAE).
+    pub size_multiple: usize,
+}
+
+impl ModelSummary {
+    fn from_info(info: &ModelInfo) -> Self {
+        Self {
+            path: info.path.clone(),
+            name: info.name.clone(),
+            family: info.family,
+            turbo: info.turbo,
+            default_steps: info.default_steps(),
+            default_guidance: info.default_guidance(),
+            default_size: info.default_size(),
+            size_multiple: info.vae.downscale_factor(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    ModelLoading {
+        path: PathBuf,
+    },
+    ModelLoaded {
+        model: ModelSummary,
+        seconds: f64,
+    },
+    ModelFailed {
+        path: PathBuf,
+        error: String,
+    },
+    JobStarted {
+        job: JobId,
+    },
+    Progress {
+        job: JobId,
+        step: usize,
+        total: usize,
+        elapsed: Duration,
+        preview: Arc<LatentFrame>,
+    },
+    JobFinished {
+        job: JobId,
+        image: Arc<RgbImage>,
+        request: GenerationRequest,
+        parameters: String,
+        saved: Option<Result<PathBuf, String>>,
+        seconds: f64,
+    },
+    JobFailed {
+        job: JobId,
+        error: String,
+    },
+    JobCancelled {
+        job: JobId,
+    },
+}
+
+pub struct Worker {
+    commands: Sender<Command>,
+    events: Receiver<Event>,
+    cancel: Arc<AtomicU64>,
+    shutting_down: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(repaint: Box<dyn Fn() + Send>) -> Self {
+        let (commands, command_rx) = channel();
+        let (event_tx, events) = channel();
+        let cancel = Arc::new(AtomicU64::new(NO_JOB));
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let state = WorkerState {
+            pipeline: None,
+            events: event_tx,
+            repaint,
+            cancel: cancel.clone(),
+            shutting_down: shutting_down.clone(),
+        };
+        let thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || state.run(command_rx)).ok();
+        Self { commands, events, cancel, shutting_down, thread }
+    }
+
+    pub fn send(&self, command: Command) {
+        // A send only fails once the worker thread is gone; the UI then sees no progress and
+        // the next model load reports it.
+        let _ = self.commands.send(command);
+    }
+
+    /// Asks the running job to stop; it stops after the step in progress.
+    pub fn cancel(&self, job: JobId) {
+        self.cancel.store(job, Ordering::SeqCst);
+    }
+
+    /// All events that arrived since the last call (drained once per frame).
+    pub fn drain(&self) -> Vec<Event> {
+        self.events.try_iter().collect()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let _ = self.commands.send(Command::Shutdown);
+        // The worker finishes its current step at most; don't block the UI's exit on it.
+        drop(self.thread.take());
+    }
+}
+
+struct WorkerState {
+    pipeline: Option<Pipeline>,
+    events: Sender<Event>,
+    repaint: Box<dyn Fn() + Send>,
+    cancel: Arc<AtomicU64>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl WorkerState {
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+        (self.repaint)();
+    }
+
+    fn run(mut self, commands: Receiver<Command>) {
+        while let Ok(command) = commands.recv() {
+            match command {
+                Command::LoadModel { path } => self.load(path),
+                Command::Generate { job, request, save_dir } => self.generate(job, request, save_dir),
+                Command::Shutdown => break,
+            }
+        }
+    }
+
+    fn load(&mut self, path: PathBuf) {
+        self.emit(Event::ModelLoading { path: path.clone() });
+        // Free the old model first: two SDXL models at once may not fit in memory.
+        self.pipeline = None;
+        let started = Instant::now();
+        let options = match easel_engine::device::load_options(Default::default()) {
+            Ok(options) => options,
+            Err(e) => return self.emit(Event::ModelFailed { path, error: e.to_string() }),
+        };
+        match Pipeline::load(&path, options) {
+            Ok(pipeline) => {
+                let model = ModelSummary::from_info(pipeline.info());
+                self.pipeline = Some(pipeline);
+                self.emit(Event::ModelLoaded { model, seconds: started.elapsed().as_secs_f64() });
+            }
+            Err(e) => self.emit(Event::ModelFailed { path, error: e.to_string() }),
+        }
+    }
+
+    fn generate(&mut self, job: JobId, request: GenerationRequest, save_dir: Option<PathBuf>) {
+        let Some(pipeline) = &self.pipeline else {
+            return self.emit(Event::JobFailed { job, error: "no model is loaded: open a model first".into() });
+        };
+        if self.cancel.load(Ordering::SeqCst) == job {
+            return self.emit(Event::JobCancelled { job });
+        }
+        self.emit(Event::JobStarted { job });
+        let started = Instant::now();
+        let family = pipeline.info().family;
+        let (events, repaint, cancel, shutting_down) = (&self.events, &self.repaint, &self.cancel, &self.shutting_down);
+        let mut on_step = |p: StepProgress| {
+            if let Ok(preview) = latent_frame(&p, family) {
+                let _ = events.send(Event::Progress {
+                    job,
+                    step: p.step,
+                    total: p.total,
+                    elapsed: p.elapsed,
+                    preview: Arc::new(preview),
+                });
+                repaint();
+            }
+            if cancel.load(Ordering::SeqCst) == job || shutting_down.load(Ordering::SeqCst) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let result = pipeline.generate(&request, &mut on_step);
+        let image = match result {
+            Ok(image) => Arc::new(image),
+            Err(easel_engine::Error::Cancelled) => return self.emit(Event::JobCancelled { job }),
+            Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
+        };
+        let info = pipeline.info();
+        let parameters = request.to_params(Some(&info.name), None).to_infotext();
+        let saved =
+            save_dir.map(|dir| save_numbered(&dir, &image, &parameters, request.seed).map_err(|e| e.to_string()));
+        let seconds = started.elapsed().as_secs_f64();
+        self.emit(Event::JobFinished { job, image, request, parameters, saved, seconds });
+    }
+}
+
+/// The x0 estimate as plain host data for the preview: the UI never sees tensors.
+fn latent_frame(progress: &StepProgress, family: Family) -> easel_engine::Result<LatentFrame> {
+    let LatentPlanes { channels, height, width, data } = latent_planes(progress.denoised)?;
+    let (factors, bias) = family.latent_rgb_factors();
+    Ok(LatentFrame { channels, width, height, data, factors, bias })
+}
+
+/// Saves as `NNNNN-<seed>.png` in `dir` with the next free number, never overwriting; the
+/// file is written to a temporary name and renamed into place.
+pub fn save_numbered(dir: &Path, image: &RgbImage, parameters: &str, seed: u64) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the outputs folder {}", dir.display()))?;
+    let mut next = next_image_number(dir);
+    loop {
+        let path = dir.join(format!("{next:05}-{seed}.png"));
+        match write_png(&path, image, &[(easel_engine::metadata::PARAMETERS_KEYWORD, parameters)], false) {
+            Ok(()) => return Ok(path),
+            Err(easel_engine::Error::FileExists { .. }) => next += 1,
+            Err(e) => return Err(e).with_context(|| format!("cannot save into {}", dir.display())),
+        }
+    }
+}
+
+fn next_image_number(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digits: String = name.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse::<u64>().ok()
+        })
+        .max()
+        .map(|n| n + 1)
+        .unwrap_or(0)
+}

@@ -1,0 +1,221 @@
+//! The real app driven through egui_kittest with a tiny random model: generate, cancel, queue,
+//! refuse a bad size, restore settings from a dropped PNG, survive a broken model.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use easel::app::settings::Settings;
+use easel::app::{CentralView, EaselApp, ModelState, NoticeKind};
+use easel_engine::metadata::{read_png_parameters, write_png, RgbImage};
+use eframe::egui::accesskit::Role;
+use eframe::egui::{self, Key, Modifiers};
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+
+fn settings(outputs: &Path) -> Settings {
+    Settings {
+        model_path: Some(common::model_dir("sd1-tiny")),
+        outputs_dir: Some(outputs.to_path_buf()),
+        width: 64,
+        height: 64,
+        steps: 3,
+        seed: 5,
+        random_seed: false,
+        ..Default::default()
+    }
+}
+
+fn harness(settings: Settings) -> Harness<'static, EaselApp> {
+    Harness::builder()
+        .with_size([1200.0, 800.0])
+        .build_eframe(move |cc| EaselApp::with_settings(&cc.egui_ctx, settings, false))
+}
+
+/// Steps frames (the UI keeps repainting while busy, so `run()` would never settle).
+fn step_until(h: &mut Harness<'static, EaselApp>, what: &str, done: impl Fn(&EaselApp) -> bool) {
+    let start = Instant::now();
+    while !done(h.state()) {
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+    }
+    h.step();
+}
+
+fn model_ready(app: &EaselApp) -> bool {
+    matches!(app.model, ModelState::Ready(_))
+}
+
+fn errors(app: &EaselApp) -> Vec<String> {
+    app.notices.iter().filter(|n| n.kind == NoticeKind::Error).map(|n| n.text.clone()).collect()
+}
+
+fn png_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "png")).collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+#[test]
+fn typing_a_prompt_and_generating_saves_the_image_with_its_parameters() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h = harness(settings(outputs.path()));
+    step_until(&mut h, "the model to load", model_ready);
+
+    let prompt = h.get_all_by_role(Role::MultilineTextInput).next().expect("prompt field");
+    prompt.click();
+    h.step();
+    h.get_all_by_role(Role::MultilineTextInput).next().unwrap().type_text("a lighthouse at dusk");
+    h.step();
+    assert_eq!(h.state().settings.prompt, "a lighthouse at dusk");
+
+    h.get_by_label("Generate").click();
+    h.step();
+    assert!(h.state().running.is_some(), "the job started on the worker");
+    step_until(&mut h, "the image", |app| !app.gallery.is_empty());
+
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    assert!(app.running.is_none());
+    assert!(matches!(app.view, CentralView::Gallery(0)));
+    let files = png_files(outputs.path());
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].file_name().unwrap(), "00000-5.png");
+    assert_eq!(app.gallery[0].path.as_deref(), Some(files[0].as_path()));
+    let parameters = read_png_parameters(&files[0]).unwrap().unwrap();
+    assert!(parameters.starts_with("a lighthouse at dusk\nSteps: 3, Sampler: Euler"), "{parameters}");
+    assert!(parameters.contains("Seed: 5, Size: 64x64"), "{parameters}");
+}
+
+#[test]
+fn ctrl_enter_generates_and_a_second_image_never_overwrites_the_first() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h = harness(Settings { prompt: "a fox".into(), steps: 1, ..settings(outputs.path()) });
+    step_until(&mut h, "the model to load", model_ready);
+    for expected in 1..=2 {
+        h.key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+        h.step();
+        step_until(&mut h, "the image", |app| app.gallery.len() == expected);
+    }
+    let names: Vec<String> =
+        png_files(outputs.path()).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["00000-5.png", "00001-5.png"]);
+}
+
+#[test]
+fn cancel_stops_the_run_and_the_ui_is_idle_again() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h =
+        harness(Settings { prompt: "slow".into(), steps: 1000, width: 128, height: 128, ..settings(outputs.path()) });
+    step_until(&mut h, "the model to load", model_ready);
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the first step", |app| app.running.as_ref().is_some_and(|r| r.step >= 1));
+    assert!(matches!(h.state().view, CentralView::Preview(_)), "the live preview is shown while running");
+    h.get_by_label("Cancel").click();
+    step_until(&mut h, "the cancel", |app| app.running.is_none());
+    let app = h.state();
+    assert!(app.gallery.is_empty());
+    assert!(png_files(outputs.path()).is_empty(), "nothing saved for a cancelled job");
+    assert!(app.notices.iter().any(|n| n.text.contains("Cancelled")));
+    assert!(h.query_by_label("Cancel").is_none(), "no Cancel button once idle");
+}
+
+#[test]
+fn jobs_queue_up_and_can_be_removed() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h =
+        harness(Settings { prompt: "queue".into(), steps: 2, batch_count: 3, seed: 10, ..settings(outputs.path()) });
+    step_until(&mut h, "the model to load", model_ready);
+    h.get_by_label("Generate").click();
+    h.step();
+    assert_eq!(h.state().queue.len(), 2, "one runs, two wait");
+    let second = h.state().queue[0].job;
+    h.state_mut().remove_queued(second);
+    step_until(&mut h, "the queue to drain", |app| !app.is_busy());
+    let seeds: Vec<u64> = h.state().gallery.iter().map(|g| g.request.as_ref().unwrap().seed).collect();
+    assert_eq!(seeds, [10, 12], "the removed job (seed 11) never ran");
+}
+
+#[test]
+fn an_invalid_size_is_refused_with_a_message() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h = harness(Settings { prompt: "x".into(), width: 100, ..settings(outputs.path()) });
+    step_until(&mut h, "the model to load", model_ready);
+    h.get_by_label("Generate").click();
+    h.step();
+    let app = h.state();
+    assert!(app.running.is_none() && app.queue.is_empty());
+    assert!(errors(app).iter().any(|e| e.contains("width must be a multiple of 8")), "{:?}", errors(app));
+}
+
+#[derive(Debug)]
+struct TestDrop(PathBuf);
+
+impl egui::DroppedFile for TestDrop {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn dropping_an_a1111_png_restores_its_settings() {
+    let outputs = tempfile::tempdir().unwrap();
+    let png = outputs.path().join("from-a1111.png");
+    let image = RgbImage { width: 8, height: 8, data: vec![128; 8 * 8 * 3] };
+    let text = "a castle on a hill\nNegative prompt: fog\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 987654, Size: 512x768, Model: v1-5, Version: v1.10.1";
+    write_png(&png, &image, &[("parameters", text)], false).unwrap();
+
+    let mut h = harness(settings(outputs.path()));
+    h.input_mut().dropped_files.push(Arc::new(TestDrop(png)));
+    h.step();
+    h.step();
+    let s = &h.state().settings;
+    assert_eq!(s.prompt, "a castle on a hill");
+    assert_eq!(s.negative_prompt, "fog");
+    assert_eq!((s.steps, s.seed, s.width, s.height), (30, 987654, 512, 768));
+    assert_eq!(s.guidance, 6.5);
+    assert_eq!(s.sampler, "dpmpp_2m_karras");
+    assert!(!s.random_seed, "a restored seed is kept");
+    assert_eq!(s.rng, "nv", "A1111 without an RNG key used the GPU generator");
+    assert_eq!(h.state().gallery.len(), 1, "the dropped image is shown");
+}
+
+#[test]
+fn a_broken_model_is_reported_and_the_app_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken");
+    common::copy_dir(&common::model_dir("sd1-tiny"), &broken);
+    let vae = broken.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&vae).unwrap();
+    std::fs::write(&vae, &bytes[..bytes.len() - 100]).unwrap();
+
+    let mut h = harness(Settings { model_path: Some(broken), ..settings(dir.path()) });
+    step_until(&mut h, "the load to fail", |app| matches!(app.model, ModelState::Failed { .. }));
+    let errs = errors(h.state());
+    assert!(errs.iter().any(|e| e.contains("truncated")), "{errs:?}");
+    assert!(h.query_by_label("Open a model folder…").is_some(), "the first-run panel offers another model");
+
+    h.state_mut().load_model(common::model_dir("sd1-tiny"));
+    step_until(&mut h, "the good model", model_ready);
+}
+
+#[test]
+fn without_a_model_the_first_run_panel_explains_what_to_do() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h = harness(Settings { model_path: None, ..settings(outputs.path()) });
+    h.step();
+    assert!(h.query_by_label("Open a model folder…").is_some());
+    assert!(h.query_by_label_contains("huggingface-cli download").is_some());
+    h.state_mut().generate();
+    assert!(errors(h.state()).iter().any(|e| e.contains("Open a model first")));
+}
