@@ -1,5 +1,6 @@
 //! Easel: `easel` opens the app window; `easel generate …` and friends run headless.
 
+mod app;
 mod cli;
 
 use clap::Parser;
