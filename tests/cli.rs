@@ -102,14 +102,21 @@ fn invalid_settings_are_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.png");
     let cases: [(&[&str], &str); 5] = [
-        (&["--width", "65"], "multiple of 8"),
+        (&["--height", "64", "--width", "65"], "multiple of 8"),
         (&["--steps", "0"], "at least 1"),
         (&["--sampler", "heun_plus"], "unknown sampler"),
         (&["--rng", "quantum"], "quantum"),
-        (&["--guidance", "-3"], "guidance"),
+        (&["--guidance=-3"], "guidance"),
     ];
     for (extra, message) in cases {
-        let out = generate(&model_dir("sd1-tiny"), &path, extra);
+        let model = model_dir("sd1-tiny");
+        let mut args =
+            vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--output", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--width") {
+            args.extend_from_slice(&["--width", "64", "--height", "64"]);
+        }
+        let out = easel(&args);
         assert!(!out.status.success(), "{extra:?} should fail");
         let err = stderr(&out);
         assert!(err.contains(message), "{extra:?}: expected {message:?} in {err:?}");
