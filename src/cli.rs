@@ -29,6 +29,34 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a prompt and save it as a PNG with its parameters.
     Generate(GenerateArgs),
+    /// Time text encoding, a U-Net step (with and without CFG), the VAE decode, a whole
+    /// generation and peak memory; prints a table (and JSON with --json).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A diffusers model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Steps of the end-to-end generation.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value = "euler")]
+    pub sampler: String,
+    /// Runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// auto, cpu, cuda or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +103,7 @@ pub struct GenerateArgs {
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Generate(args) => generate(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -168,5 +197,44 @@ fn generate(args: GenerateArgs) -> Result<()> {
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;
     println!("{}", output.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let request = GenerationRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        negative_prompt: "blurry, low quality".into(),
+        steps: args.steps,
+        guidance_scale: 7.0,
+        seed: 0,
+        width: args.width,
+        height: args.height,
+        sampler: args.sampler.parse()?,
+        rng: RngKind::Cpu,
+    };
+    let options = load_options(args.device.parse()?)?;
+    let load_start = Instant::now();
+    let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    eprintln!("loaded in {load_s:.1} s; measuring ({} runs each)…", args.runs);
+    let report = easel_engine::bench::run(&pipeline, &request, args.runs)?;
+    println!("model            {} ({})", report.model, report.family);
+    println!("size, steps      {}x{}, {} steps of {}", report.width, report.height, report.steps, report.sampler);
+    println!("threads          {}", report.threads);
+    println!("model load       {load_s:8.2} s");
+    println!("text encoding    {:8.2} s", report.text_encoding_s);
+    println!("U-Net step, CFG  {:8.2} s   (batch 2)", report.unet_step_cfg_s);
+    println!("U-Net step       {:8.2} s   (batch 1)", report.unet_step_no_cfg_s);
+    println!("VAE decode       {:8.2} s", report.vae_decode_s);
+    println!("end to end       {:8.2} s", report.end_to_end_s);
+    if let Some(bytes) = report.peak_memory_bytes {
+        println!("peak memory      {:8.2} GB", bytes as f64 / 1e9);
+    }
+    if let Some(path) = &args.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["model_load_s"] = serde_json::json!(load_s);
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

@@ -176,3 +176,35 @@ fn help_lists_the_commands() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("generate"));
 }
+
+#[test]
+fn bench_reports_every_part_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let model = model_dir("sdxl-tiny");
+    let out = easel(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("U-Net step, CFG"));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    for key in
+        ["text_encoding_s", "unet_step_cfg_s", "unet_step_no_cfg_s", "vae_decode_s", "end_to_end_s", "model_load_s"]
+    {
+        let seconds = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing"));
+        assert!(seconds > 0.0 && seconds.is_finite(), "{key} = {seconds}");
+    }
+    assert_eq!(report["family"], "SDXL");
+}

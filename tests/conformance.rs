@@ -252,3 +252,11 @@ fn cancelling_stops_the_run() {
     assert!(matches!(result, Err(easel_engine::Error::Cancelled)));
     assert_eq!(calls, 1, "the run stops right after the step that asked");
 }
+
+#[test]
+fn non_finite_latents_are_an_error_never_a_black_image() {
+    let pipeline = load("sd1-tiny");
+    let latents = Tensor::from_vec(vec![f32::NAN; 4 * 8 * 8], (1, 4, 8, 8), &candle_core::Device::Cpu).unwrap();
+    let err = pipeline.decode_latents(&latents).expect_err("NaN latents must not decode");
+    assert!(err.to_string().contains("NaN"), "{err}");
+}

@@ -52,3 +52,28 @@ fn long_prompts_are_truncated_keeping_eos() {
     assert_eq!(tokenizer.count_prompt_tokens(&long).unwrap(), 200);
     assert_eq!(tokenizer.count_prompt_tokens("").unwrap(), 0);
 }
+
+#[test]
+fn a_model_folders_own_vocab_and_merges_are_used() {
+    use tokenizers::Model;
+    // Write the bundled BPE as the vocab.json + merges.txt pair real diffusers repos ship.
+    let dir = tempfile::tempdir().unwrap();
+    let bundled =
+        tokenizers::Tokenizer::from_bytes(include_bytes!("../assets/tokenizer/clip-vit-large-patch14/tokenizer.json"))
+            .unwrap();
+    let files = bundled.get_model().save(dir.path(), None).unwrap();
+    assert_eq!(files.len(), 2, "vocab.json and merges.txt");
+    let tokenizer_dir = dir.path().join("tokenizer");
+    std::fs::create_dir_all(&tokenizer_dir).unwrap();
+    for f in files {
+        std::fs::rename(&f, tokenizer_dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let own = ClipTokenizer::for_model(dir.path(), "tokenizer", EOS_TOKEN_ID).unwrap();
+    for case in &cases() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(own.encode(text).unwrap().ids, ids(&case["ids_77_eos"]), "{text:?}");
+    }
+    // A broken vocabulary is an error, not a silent fallback.
+    std::fs::write(tokenizer_dir.join("vocab.json"), "{oops").unwrap();
+    assert!(ClipTokenizer::for_model(dir.path(), "tokenizer", EOS_TOKEN_ID).is_err());
+}

@@ -170,7 +170,7 @@ impl EaselApp {
     /// Prompt tokens against CLIP's 75-token window, recounted only when the text changes.
     fn token_count(&mut self, which: usize) -> Option<usize> {
         let text = if which == 0 { &self.settings.prompt } else { &self.settings.negative_prompt };
-        if self.token_counts[which].0 != *text || (text.is_empty() && self.token_counts[which].1 != 0) {
+        if self.token_counts[which].0 != *text {
             let count = self.tokenizer.as_ref()?.count_prompt_tokens(text).ok()?;
             self.token_counts[which] = (text.clone(), count);
         }

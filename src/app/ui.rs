@@ -283,6 +283,8 @@ fn central(app: &mut EaselApp, ui: &mut egui::Ui) {
         let eta = if rate > 0.0 { (running.total - running.step) as f32 / rate } else { 0.0 };
         let status = if running.cancelling {
             "cancelling…".to_string()
+        } else if running.step > 0 && running.step == running.total {
+            format!("decoding the image… ({} steps at {rate:.2} it/s)", running.total)
         } else {
             format!("step {}/{} · {rate:.2} it/s · ETA {eta:.0} s", running.step, running.total)
         };

@@ -5,6 +5,7 @@
 //! drawing noise from [`rng`] generators that reproduce torch's. [`metadata`] reads and writes
 //! the AUTOMATIC1111 `parameters` text that other apps understand.
 
+pub mod bench;
 pub mod device;
 pub mod error;
 pub mod metadata;

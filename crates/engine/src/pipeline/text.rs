@@ -66,11 +66,33 @@ impl ClipTokenizer {
         let dir = model_dir.join(subfolder);
         let pad_id = read_pad_token(&dir).map(|p| if p == "!" { 0 } else { EOS_TOKEN_ID }).unwrap_or(default_pad_id);
         let own = dir.join("tokenizer.json");
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if own.is_file() {
             Self::from_file(&own, pad_id)
+        } else if vocab.is_file() && merges.is_file() {
+            Self::from_vocab_and_merges(&vocab, &merges, pad_id)
         } else {
             Self::bundled(pad_id)
         }
+    }
+
+    /// The model's own BPE files (what most diffusers repos ship) inside CLIP's normalizer,
+    /// pre-tokenizer and BOS/EOS post-processor, which are the same for every SD tokenizer.
+    pub fn from_vocab_and_merges(vocab: &Path, merges: &Path, pad_id: u32) -> Result<Self> {
+        let as_str = |p: &Path| {
+            p.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::Tokenizer(format!("{}: path is not UTF-8", p.display())))
+        };
+        let bpe = tokenizers::models::bpe::BPE::from_file(&as_str(vocab)?, &as_str(merges)?)
+            .unk_token("<|endoftext|>".into())
+            .end_of_word_suffix("</w>".into())
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", vocab.display())))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(BUNDLED_TOKENIZER).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_model(bpe);
+        Self::with_pad(inner, pad_id)
     }
 
     pub fn pad_id(&self) -> u32 {

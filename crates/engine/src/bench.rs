@@ -1,0 +1,122 @@
+//! Timing the pipeline's parts on a loaded model, for `easel bench`. Reports medians, so one
+//! slow run (page cache, another process) does not decide the number.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::models::unet::AddedCond;
+use crate::models::Family;
+use crate::pipeline::{GenerationRequest, Pipeline};
+use crate::Result;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub family: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub sampler: String,
+    pub threads: usize,
+    pub text_encoding_s: f64,
+    pub unet_step_cfg_s: f64,
+    pub unet_step_no_cfg_s: f64,
+    pub vae_decode_s: f64,
+    pub end_to_end_s: f64,
+    /// Peak resident memory of the process so far (Linux; `None` elsewhere).
+    pub peak_memory_bytes: Option<u64>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// Peak resident set size of this process, from /proc/self/status (VmHWM).
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Times text encoding, one U-Net step with and without CFG batching, the VAE decode and a
+/// whole generation of `request`, each the median of `runs` runs (the whole generation: one).
+pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Result<BenchReport> {
+    request.validate(pipeline.info())?;
+    let sd = pipeline.model();
+    let info = pipeline.info();
+    let device = &sd.options.device;
+    let dtype = sd.options.dtype;
+    let sync = || device.synchronize();
+
+    let text_encoding_s = time_runs(runs, || {
+        pipeline.encode_text(&request.prompt, &request.negative_prompt)?;
+        Ok(sync()?)
+    })?;
+
+    let cond = pipeline.encode_text(&request.prompt, &request.negative_prompt)?;
+    let factor = info.vae.downscale_factor();
+    let (h, w) = (request.height / factor, request.width / factor);
+    let unet_step = |batch: usize| -> Result<f64> {
+        let context = cond.context.narrow(0, 2 - batch, batch)?;
+        let sample = Tensor::randn(0f32, 1f32, (batch, info.unet.in_channels, h, w), device)?.to_dtype(dtype)?;
+        let pooled = cond.pooled.as_ref().map(|p| p.narrow(0, 2 - batch, batch)).transpose()?;
+        let time_ids = if info.family == Family::Sdxl {
+            let row =
+                [request.height as f32, request.width as f32, 0.0, 0.0, request.height as f32, request.width as f32];
+            Some(Tensor::from_vec(row.repeat(batch), (batch, 6), device)?.to_dtype(dtype)?)
+        } else {
+            None
+        };
+        time_runs(runs, || {
+            let added = match (&pooled, &time_ids) {
+                (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
+                _ => None,
+            };
+            sd.unet.forward(&sample, 500.0, &context, added)?;
+            Ok(sync()?)
+        })
+    };
+    let unet_step_cfg_s = unet_step(2)?;
+    let unet_step_no_cfg_s = unet_step(1)?;
+
+    let latents = Tensor::randn(0f32, 1f32, (1, info.vae.latent_channels, h, w), device)?;
+    let vae_decode_s = time_runs(runs, || {
+        pipeline.decode_latents(&latents)?;
+        Ok(sync()?)
+    })?;
+
+    let start = Instant::now();
+    pipeline.generate(request, &mut |_| ControlFlow::Continue(()))?;
+    let end_to_end_s = start.elapsed().as_secs_f64();
+
+    Ok(BenchReport {
+        model: info.name.clone(),
+        family: info.family.to_string(),
+        width: request.width,
+        height: request.height,
+        steps: request.steps,
+        sampler: request.sampler.id().to_string(),
+        threads: candle_core::utils::get_num_threads(),
+        text_encoding_s,
+        unet_step_cfg_s,
+        unet_step_no_cfg_s,
+        vae_decode_s,
+        end_to_end_s,
+        peak_memory_bytes: peak_memory_bytes(),
+    })
+}
