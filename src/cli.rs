@@ -228,7 +228,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("VAE decode       {:8.2} s", report.vae_decode_s);
     println!("end to end       {:8.2} s", report.end_to_end_s);
     if let Some(bytes) = report.peak_memory_bytes {
-        println!("peak memory      {:8.2} GB", bytes as f64 / 1e9);
+        println!("peak RAM         {:8.2} GB   (process, not GPU memory)", bytes as f64 / 1e9);
     }
     if let Some(path) = &args.json {
         let mut json = serde_json::to_value(&report)?;

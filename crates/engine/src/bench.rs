@@ -26,7 +26,7 @@ pub struct BenchReport {
     pub unet_step_no_cfg_s: f64,
     pub vae_decode_s: f64,
     pub end_to_end_s: f64,
-    /// Peak resident memory of the process so far (Linux; `None` elsewhere).
+    /// Peak resident host memory (RAM) of the process so far — not GPU memory (Linux; `None` elsewhere).
     pub peak_memory_bytes: Option<u64>,
 }
 

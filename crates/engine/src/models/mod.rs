@@ -1,6 +1,7 @@
 //! Model families, loading from disk, and the networks themselves.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod nn;
 pub mod resnet;

@@ -1,0 +1,328 @@
+//! Single-file checkpoints in the original (LDM / Stability) layout, as civitai ships them:
+//! `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE), `cond_stage_model.*` (SD 1.x
+//! CLIP-L, SD 2.x OpenCLIP-H) and SDXL's `conditioner.embedders.{0,1}.*`.
+//!
+//! Keys are renamed to the engine's (diffusers') names while loading, through a `VarBuilder`
+//! backend: no converted copy is ever written. The mapping follows diffusers'
+//! `single_file_utils.py` (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+//! convert_open_clip_checkpoint).
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+
+/// How a diffusers tensor is made from checkpoint tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The tensor as stored under this name.
+    Plain(String),
+    /// Part `index` (0 = q, 1 = k, 2 = v) of OpenCLIP's fused `in_proj_weight` / `in_proj_bias`.
+    QkvPart { name: String, index: usize },
+    /// The VAE's attention stores q/k/v/out as 1×1 convolutions: drop the two unit dims.
+    Conv1x1AsLinear(String),
+    /// OpenCLIP's `text_projection` is stored as (in, out); a linear layer wants (out, in).
+    Transposed(String),
+}
+
+/// The U-Net resnet names: diffusers → LDM.
+fn ldm_resnet_part(rest: &str) -> Option<String> {
+    let (head, tail) = rest.split_once('.')?;
+    let ldm = match head {
+        "norm1" => "in_layers.0",
+        "conv1" => "in_layers.2",
+        "time_emb_proj" => "emb_layers.1",
+        "norm2" => "out_layers.0",
+        "conv2" => "out_layers.3",
+        "conv_shortcut" => "skip_connection",
+        _ => return None,
+    };
+    Some(format!("{ldm}.{tail}"))
+}
+
+fn split_index(s: &str) -> Option<(usize, &str)> {
+    let (n, rest) = s.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// The LDM name of a diffusers U-Net tensor (without the `model.diffusion_model.` prefix).
+/// `layers_per_block` is the number of resnets per down block (2 in every real SD model).
+pub fn ldm_unet_name(name: &str, layers_per_block: usize) -> Option<String> {
+    let per_level = layers_per_block + 1;
+    let simple = [
+        ("conv_in.", "input_blocks.0.0."),
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ];
+    for (from, to) in simple {
+        if let Some(rest) = name.strip_prefix(from) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    if let Some(rest) = name.strip_prefix("down_blocks.") {
+        let (block, rest) = split_index(rest)?;
+        if let Some(rest) = rest.strip_prefix("resnets.") {
+            let (j, rest) = split_index(rest)?;
+            return Some(format!("input_blocks.{}.0.{}", 1 + block * per_level + j, ldm_resnet_part(rest)?));
+        }
+        if let Some(rest) = rest.strip_prefix("attentions.") {
+            let (j, rest) = split_index(rest)?;
+            return Some(format!("input_blocks.{}.1.{rest}", 1 + block * per_level + j));
+        }
+        if let Some(rest) = rest.strip_prefix("downsamplers.0.conv.") {
+            return Some(format!("input_blocks.{}.0.op.{rest}", 1 + block * per_level + layers_per_block));
+        }
+        return None;
+    }
+    if let Some(rest) = name.strip_prefix("mid_block.") {
+        if let Some(rest) = rest.strip_prefix("resnets.") {
+            let (j, rest) = split_index(rest)?;
+            return Some(format!("middle_block.{}.{}", j * 2, ldm_resnet_part(rest)?));
+        }
+        if let Some(rest) = rest.strip_prefix("attentions.0.") {
+            return Some(format!("middle_block.1.{rest}"));
+        }
+        return None;
+    }
+    if let Some(rest) = name.strip_prefix("up_blocks.") {
+        let (block, rest) = split_index(rest)?;
+        if let Some(rest) = rest.strip_prefix("resnets.") {
+            let (j, rest) = split_index(rest)?;
+            return Some(format!("output_blocks.{}.0.{}", block * per_level + j, ldm_resnet_part(rest)?));
+        }
+        if let Some(rest) = rest.strip_prefix("attentions.") {
+            let (j, rest) = split_index(rest)?;
+            return Some(format!("output_blocks.{}.1.{rest}", block * per_level + j));
+        }
+        // The upsampler sits after the last resnet (and its attention, when the block has one);
+        // the caller resolves which of the two positions the checkpoint uses.
+        if let Some(rest) = rest.strip_prefix("upsamplers.0.conv.") {
+            return Some(format!("output_blocks.{}.?.conv.{rest}", block * per_level + layers_per_block));
+        }
+    }
+    None
+}
+
+/// The LDM name of a diffusers VAE tensor (without the `first_stage_model.` prefix), for a VAE
+/// with `levels` blocks: LDM numbers the decoder's `up` blocks from the bottom, diffusers from
+/// the top.
+pub fn ldm_vae_source(name: &str, levels: usize) -> Option<Source> {
+    let resnet = |rest: &str| -> Option<String> {
+        let (head, tail) = rest.split_once('.')?;
+        let ldm = match head {
+            "norm1" => "norm1",
+            "conv1" => "conv1",
+            "norm2" => "norm2",
+            "conv2" => "conv2",
+            "conv_shortcut" => "nin_shortcut",
+            _ => return None,
+        };
+        Some(format!("{ldm}.{tail}"))
+    };
+    let attention = |prefix: &str, rest: &str| -> Option<Source> {
+        let (head, tail) = rest.split_once('.')?;
+        let (ldm, tail) = match head {
+            "group_norm" => return Some(Source::Plain(format!("{prefix}.norm.{tail}"))),
+            "to_q" => ("q", tail),
+            "to_k" => ("k", tail),
+            "to_v" => ("v", tail),
+            "to_out" => ("proj_out", tail.strip_prefix("0.")?),
+            _ => return None,
+        };
+        Some(Source::Conv1x1AsLinear(format!("{prefix}.{ldm}.{tail}")))
+    };
+    for (from, to) in [("post_quant_conv.", "post_quant_conv."), ("quant_conv.", "quant_conv.")] {
+        if let Some(rest) = name.strip_prefix(from) {
+            return Some(Source::Plain(format!("{to}{rest}")));
+        }
+    }
+    for part in ["encoder", "decoder"] {
+        let Some(rest) = name.strip_prefix(part).and_then(|r| r.strip_prefix('.')) else { continue };
+        for same in ["conv_in.", "conv_out."] {
+            if rest.starts_with(same) {
+                return Some(Source::Plain(format!("{part}.{rest}")));
+            }
+        }
+        if let Some(rest) = rest.strip_prefix("conv_norm_out.") {
+            return Some(Source::Plain(format!("{part}.norm_out.{rest}")));
+        }
+        if let Some(rest) = rest.strip_prefix("mid_block.resnets.") {
+            let (j, rest) = split_index(rest)?;
+            return Some(Source::Plain(format!("{part}.mid.block_{}.{}", j + 1, resnet(rest)?)));
+        }
+        if let Some(rest) = rest.strip_prefix("mid_block.attentions.0.") {
+            return attention(&format!("{part}.mid.attn_1"), rest);
+        }
+        let (blocks, ldm_blocks) = if part == "encoder" { ("down_blocks.", "down") } else { ("up_blocks.", "up") };
+        if let Some(rest) = rest.strip_prefix(blocks) {
+            let (i, rest) = split_index(rest)?;
+            let level = if part == "encoder" { i } else { levels.checked_sub(1 + i)? };
+            if let Some(rest) = rest.strip_prefix("resnets.") {
+                let (j, rest) = split_index(rest)?;
+                return Some(Source::Plain(format!("{part}.{ldm_blocks}.{level}.block.{j}.{}", resnet(rest)?)));
+            }
+            if let Some(rest) = rest.strip_prefix("downsamplers.0.conv.") {
+                return Some(Source::Plain(format!("{part}.down.{level}.downsample.conv.{rest}")));
+            }
+            if let Some(rest) = rest.strip_prefix("upsamplers.0.conv.") {
+                return Some(Source::Plain(format!("{part}.up.{level}.upsample.conv.{rest}")));
+            }
+        }
+    }
+    None
+}
+
+/// The OpenCLIP name of a transformers CLIP text-model tensor (SD 2.x's `cond_stage_model.model.`
+/// and SDXL's `conditioner.embedders.1.model.`; the prefix is not included).
+pub fn open_clip_source(name: &str) -> Option<Source> {
+    let plain = |s: String| Some(Source::Plain(s));
+    match name {
+        "text_model.embeddings.token_embedding.weight" => return plain("token_embedding.weight".into()),
+        "text_model.embeddings.position_embedding.weight" => return plain("positional_embedding".into()),
+        "text_model.final_layer_norm.weight" => return plain("ln_final.weight".into()),
+        "text_model.final_layer_norm.bias" => return plain("ln_final.bias".into()),
+        "text_projection.weight" => return Some(Source::Transposed("text_projection".into())),
+        _ => {}
+    }
+    let rest = name.strip_prefix("text_model.encoder.layers.")?;
+    let (layer, rest) = split_index(rest)?;
+    let block = format!("transformer.resblocks.{layer}");
+    let (module, param) = rest.rsplit_once('.')?;
+    let fused = |index: usize| Some(Source::QkvPart { name: format!("{block}.attn.in_proj_{param}"), index });
+    match module {
+        "self_attn.q_proj" => fused(0),
+        "self_attn.k_proj" => fused(1),
+        "self_attn.v_proj" => fused(2),
+        "self_attn.out_proj" => plain(format!("{block}.attn.out_proj.{param}")),
+        "layer_norm1" => plain(format!("{block}.ln_1.{param}")),
+        "layer_norm2" => plain(format!("{block}.ln_2.{param}")),
+        "mlp.fc1" => plain(format!("{block}.mlp.c_fc.{param}")),
+        "mlp.fc2" => plain(format!("{block}.mlp.c_proj.{param}")),
+        _ => None,
+    }
+}
+
+/// A `VarBuilder` backend that serves diffusers names from a checkpoint stored under other
+/// names, converting as `resolve` says.
+pub struct RenamingBackend<F: Fn(&str) -> Option<Source> + Send + Sync> {
+    tensors: MmapedSafetensors,
+    resolve: F,
+}
+
+impl<F: Fn(&str) -> Option<Source> + Send + Sync> RenamingBackend<F> {
+    pub fn new(tensors: MmapedSafetensors, resolve: F) -> Self {
+        Self { tensors, resolve }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+
+    fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
+        let source = (self.resolve)(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        match source {
+            Source::Plain(s) => self.tensors.load(&s, dev),
+            Source::Conv1x1AsLinear(s) => {
+                let t = self.tensors.load(&s, dev)?;
+                if t.rank() == 4 {
+                    t.squeeze(3)?.squeeze(2)
+                } else {
+                    Ok(t)
+                }
+            }
+            Source::Transposed(s) => self.tensors.load(&s, dev)?.t()?.contiguous(),
+            Source::QkvPart { name: s, index } => {
+                let fused = self.tensors.load(&s, dev)?;
+                let third = fused.dim(0)? / 3;
+                fused.narrow(0, index * third, third)
+            }
+        }
+    }
+}
+
+impl<F: Fn(&str) -> Option<Source> + Send + Sync> SimpleBackend for RenamingBackend<F> {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let tensor = self.load(name, dev)?;
+        if tensor.shape() != &s {
+            candle_core::bail!("shape mismatch for {name}: the checkpoint has {:?}, the architecture needs {s:?}", tensor.dims());
+        }
+        tensor.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match (self.resolve)(name) {
+            Some(Source::Plain(s) | Source::Conv1x1AsLinear(s) | Source::Transposed(s)) => self.has(&s),
+            Some(Source::QkvPart { name, .. }) => self.has(&name),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unet_names_follow_diffusers_conversion() {
+        let cases = [
+            ("conv_in.weight", "input_blocks.0.0.weight"),
+            ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("down_blocks.0.resnets.0.norm1.weight", "input_blocks.1.0.in_layers.0.weight"),
+            ("down_blocks.0.resnets.1.conv2.weight", "input_blocks.2.0.out_layers.3.weight"),
+            ("down_blocks.1.resnets.0.conv_shortcut.weight", "input_blocks.4.0.skip_connection.weight"),
+            ("down_blocks.0.attentions.1.proj_in.weight", "input_blocks.2.1.proj_in.weight"),
+            ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
+            ("down_blocks.3.resnets.1.time_emb_proj.weight", "input_blocks.11.0.emb_layers.1.weight"),
+            ("mid_block.resnets.1.norm2.bias", "middle_block.2.out_layers.0.bias"),
+            ("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
+            ("up_blocks.0.resnets.2.conv1.weight", "output_blocks.2.0.in_layers.2.weight"),
+            ("up_blocks.1.attentions.0.norm.weight", "output_blocks.3.1.norm.weight"),
+            ("up_blocks.3.resnets.2.norm1.weight", "output_blocks.11.0.in_layers.0.weight"),
+            ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.?.conv.weight"),
+            ("conv_norm_out.weight", "out.0.weight"),
+        ];
+        for (diffusers, ldm) in cases {
+            assert_eq!(ldm_unet_name(diffusers, 2).as_deref(), Some(ldm), "{diffusers}");
+        }
+        assert_eq!(ldm_unet_name("not.a.tensor", 2), None);
+    }
+
+    #[test]
+    fn vae_names_reverse_the_decoder_levels() {
+        let p = |s: &str| Some(Source::Plain(s.to_string()));
+        assert_eq!(ldm_vae_source("decoder.up_blocks.0.resnets.1.conv1.weight", 4), p("decoder.up.3.block.1.conv1.weight"));
+        assert_eq!(ldm_vae_source("decoder.up_blocks.3.resnets.0.conv_shortcut.weight", 4), p("decoder.up.0.block.0.nin_shortcut.weight"));
+        assert_eq!(ldm_vae_source("decoder.up_blocks.0.upsamplers.0.conv.bias", 4), p("decoder.up.3.upsample.conv.bias"));
+        assert_eq!(ldm_vae_source("decoder.mid_block.resnets.1.norm2.weight", 4), p("decoder.mid.block_2.norm2.weight"));
+        assert_eq!(ldm_vae_source("decoder.conv_norm_out.bias", 4), p("decoder.norm_out.bias"));
+        assert_eq!(ldm_vae_source("encoder.down_blocks.1.downsamplers.0.conv.weight", 4), p("encoder.down.1.downsample.conv.weight"));
+        assert_eq!(
+            ldm_vae_source("decoder.mid_block.attentions.0.to_out.0.weight", 4),
+            Some(Source::Conv1x1AsLinear("decoder.mid.attn_1.proj_out.weight".into()))
+        );
+        assert_eq!(ldm_vae_source("decoder.mid_block.attentions.0.group_norm.bias", 4), p("decoder.mid.attn_1.norm.bias"));
+        assert_eq!(ldm_vae_source("post_quant_conv.weight", 4), p("post_quant_conv.weight"));
+    }
+
+    #[test]
+    fn open_clip_splits_fused_qkv() {
+        assert_eq!(
+            open_clip_source("text_model.encoder.layers.3.self_attn.k_proj.bias"),
+            Some(Source::QkvPart { name: "transformer.resblocks.3.attn.in_proj_bias".into(), index: 1 })
+        );
+        assert_eq!(
+            open_clip_source("text_model.encoder.layers.0.mlp.fc2.weight"),
+            Some(Source::Plain("transformer.resblocks.0.mlp.c_proj.weight".into()))
+        );
+        assert_eq!(open_clip_source("text_projection.weight"), Some(Source::Transposed("text_projection".into())));
+        assert_eq!(open_clip_source("text_model.embeddings.position_embedding.weight"), Some(Source::Plain("positional_embedding".into())));
+    }
+}
