@@ -223,8 +223,9 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
             }
             if ui.button("Open outputs folder").clicked() {
                 let dir = app.settings.outputs_dir();
-                let _ = std::fs::create_dir_all(&dir);
-                ui.ctx().open_url(egui::OpenUrl::new_tab(format!("file://{}", dir.display())));
+                if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| open_in_file_manager(&dir)) {
+                    app.notify(NoticeKind::Error, format!("Could not open {}: {e}", dir.display()));
+                }
             }
         });
     });
@@ -442,4 +443,17 @@ fn first_run(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.add_space(8.0);
         ui.label("You can also drop a model folder, or a PNG to read its settings, onto this window.");
     });
+}
+
+/// Shows a folder in the platform's file manager.
+fn open_in_file_manager(dir: &std::path::Path) -> std::io::Result<()> {
+    let program = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(target_os = "windows") {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    // Not waited for: the file manager outlives this click.
+    std::process::Command::new(program).arg(dir).spawn().map(drop)
 }

@@ -222,7 +222,8 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> RenamingBackend<F> {
     }
 
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let source = (self.resolve)(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let source =
+            (self.resolve)(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         match source {
             Source::Plain(s) => self.tensors.load(&s, dev),
             Source::Conv1x1AsLinear(s) => {
@@ -247,7 +248,10 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> SimpleBackend for RenamingBack
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let tensor = self.load(name, dev)?;
         if tensor.shape() != &s {
-            candle_core::bail!("shape mismatch for {name}: the checkpoint has {:?}, the architecture needs {s:?}", tensor.dims());
+            candle_core::bail!(
+                "shape mismatch for {name}: the checkpoint has {:?}, the architecture needs {s:?}",
+                tensor.dims()
+            );
         }
         tensor.to_dtype(dtype)
     }
@@ -282,7 +286,10 @@ mod tests {
             ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
             ("down_blocks.3.resnets.1.time_emb_proj.weight", "input_blocks.11.0.emb_layers.1.weight"),
             ("mid_block.resnets.1.norm2.bias", "middle_block.2.out_layers.0.bias"),
-            ("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            ),
             ("up_blocks.0.resnets.2.conv1.weight", "output_blocks.2.0.in_layers.2.weight"),
             ("up_blocks.1.attentions.0.norm.weight", "output_blocks.3.1.norm.weight"),
             ("up_blocks.3.resnets.2.norm1.weight", "output_blocks.11.0.in_layers.0.weight"),
@@ -298,17 +305,35 @@ mod tests {
     #[test]
     fn vae_names_reverse_the_decoder_levels() {
         let p = |s: &str| Some(Source::Plain(s.to_string()));
-        assert_eq!(ldm_vae_source("decoder.up_blocks.0.resnets.1.conv1.weight", 4), p("decoder.up.3.block.1.conv1.weight"));
-        assert_eq!(ldm_vae_source("decoder.up_blocks.3.resnets.0.conv_shortcut.weight", 4), p("decoder.up.0.block.0.nin_shortcut.weight"));
-        assert_eq!(ldm_vae_source("decoder.up_blocks.0.upsamplers.0.conv.bias", 4), p("decoder.up.3.upsample.conv.bias"));
-        assert_eq!(ldm_vae_source("decoder.mid_block.resnets.1.norm2.weight", 4), p("decoder.mid.block_2.norm2.weight"));
+        assert_eq!(
+            ldm_vae_source("decoder.up_blocks.0.resnets.1.conv1.weight", 4),
+            p("decoder.up.3.block.1.conv1.weight")
+        );
+        assert_eq!(
+            ldm_vae_source("decoder.up_blocks.3.resnets.0.conv_shortcut.weight", 4),
+            p("decoder.up.0.block.0.nin_shortcut.weight")
+        );
+        assert_eq!(
+            ldm_vae_source("decoder.up_blocks.0.upsamplers.0.conv.bias", 4),
+            p("decoder.up.3.upsample.conv.bias")
+        );
+        assert_eq!(
+            ldm_vae_source("decoder.mid_block.resnets.1.norm2.weight", 4),
+            p("decoder.mid.block_2.norm2.weight")
+        );
         assert_eq!(ldm_vae_source("decoder.conv_norm_out.bias", 4), p("decoder.norm_out.bias"));
-        assert_eq!(ldm_vae_source("encoder.down_blocks.1.downsamplers.0.conv.weight", 4), p("encoder.down.1.downsample.conv.weight"));
+        assert_eq!(
+            ldm_vae_source("encoder.down_blocks.1.downsamplers.0.conv.weight", 4),
+            p("encoder.down.1.downsample.conv.weight")
+        );
         assert_eq!(
             ldm_vae_source("decoder.mid_block.attentions.0.to_out.0.weight", 4),
             Some(Source::Conv1x1AsLinear("decoder.mid.attn_1.proj_out.weight".into()))
         );
-        assert_eq!(ldm_vae_source("decoder.mid_block.attentions.0.group_norm.bias", 4), p("decoder.mid.attn_1.norm.bias"));
+        assert_eq!(
+            ldm_vae_source("decoder.mid_block.attentions.0.group_norm.bias", 4),
+            p("decoder.mid.attn_1.norm.bias")
+        );
         assert_eq!(ldm_vae_source("post_quant_conv.weight", 4), p("post_quant_conv.weight"));
     }
 
@@ -323,6 +348,9 @@ mod tests {
             Some(Source::Plain("transformer.resblocks.0.mlp.c_proj.weight".into()))
         );
         assert_eq!(open_clip_source("text_projection.weight"), Some(Source::Transposed("text_projection".into())));
-        assert_eq!(open_clip_source("text_model.embeddings.position_embedding.weight"), Some(Source::Plain("positional_embedding".into())));
+        assert_eq!(
+            open_clip_source("text_model.embeddings.position_embedding.weight"),
+            Some(Source::Plain("positional_embedding".into()))
+        );
     }
 }
