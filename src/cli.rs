@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use easel_engine::device::{load_options, DevicePreference};
 use easel_engine::metadata::write_png;
-use easel_engine::models::inspect_diffusers_folder;
+use easel_engine::models::inspect_model;
 use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::SamplerId;
@@ -61,7 +61,8 @@ pub struct BenchArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/).
+    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/) or a
+    /// single-file .safetensors checkpoint (SD 1.x, SD 2.x, SDXL).
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
@@ -130,7 +131,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let sampler: SamplerId = args.sampler.parse()?;
     let rng: RngKind = args.rng.parse()?;
     let device: DevicePreference = args.device.parse()?;
-    let info = inspect_diffusers_folder(&args.model)?;
+    let info = inspect_model(&args.model)?;
     let size = info.default_size();
     let seed = args.seed.unwrap_or_else(easel_engine::rng::random_seed);
     let request = GenerationRequest {

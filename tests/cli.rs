@@ -208,3 +208,20 @@ fn bench_reports_every_part_as_json() {
     }
     assert_eq!(report["family"], "SDXL");
 }
+
+#[test]
+fn generate_from_a_single_file_checkpoint() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("sdxl-single.safetensors");
+    let gz = common::fixtures().join("single_file/sdxl-single.safetensors.gz");
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()).read_to_end(&mut bytes).unwrap();
+    std::fs::write(&checkpoint, bytes).unwrap();
+    let out_path = dir.path().join("xl.png");
+    let out = generate(&checkpoint, &out_path, &["--steps", "2", "--seed", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("SDXL"), "{}", stderr(&out));
+    let params = parse_infotext(&read_png_parameters(&out_path).unwrap().unwrap()).unwrap();
+    assert_eq!(params.model.as_deref(), Some("sdxl-single"));
+}

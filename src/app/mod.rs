@@ -410,7 +410,8 @@ impl EaselApp {
     fn handle_dropped_files(&mut self, ctx: &egui::Context) {
         let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
         for path in dropped {
-            if path.is_dir() {
+            let is_checkpoint = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+            if path.is_dir() || is_checkpoint {
                 self.load_model(path);
             } else {
                 self.open_image(ctx, &path);

@@ -42,11 +42,22 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
             ModelState::Failed { .. } => ui.colored_label(Color32::LIGHT_RED, "Failed to load"),
         };
     });
-    if ui.button("Open model folder…").clicked() {
-        if let Some(path) = rfd::FileDialog::new().set_title("Choose a diffusers model folder").pick_folder() {
-            app.load_model(path);
+    ui.horizontal(|ui| {
+        if ui.button("Open model folder…").clicked() {
+            if let Some(path) = rfd::FileDialog::new().set_title("Choose a diffusers model folder").pick_folder() {
+                app.load_model(path);
+            }
         }
-    }
+        if ui.button("Open checkpoint…").clicked() {
+            if let Some(path) = rfd::FileDialog::new()
+                .set_title("Choose a .safetensors checkpoint")
+                .add_filter("Checkpoint", &["safetensors"])
+                .pick_file()
+            {
+                app.load_model(path);
+            }
+        }
+    });
     if let ModelState::Ready(m) = &app.model {
         let (steps, guidance, size) = (m.default_steps, m.default_guidance, m.default_size);
         if ui
@@ -429,10 +440,15 @@ fn first_run(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.add_space(60.0);
         ui.heading(RichText::new("Welcome to Easel").size(28.0));
         ui.add_space(12.0);
-        ui.label("Easel needs a Stable Diffusion model: SD 1.x, SD 2.x, SDXL, SD-Turbo or SDXL-Turbo, as a diffusers folder.");
+        ui.label("Easel needs a Stable Diffusion model: SD 1.x, SD 2.x, SDXL, SD-Turbo or SDXL-Turbo, as a diffusers folder or a single .safetensors checkpoint.");
         ui.add_space(12.0);
         if ui.add(egui::Button::new(RichText::new("Open a model folder…").size(18.0)).min_size([240.0, 40.0].into())).clicked() {
             if let Some(path) = rfd::FileDialog::new().set_title("Choose a diffusers model folder").pick_folder() {
+                app.load_model(path);
+            }
+        }
+        if ui.add(egui::Button::new(RichText::new("Open a checkpoint file…").size(18.0)).min_size([240.0, 40.0].into())).clicked() {
+            if let Some(path) = rfd::FileDialog::new().set_title("Choose a .safetensors checkpoint").add_filter("Checkpoint", &["safetensors"]).pick_file() {
                 app.load_model(path);
             }
         }
@@ -441,7 +457,7 @@ fn first_run(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.code("huggingface-cli download stabilityai/sd-turbo --local-dir ~/models/sd-turbo");
         ui.label(RichText::new("(built-in downloads are coming; SD-Turbo is small and makes an image in one step)").weak());
         ui.add_space(8.0);
-        ui.label("You can also drop a model folder, or a PNG to read its settings, onto this window.");
+        ui.label("You can also drop a model folder or checkpoint, or a PNG to read its settings, onto this window.");
     });
 }
 

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod nn;
 pub mod resnet;
 pub mod safetensors_check;
+pub mod single_file;
 pub mod unet;
 pub mod vae;
 
@@ -72,7 +73,22 @@ impl fmt::Display for Family {
     }
 }
 
-/// What was learned about a model folder before loading any weights.
+#[derive(Debug, Clone)]
+pub enum SchedulerSource {
+    File(PathBuf),
+    Bundled(&'static str),
+}
+
+impl SchedulerSource {
+    pub fn load(&self) -> Result<crate::schedulers::SchedulerConfig> {
+        match self {
+            SchedulerSource::File(path) => crate::schedulers::SchedulerConfig::from_file(path),
+            SchedulerSource::Bundled(json) => crate::schedulers::SchedulerConfig::from_json_str(json),
+        }
+    }
+}
+
+/// What was learned about a model (folder or single file) before loading any weights.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub path: PathBuf,
@@ -83,7 +99,9 @@ pub struct ModelInfo {
     pub turbo: bool,
     /// `prediction_type` from the scheduler config ("epsilon" or "v_prediction").
     pub prediction_type: String,
-    pub scheduler_config_path: PathBuf,
+    /// Where the scheduler config comes from: the folder's file, or the original release's
+    /// config bundled with Easel for single-file checkpoints (which carry none).
+    pub scheduler: SchedulerSource,
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text_encoder: ClipTextConfig,
@@ -213,7 +231,7 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
         family,
         turbo,
         prediction_type,
-        scheduler_config_path,
+        scheduler: SchedulerSource::File(scheduler_config_path),
         unet,
         vae,
         text_encoder,
@@ -307,7 +325,25 @@ fn load_component<T>(
     build(vb).map_err(|e| model_error(&dir, format!("weights do not match the config: {e}")))
 }
 
+/// Reads what a model path holds without loading weights: a diffusers folder or a single file.
+pub fn inspect_model(path: &Path) -> Result<ModelInfo> {
+    if path.is_file() {
+        single_file::inspect_single_file(path)
+    } else {
+        inspect_diffusers_folder(path)
+    }
+}
+
 impl StableDiffusion {
+    /// Loads a diffusers folder or a single-file checkpoint.
+    pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
+        if path.is_file() {
+            single_file::load_single_file(path, options)
+        } else {
+            Self::load_diffusers(path, options)
+        }
+    }
+
     pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
         let info = inspect_diffusers_folder(folder)?;
         let (dtype, device) = (options.dtype, &options.device);

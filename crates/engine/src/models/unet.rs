@@ -134,6 +134,11 @@ impl UNetConfig {
         self.transformer_layers_per_block.as_ref().map(|t| t.get(block)).unwrap_or(1)
     }
 
+    /// Resnets per down block (the same at every level in every SD model).
+    pub fn layers_per_block_count(&self) -> usize {
+        self.layers_per_block.get(0)
+    }
+
     pub fn is_sdxl(&self) -> bool {
         self.addition_embed_type.as_deref() == Some("text_time")
     }

@@ -94,13 +94,13 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
-        let model = StableDiffusion::load_diffusers(path, options)?;
+        let model = StableDiffusion::load(path, options)?;
         Self::new(model)
     }
 
     pub fn new(model: StableDiffusion) -> Result<Self> {
         let tokenizers = Tokenizers::for_model(&model)?;
-        let scheduler_config = SchedulerConfig::from_file(&model.info.scheduler_config_path)?;
+        let scheduler_config = model.info.scheduler.load()?;
         Ok(Self { model, tokenizers, scheduler_config })
     }
 

@@ -1,0 +1,362 @@
+//! Loading single-file checkpoints (original LDM layout): the family and every config value are
+//! inferred from tensor names and shapes plus the conventions all loaders share (SD 1.x U-Net 8
+//! heads; SD 2.x / SDXL U-Net and every CLIP 64 channels per head; GroupNorm 32 groups), and
+//! tensors are renamed on the fly by [`super::checkpoint`].
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_nn::VarBuilder;
+use serde_json::json;
+
+use super::checkpoint::{ldm_unet_name, ldm_vae_source, open_clip_source, RenamingBackend, Source};
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::safetensors_check::validate_safetensors;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{VaeConfig, VaeDecoder};
+use super::{Family, LoadOptions, ModelInfo, SchedulerSource, StableDiffusion};
+use crate::{Error, Result};
+
+const UNET: &str = "model.diffusion_model.";
+const VAE: &str = "first_stage_model.";
+const SD1_CLIP: &str = "cond_stage_model.transformer.";
+const SD2_CLIP: &str = "cond_stage_model.model.";
+const SDXL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+const SDXL_CLIP_G: &str = "conditioner.embedders.1.model.";
+
+/// The scheduler configs of the original releases, used for single files (which carry none).
+const SD15_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sd15.json");
+const SD21_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sd21.json");
+const SDXL_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sdxl.json");
+
+struct Keys<'a> {
+    path: &'a Path,
+    names: HashSet<String>,
+    tensors: MmapedSafetensors,
+}
+
+impl Keys<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    fn any_prefix(&self, prefix: &str) -> bool {
+        self.names.iter().any(|n| n.starts_with(prefix))
+    }
+
+    fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        let view = self.tensors.get(name).map_err(|_| self.error(format!("missing tensor {name}")))?;
+        Ok(view.shape().to_vec())
+    }
+
+    fn dim(&self, name: &str, index: usize) -> Result<usize> {
+        let dims = self.dims(name)?;
+        dims.get(index)
+            .copied()
+            .ok_or_else(|| self.error(format!("tensor {name} has shape {dims:?}, unexpected for its role")))
+    }
+
+    fn count(&self, prefix_of: impl Fn(usize) -> String) -> usize {
+        (0..).take_while(|i| self.any_prefix(&prefix_of(*i))).count()
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Model { path: self.path.to_path_buf(), message: message.into() }
+    }
+}
+
+/// Names the kind of a file that is not a text-to-image checkpoint, for a clear refusal.
+fn not_a_checkpoint(keys: &Keys) -> Option<&'static str> {
+    if keys.any_prefix("lora_unet_")
+        || keys.any_prefix("lora_te")
+        || keys.names.iter().any(|n| n.contains(".lora_down."))
+    {
+        return Some("a LoRA, not a checkpoint: load it as an add-on to a model (not supported yet)");
+    }
+    if keys.any_prefix("control_model.") {
+        return Some("a ControlNet, not a checkpoint (not supported yet)");
+    }
+    if keys.any_prefix("model.diffusion_model.joint_blocks.") {
+        return Some("a Stable Diffusion 3 model, which Easel does not support");
+    }
+    if keys.any_prefix("conditioner.embedders.0.model.") && !keys.any_prefix(SDXL_CLIP_L) {
+        return Some("an SDXL refiner, which Easel does not support yet");
+    }
+    if keys.has("emb_params") || keys.any_prefix("string_to_param") || keys.has("clip_l") {
+        return Some("a textual-inversion embedding, not a checkpoint");
+    }
+    let has_text_encoder = [SD1_CLIP, SD2_CLIP, SDXL_CLIP_L, SDXL_CLIP_G].iter().any(|p| keys.any_prefix(p));
+    if !keys.any_prefix(UNET) && !has_text_encoder && (keys.any_prefix("decoder.") || keys.any_prefix(VAE)) {
+        return Some("a VAE only: use it as a VAE override for a model (not supported yet)");
+    }
+    None
+}
+
+fn infer_unet(keys: &Keys, family: Family) -> Result<UNetConfig> {
+    let conv_in = format!("{UNET}input_blocks.0.0.weight");
+    let conv_in_dims = keys.dims(&conv_in)?;
+    if conv_in_dims.len() != 4 {
+        return Err(keys.error(format!("{conv_in} has shape {conv_in_dims:?}, expected [channels, in, 3, 3]")));
+    }
+    let (c0, in_channels) = (conv_in_dims[0], conv_in_dims[1]);
+    // Named before anything else is checked: these are complete models of another kind.
+    match in_channels {
+        4 => {}
+        9 => return Err(keys.error("this is an inpainting checkpoint (9-channel U-Net), which Easel does not run yet")),
+        n => {
+            return Err(keys.error(format!("the U-Net takes {n} input channels (e.g. instruct-pix2pix): not supported")))
+        }
+    }
+    let per_level = (1..64).find(|n| keys.has(&format!("{UNET}input_blocks.{n}.0.op.weight"))).unwrap_or(0);
+    if per_level < 2 {
+        return Err(keys.error("the U-Net is missing its input blocks (no downsampler found)"));
+    }
+    let layers = per_level - 1;
+    let last_input = keys.count(|i| format!("{UNET}input_blocks.{i}.")) - 1;
+    let levels = (last_input + 1) / per_level;
+    let mut channels = Vec::new();
+    let mut depth = Vec::new();
+    for level in 0..levels {
+        let first = 1 + level * per_level;
+        channels.push(keys.dim(&format!("{UNET}input_blocks.{first}.0.out_layers.3.weight"), 0)?);
+        depth.push(keys.count(|k| format!("{UNET}input_blocks.{first}.1.transformer_blocks.{k}.")));
+    }
+    let mid_depth = keys.count(|k| format!("{UNET}middle_block.1.transformer_blocks.{k}."));
+    let Some(attention_level) = depth.iter().position(|d| *d > 0) else {
+        return Err(keys.error("the U-Net has no attention blocks"));
+    };
+    let attn_prefix = format!("{UNET}input_blocks.{}.1.", 1 + attention_level * per_level);
+    let linear = keys.dims(&format!("{attn_prefix}proj_in.weight"))?.len() == 2;
+    let context = keys.dim(&format!("{attn_prefix}transformer_blocks.0.attn2.to_k.weight"), 1)?;
+    let heads: Vec<usize> = match family {
+        Family::Sd1 => vec![8; levels],
+        _ => channels.iter().map(|c| (c / 64).max(1)).collect(),
+    };
+    // The mid block uses the last level's depth in diffusers' config; keep that level's entry
+    // at the mid depth when the level itself has no attention (SD 2.x tiny, SDXL real).
+    let mut layers_per_level: Vec<usize> = depth.iter().map(|d| (*d).max(1)).collect();
+    if let Some(last) = layers_per_level.last_mut() {
+        if depth[levels - 1] == 0 {
+            *last = mid_depth.max(1);
+        }
+    }
+    let down: Vec<&str> = depth.iter().map(|d| if *d > 0 { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
+    let up: Vec<&str> = depth.iter().rev().map(|d| if *d > 0 { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect();
+    let mut config = json!({
+        "in_channels": in_channels,
+        "out_channels": keys.dim(&format!("{UNET}out.2.weight"), 0)?,
+        "block_out_channels": channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "layers_per_block": layers,
+        "num_attention_heads": heads,
+        "cross_attention_dim": context,
+        "transformer_layers_per_block": layers_per_level,
+        "use_linear_projection": linear,
+    });
+    if family == Family::Sdxl {
+        config["addition_embed_type"] = json!("text_time");
+        config["addition_time_embed_dim"] = json!(256);
+        config["projection_class_embeddings_input_dim"] = json!(keys.dim(&format!("{UNET}label_emb.0.0.weight"), 1)?);
+    }
+    if c0 != channels[0] {
+        return Err(keys.error("the U-Net's first block does not match its input convolution"));
+    }
+    serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the U-Net: {e}")))
+}
+
+fn infer_vae(keys: &Keys, family: Family) -> Result<VaeConfig> {
+    let levels = keys.count(|i| format!("{VAE}encoder.down.{i}."));
+    if levels == 0 {
+        return Err(keys.error("the checkpoint has no VAE (first_stage_model.*)"));
+    }
+    let channels = (0..levels)
+        .map(|i| keys.dim(&format!("{VAE}encoder.down.{i}.block.0.conv2.weight"), 0))
+        .collect::<Result<Vec<_>>>()?;
+    let layers = keys.count(|j| format!("{VAE}encoder.down.0.block.{j}."));
+    let config = json!({
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "latent_channels": keys.dim(&format!("{VAE}decoder.conv_in.weight"), 1)?,
+        "scaling_factor": if family == Family::Sdxl { 0.13025 } else { 0.18215 },
+        "force_upcast": family == Family::Sdxl,
+    });
+    serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the VAE: {e}")))
+}
+
+/// A CLIP text model in transformers' layout (OpenAI CLIP-L) under `prefix`.
+fn infer_clip_l(keys: &Keys, prefix: &str) -> Result<ClipTextConfig> {
+    let tm = format!("{prefix}text_model.");
+    let embedding = keys.dims(&format!("{tm}embeddings.token_embedding.weight"))?;
+    let hidden = embedding.get(1).copied().unwrap_or(0);
+    let config = json!({
+        "vocab_size": embedding[0],
+        "hidden_size": hidden,
+        "intermediate_size": keys.dim(&format!("{tm}encoder.layers.0.mlp.fc1.weight"), 0)?,
+        "num_hidden_layers": keys.count(|i| format!("{tm}encoder.layers.{i}.")),
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": keys.dim(&format!("{tm}embeddings.position_embedding.weight"), 0)?,
+        "hidden_act": "quick_gelu",
+    });
+    serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the text encoder: {e}")))
+}
+
+/// An OpenCLIP text tower under `prefix`; SD 2.x runs all but its last block.
+fn infer_open_clip(keys: &Keys, prefix: &str, drop_last_layer: bool) -> Result<ClipTextConfig> {
+    let embedding = keys.dims(&format!("{prefix}token_embedding.weight"))?;
+    let hidden = embedding.get(1).copied().unwrap_or(0);
+    let blocks = keys.count(|i| format!("{prefix}transformer.resblocks.{i}."));
+    let mut config = json!({
+        "vocab_size": embedding[0],
+        "hidden_size": hidden,
+        "intermediate_size": keys.dim(&format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+        "num_hidden_layers": if drop_last_layer { blocks.saturating_sub(1) } else { blocks },
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": keys.dim(&format!("{prefix}positional_embedding"), 0)?,
+        "hidden_act": "gelu",
+    });
+    if keys.has(&format!("{prefix}text_projection")) {
+        config["projection_dim"] = json!(keys.dim(&format!("{prefix}text_projection"), 1)?);
+    }
+    serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the text encoder: {e}")))
+}
+
+fn open_keys(path: &Path) -> Result<Keys<'_>> {
+    let names: HashSet<String> = validate_safetensors(path)?.into_iter().collect();
+    // SAFETY: validated above; Easel never writes model files while they are mapped.
+    let tensors = unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Model { path: path.to_path_buf(), message: e.to_string() })?;
+    Ok(Keys { path, names, tensors })
+}
+
+/// Reads a single-file checkpoint's header and works out what it is, without loading weights.
+pub fn inspect_single_file(path: &Path) -> Result<ModelInfo> {
+    let keys = open_keys(path)?;
+    if let Some(kind) = not_a_checkpoint(&keys) {
+        return Err(keys.error(format!("this file is {kind}")));
+    }
+    let family = if keys.any_prefix(SDXL_CLIP_L) && keys.any_prefix(SDXL_CLIP_G) {
+        Family::Sdxl
+    } else if keys.any_prefix(SD2_CLIP) {
+        Family::Sd2
+    } else if keys.any_prefix(SD1_CLIP) {
+        Family::Sd1
+    } else if !keys.any_prefix(UNET) {
+        return Err(keys.error("no U-Net (model.diffusion_model.*) in this file: not a Stable Diffusion checkpoint"));
+    } else {
+        return Err(
+            keys.error("the text encoder is missing or of an unknown kind: not an SD 1.x, SD 2.x or SDXL checkpoint")
+        );
+    };
+    if !keys.any_prefix(UNET) {
+        return Err(keys.error("no U-Net (model.diffusion_model.*) in this file"));
+    }
+    let unet = infer_unet(&keys, family)?;
+    let vae = infer_vae(&keys, family)?;
+    let (text_encoder, text_encoder_2, scheduler) = match family {
+        Family::Sd1 => (infer_clip_l(&keys, SD1_CLIP)?, None, SD15_SCHEDULER),
+        Family::Sd2 => (infer_open_clip(&keys, SD2_CLIP, true)?, None, SD21_SCHEDULER),
+        Family::Sdxl => {
+            (infer_clip_l(&keys, SDXL_CLIP_L)?, Some(infer_open_clip(&keys, SDXL_CLIP_G, false)?), SDXL_SCHEDULER)
+        }
+    };
+    let scheduler_json: serde_json::Value = serde_json::from_str(scheduler).map_err(|e| keys.error(e.to_string()))?;
+    let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    Ok(ModelInfo {
+        path: path.to_path_buf(),
+        name,
+        family,
+        turbo: false,
+        // Nothing in the weights marks v-prediction; SD 2.x checkpoints are the 768-v model
+        // unless named as the 512 "base" one (what A1111 and ComfyUI users rely on too).
+        prediction_type: scheduler_json
+            .get("prediction_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("epsilon")
+            .to_string(),
+        scheduler: SchedulerSource::Bundled(scheduler),
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        force_zeros_for_empty_prompt: family == Family::Sdxl,
+    })
+}
+
+fn backend(
+    path: &Path,
+    resolve: impl Fn(&str) -> Option<Source> + Send + Sync + 'static,
+) -> Result<Box<dyn candle_nn::var_builder::SimpleBackend>> {
+    // SAFETY: validated by inspect_single_file; never written while mapped.
+    let tensors = unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Model { path: path.to_path_buf(), message: e.to_string() })?;
+    Ok(Box::new(RenamingBackend::new(tensors, resolve)))
+}
+
+/// Loads a single-file checkpoint, renaming its tensors while loading.
+pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffusion> {
+    let info = inspect_single_file(path)?;
+    let names: HashSet<String> = validate_safetensors(path)?.into_iter().collect();
+    let (dtype, device) = (options.dtype, options.device.clone());
+    let wrap =
+        |what: &str, e: candle_core::Error| Error::Model { path: path.to_path_buf(), message: format!("{what}: {e}") };
+
+    let layers = info.unet.layers_per_block_count();
+    let unet_names = names.clone();
+    let unet_backend = backend(path, move |name| {
+        let ldm = ldm_unet_name(name, layers)?;
+        let full = format!("{UNET}{ldm}");
+        if full.contains(".?.") {
+            // The upsampler follows the attention when the block has one.
+            let after_attention = full.replace(".?.", ".2.");
+            let full = if unet_names.contains(&after_attention) { after_attention } else { full.replace(".?.", ".1.") };
+            return Some(Source::Plain(full));
+        }
+        Some(Source::Plain(full))
+    })?;
+    let unet =
+        UNet2DConditionModel::new(VarBuilder::from_backend(unet_backend, dtype, device.clone()), info.unet.clone())
+            .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
+
+    let levels = info.vae.block_out_channels.len();
+    let vae_backend = backend(path, move |name| {
+        Some(match ldm_vae_source(name, levels)? {
+            Source::Plain(s) => Source::Plain(format!("{VAE}{s}")),
+            Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{VAE}{s}")),
+            other => other,
+        })
+    })?;
+    let vae =
+        VaeDecoder::new(VarBuilder::from_backend(vae_backend, options.vae_dtype, device.clone()), info.vae.clone())
+            .map_err(|e| wrap("the VAE does not match its inferred shape", e))?;
+
+    let prefixed = |prefix: &'static str| move |name: &str| Some(Source::Plain(format!("{prefix}{name}")));
+    let open_clip = |prefix: &'static str| {
+        move |name: &str| {
+            Some(match open_clip_source(name)? {
+                Source::Plain(s) => Source::Plain(format!("{prefix}{s}")),
+                Source::QkvPart { name, index } => Source::QkvPart { name: format!("{prefix}{name}"), index },
+                Source::Transposed(s) => Source::Transposed(format!("{prefix}{s}")),
+                other => other,
+            })
+        }
+    };
+    let (te1, te2) = match info.family {
+        Family::Sd1 => (backend(path, prefixed(SD1_CLIP))?, None),
+        Family::Sd2 => (backend(path, open_clip(SD2_CLIP))?, None),
+        Family::Sdxl => (backend(path, prefixed(SDXL_CLIP_L))?, Some(backend(path, open_clip(SDXL_CLIP_G))?)),
+    };
+    let text_encoder =
+        ClipTextModel::new(VarBuilder::from_backend(te1, dtype, device.clone()), info.text_encoder.clone(), false)
+            .map_err(|e| wrap("the text encoder does not match its inferred shape", e))?;
+    let text_encoder_2 = match (te2, &info.text_encoder_2) {
+        (Some(backend), Some(config)) => Some(
+            ClipTextModel::new(VarBuilder::from_backend(backend, dtype, device.clone()), config.clone(), true)
+                .map_err(|e| wrap("the second text encoder does not match its inferred shape", e))?,
+        ),
+        _ => None,
+    };
+    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options })
+}

@@ -1,0 +1,129 @@
+//! Single-file checkpoints in the original LDM layout (tests/fixtures/single_file, made by
+//! scripts/make_single_file_fixtures.py and committed gzipped) against diffusers'
+//! `from_single_file` on the same files: same family and architecture, same numbers.
+
+mod common;
+
+use std::io::Read;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use easel_engine::models::{inspect_model, Family, LoadOptions};
+use easel_engine::pipeline::{GenerationRequest, Pipeline};
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::SamplerId;
+
+/// Unpacks `<name>.safetensors.gz` into `dir`.
+fn unpack(name: &str, dir: &Path) -> PathBuf {
+    let gz = fixtures().join("single_file").join(format!("{name}.safetensors.gz"));
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()).read_to_end(&mut bytes).unwrap();
+    let path = dir.join(format!("{name}.safetensors"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn reference(name: &str) -> Reference {
+    let dir = fixtures().join("single_file/reference");
+    let json = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &candle_core::Device::Cpu).unwrap();
+    Reference { json, tensors }
+}
+
+#[test]
+fn single_files_match_diffusers_from_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, family) in [("sd1-single", Family::Sd1), ("sd2v-single", Family::Sd2), ("sdxl-single", Family::Sdxl)] {
+        let path = unpack(name, dir.path());
+        let r = reference(name);
+        let info = inspect_model(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(info.family, family, "{name}");
+        assert_eq!(info.prediction_type, r.str("prediction_type"), "{name}");
+        let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        let cond = pipeline.encode_text(r.str("prompt"), r.str("negative_prompt")).unwrap();
+        assert_close(&format!("{name} uncond"), &cond.context.narrow(0, 0, 1).unwrap(), r.tensor("text.uncond"), 1e-5);
+        assert_close(&format!("{name} cond"), &cond.context.narrow(0, 1, 1).unwrap(), r.tensor("text.cond"), 1e-5);
+
+        let sd = pipeline.model();
+        let added = match family {
+            Family::Sdxl => Some(easel_engine::models::unet::AddedCond {
+                text_embeds: r.tensor("unet.text_embeds"),
+                time_ids: r.tensor("unet.time_ids"),
+            }),
+            _ => None,
+        };
+        let out = sd
+            .unet
+            .forward(
+                r.tensor("unet.sample"),
+                r.f64("unet.timestep") as f32,
+                r.tensor("unet.encoder_hidden_states"),
+                added,
+            )
+            .unwrap();
+        assert_close(&format!("{name} unet"), &out, r.tensor("unet.out"), 1e-5);
+
+        let image = pipeline.decode_latents(r.tensor("euler.latents")).unwrap();
+        assert_close(&format!("{name} vae"), &image, r.tensor("vae.image"), 1e-5);
+
+        let request = GenerationRequest {
+            prompt: r.str("prompt").into(),
+            negative_prompt: r.str("negative_prompt").into(),
+            steps: r.f64("steps") as usize,
+            guidance_scale: r.f64("guidance_scale"),
+            seed: r.f64("seed") as u64,
+            width: r.f64("width") as usize,
+            height: r.f64("height") as usize,
+            sampler: SamplerId::Euler,
+            rng: RngKind::Cpu,
+        };
+        let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
+        assert_close(&format!("{name} euler latents"), &latents, r.tensor("euler.latents"), 2e-5);
+    }
+}
+
+#[test]
+fn bf16_and_pruned_files_load_like_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = reference("sd1-single");
+    for name in ["sd1-single-bf16", "sd1-single-pruned"] {
+        let path = unpack(name, dir.path());
+        let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cond = pipeline.encode_text(r.str("prompt"), r.str("negative_prompt")).unwrap();
+        assert_close(&format!("{name} cond"), &cond.context.narrow(0, 1, 1).unwrap(), r.tensor("text.cond"), 1e-5);
+        let out = pipeline
+            .model()
+            .unet
+            .forward(r.tensor("unet.sample"), 500.0, r.tensor("unet.encoder_hidden_states"), None)
+            .unwrap();
+        assert_close(&format!("{name} unet"), &out, r.tensor("unet.out"), 1e-5);
+    }
+}
+
+#[test]
+fn inpainting_and_wrong_kinds_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let inpaint = unpack("sd1-single-inpaint", dir.path());
+    let err = inspect_model(&inpaint).unwrap_err().to_string();
+    assert!(err.contains("inpainting"), "{err}");
+
+    let bad = fixtures().join("bad");
+    for (file, words) in [
+        ("lora.safetensors", "LoRA"),
+        ("controlnet.safetensors", "ControlNet"),
+        ("unsupported-sd3.safetensors", "Stable Diffusion 3"),
+        ("unsupported-sdxl-refiner.safetensors", "refiner"),
+        ("vae-only.safetensors", "VAE"),
+        ("textual-inversion.safetensors", "textual-inversion"),
+        ("missing-unet.safetensors", "U-Net"),
+        ("unsupported-in-channels-8.safetensors", "input channels"),
+        ("unet-conv-in-wrong-rank.safetensors", "input_blocks.0.0.weight"),
+        ("unet-incomplete.safetensors", "missing"),
+    ] {
+        let err = inspect_model(&bad.join(file)).expect_err(file).to_string();
+        assert!(err.contains(words), "{file}: {err}");
+    }
+}
