@@ -194,7 +194,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let params = request.to_params(Some(&info.name), None);
+    let model_hash = crate::worker::model_hash(&args.model);
+    let params = request.to_params(Some(&info.name), model_hash.as_deref());
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;
     println!("{}", output.display());

@@ -121,6 +121,7 @@ impl Worker {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let state = WorkerState {
             pipeline: None,
+            model_hash: None,
             events: event_tx,
             repaint,
             cancel: cancel.clone(),
@@ -158,6 +159,8 @@ impl Drop for Worker {
 
 struct WorkerState {
     pipeline: Option<Pipeline>,
+    /// AUTOMATIC1111's short hash of the loaded checkpoint file, for the PNG metadata.
+    model_hash: Option<String>,
     events: Sender<Event>,
     repaint: Box<dyn Fn() + Send>,
     cancel: Arc<AtomicU64>,
@@ -184,6 +187,7 @@ impl WorkerState {
         self.emit(Event::ModelLoading { path: path.clone() });
         // Free the old model first: two SDXL models at once may not fit in memory.
         self.pipeline = None;
+        self.model_hash = None;
         let started = Instant::now();
         let options = match easel_engine::device::load_options(Default::default()) {
             Ok(options) => options,
@@ -193,6 +197,7 @@ impl WorkerState {
             Ok(pipeline) => {
                 let model = ModelSummary::from_info(pipeline.info());
                 self.pipeline = Some(pipeline);
+                self.model_hash = model_hash(&path);
                 self.emit(Event::ModelLoaded { model, seconds: started.elapsed().as_secs_f64() });
             }
             Err(e) => self.emit(Event::ModelFailed { path, error: e.to_string() }),
@@ -234,7 +239,7 @@ impl WorkerState {
             Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
         };
         let info = pipeline.info();
-        let parameters = request.to_params(Some(&info.name), None).to_infotext();
+        let parameters = request.to_params(Some(&info.name), self.model_hash.as_deref()).to_infotext();
         let saved =
             save_dir.map(|dir| save_numbered(&dir, &image, &parameters, request.seed).map_err(|e| e.to_string()));
         let seconds = started.elapsed().as_secs_f64();
@@ -277,4 +282,18 @@ fn next_image_number(dir: &Path) -> u64 {
         .max()
         .map(|n| n + 1)
         .unwrap_or(0)
+}
+
+/// Where model hashes are cached, shared by the window and the CLI.
+pub fn hash_cache_path() -> PathBuf {
+    dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("easel").join("model-hashes.json")
+}
+
+/// AUTOMATIC1111's short hash for single-file checkpoints (a folder has no single file to hash).
+/// A failure only leaves the hash out of the metadata.
+pub fn model_hash(model: &Path) -> Option<String> {
+    if !model.is_file() {
+        return None;
+    }
+    easel_engine::models::hash::HashCache::open(hash_cache_path()).a1111_hash(model).ok()
 }

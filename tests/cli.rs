@@ -224,4 +224,19 @@ fn generate_from_a_single_file_checkpoint() {
     assert!(stderr(&out).contains("SDXL"), "{}", stderr(&out));
     let params = parse_infotext(&read_png_parameters(&out_path).unwrap().unwrap()).unwrap();
     assert_eq!(params.model.as_deref(), Some("sdxl-single"));
+    let sha = easel_engine::models::hash::sha256_file(&checkpoint).unwrap();
+    assert_eq!(params.model_hash.as_deref(), Some(&sha[..10]), "A1111's short model hash");
+}
+
+#[test]
+fn pickle_checkpoints_are_refused_without_being_unpickled() {
+    let marker = std::path::Path::new("/tmp/easel-bad-pickle-was-unpickled");
+    let _ = std::fs::remove_file(marker);
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["pickle-os-system.ckpt", "pickle-os-system-torchzip.ckpt"] {
+        let out = generate(&common::fixtures().join("bad").join(name), &dir.path().join("x.png"), &[]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("pickle"), "{}", stderr(&out));
+    }
+    assert!(!marker.exists(), "the pickle's payload must never run");
 }

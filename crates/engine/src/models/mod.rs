@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod clip;
+pub mod hash;
 pub mod nn;
 pub mod resnet;
 pub mod safetensors_check;
@@ -327,6 +328,16 @@ fn load_component<T>(
 
 /// Reads what a model path holds without loading weights: a diffusers folder or a single file.
 pub fn inspect_model(path: &Path) -> Result<ModelInfo> {
+    let extension = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    if path.is_file() && matches!(extension.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
+        // Never unpickled: a pickle can run any code while it is being read.
+        return Err(model_error(
+            path,
+            "this is a pickle-based checkpoint (.ckpt/.pt/.bin), which can run code when opened, so Easel does not \
+             read it. Use the .safetensors version of the model (most are published as both), or convert it \
+             once with a trusted tool",
+        ));
+    }
     if path.is_file() {
         single_file::inspect_single_file(path)
     } else {
