@@ -211,13 +211,8 @@ fn bench_reports_every_part_as_json() {
 
 #[test]
 fn generate_from_a_single_file_checkpoint() {
-    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let checkpoint = dir.path().join("sdxl-single.safetensors");
-    let gz = common::fixtures().join("single_file/sdxl-single.safetensors.gz");
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()).read_to_end(&mut bytes).unwrap();
-    std::fs::write(&checkpoint, bytes).unwrap();
+    let checkpoint = common::unpack_single_file("sdxl-single", dir.path());
     let out_path = dir.path().join("xl.png");
     let out = generate(&checkpoint, &out_path, &["--steps", "2", "--seed", "3"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -4,25 +4,13 @@
 
 mod common;
 
-use std::io::Read;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 
 use common::*;
 use easel_engine::models::{inspect_model, Family, LoadOptions};
 use easel_engine::pipeline::{GenerationRequest, Pipeline};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::SamplerId;
-
-/// Unpacks `<name>.safetensors.gz` into `dir`.
-fn unpack(name: &str, dir: &Path) -> PathBuf {
-    let gz = fixtures().join("single_file").join(format!("{name}.safetensors.gz"));
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()).read_to_end(&mut bytes).unwrap();
-    let path = dir.join(format!("{name}.safetensors"));
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
 
 fn reference(name: &str) -> Reference {
     let dir = fixtures().join("single_file/reference");
@@ -36,7 +24,7 @@ fn reference(name: &str) -> Reference {
 fn single_files_match_diffusers_from_single_file() {
     let dir = tempfile::tempdir().unwrap();
     for (name, family) in [("sd1-single", Family::Sd1), ("sd2v-single", Family::Sd2), ("sdxl-single", Family::Sdxl)] {
-        let path = unpack(name, dir.path());
+        let path = unpack_single_file(name, dir.path());
         let r = reference(name);
         let info = inspect_model(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(info.family, family, "{name}");
@@ -90,7 +78,7 @@ fn bf16_and_pruned_files_load_like_the_original() {
     let dir = tempfile::tempdir().unwrap();
     let r = reference("sd1-single");
     for name in ["sd1-single-bf16", "sd1-single-pruned"] {
-        let path = unpack(name, dir.path());
+        let path = unpack_single_file(name, dir.path());
         let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let cond = pipeline.encode_text(r.str("prompt"), r.str("negative_prompt")).unwrap();
         assert_close(&format!("{name} cond"), &cond.context.narrow(0, 1, 1).unwrap(), r.tensor("text.cond"), 1e-5);
@@ -106,7 +94,7 @@ fn bf16_and_pruned_files_load_like_the_original() {
 #[test]
 fn inpainting_and_wrong_kinds_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let inpaint = unpack("sd1-single-inpaint", dir.path());
+    let inpaint = unpack_single_file("sd1-single-inpaint", dir.path());
     let err = inspect_model(&inpaint).unwrap_err().to_string();
     assert!(err.contains("inpainting"), "{err}");
 

@@ -93,3 +93,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Unpacks the gzipped single-file fixture `<name>.safetensors.gz` into `dir`.
+pub fn unpack_single_file(name: &str, dir: &Path) -> PathBuf {
+    use std::io::Read;
+    let gz = fixtures().join("single_file").join(format!("{name}.safetensors.gz"));
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()).read_to_end(&mut bytes).unwrap();
+    let path = dir.join(format!("{name}.safetensors"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}

@@ -223,18 +223,26 @@ fn infer_open_clip(keys: &Keys, prefix: &str, drop_last_layer: bool) -> Result<C
     serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the text encoder: {e}")))
 }
 
+/// Maps a file that `validate_safetensors` accepted.
+fn map_validated(path: &Path) -> Result<MmapedSafetensors> {
+    // SAFETY: the caller validated the file; Easel never writes model files while they are mapped.
+    unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| Error::Model { path: path.to_path_buf(), message: e.to_string() })
+}
+
 fn open_keys(path: &Path) -> Result<Keys<'_>> {
     let names: HashSet<String> = validate_safetensors(path)?.into_iter().collect();
-    // SAFETY: validated above; Easel never writes model files while they are mapped.
-    let tensors = unsafe { MmapedSafetensors::new(path) }
-        .map_err(|e| Error::Model { path: path.to_path_buf(), message: e.to_string() })?;
-    Ok(Keys { path, names, tensors })
+    Ok(Keys { path, names, tensors: map_validated(path)? })
 }
 
 /// Reads a single-file checkpoint's header and works out what it is, without loading weights.
 pub fn inspect_single_file(path: &Path) -> Result<ModelInfo> {
-    let keys = open_keys(path)?;
-    if let Some(kind) = not_a_checkpoint(&keys) {
+    inspect_keys(&open_keys(path)?)
+}
+
+fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
+    let path = keys.path;
+    if let Some(kind) = not_a_checkpoint(keys) {
         return Err(keys.error(format!("this file is {kind}")));
     }
     let family = if keys.any_prefix(SDXL_CLIP_L) && keys.any_prefix(SDXL_CLIP_G) {
@@ -253,13 +261,13 @@ pub fn inspect_single_file(path: &Path) -> Result<ModelInfo> {
     if !keys.any_prefix(UNET) {
         return Err(keys.error("no U-Net (model.diffusion_model.*) in this file"));
     }
-    let unet = infer_unet(&keys, family)?;
-    let vae = infer_vae(&keys, family)?;
+    let unet = infer_unet(keys, family)?;
+    let vae = infer_vae(keys, family)?;
     let (text_encoder, text_encoder_2, scheduler) = match family {
-        Family::Sd1 => (infer_clip_l(&keys, SD1_CLIP)?, None, SD15_SCHEDULER),
-        Family::Sd2 => (infer_open_clip(&keys, SD2_CLIP, true)?, None, SD21_SCHEDULER),
+        Family::Sd1 => (infer_clip_l(keys, SD1_CLIP)?, None, SD15_SCHEDULER),
+        Family::Sd2 => (infer_open_clip(keys, SD2_CLIP, true)?, None, SD21_SCHEDULER),
         Family::Sdxl => {
-            (infer_clip_l(&keys, SDXL_CLIP_L)?, Some(infer_open_clip(&keys, SDXL_CLIP_G, false)?), SDXL_SCHEDULER)
+            (infer_clip_l(keys, SDXL_CLIP_L)?, Some(infer_open_clip(keys, SDXL_CLIP_G, false)?), SDXL_SCHEDULER)
         }
     };
     let scheduler_json: serde_json::Value = serde_json::from_str(scheduler).map_err(|e| keys.error(e.to_string()))?;
@@ -289,16 +297,14 @@ fn backend(
     path: &Path,
     resolve: impl Fn(&str) -> Option<Source> + Send + Sync + 'static,
 ) -> Result<Box<dyn candle_nn::var_builder::SimpleBackend>> {
-    // SAFETY: validated by inspect_single_file; never written while mapped.
-    let tensors = unsafe { MmapedSafetensors::new(path) }
-        .map_err(|e| Error::Model { path: path.to_path_buf(), message: e.to_string() })?;
-    Ok(Box::new(RenamingBackend::new(tensors, resolve)))
+    Ok(Box::new(RenamingBackend::new(map_validated(path)?, resolve)))
 }
 
 /// Loads a single-file checkpoint, renaming its tensors while loading.
 pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffusion> {
-    let info = inspect_single_file(path)?;
-    let names: HashSet<String> = validate_safetensors(path)?.into_iter().collect();
+    let keys = open_keys(path)?;
+    let info = inspect_keys(&keys)?;
+    let names = keys.names;
     let (dtype, device) = (options.dtype, options.device.clone());
     let wrap =
         |what: &str, e: candle_core::Error| Error::Model { path: path.to_path_buf(), message: format!("{what}: {e}") };
