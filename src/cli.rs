@@ -32,6 +32,21 @@ pub enum Command {
     /// Time text encoding, a U-Net step (with and without CFG), the VAE decode, a whole
     /// generation and peak memory; prints a table (and JSON with --json).
     Bench(BenchArgs),
+    /// Models on this machine (Hugging Face cache, a models folder).
+    Models {
+        #[command(subcommand)]
+        action: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// List the models in the Hugging Face cache (shared with diffusers) and in a models folder.
+    List {
+        /// A folder of checkpoints and diffusers folders to list too.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +120,7 @@ pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench(args),
+        Command::Models { action: ModelsCommand::List { dir } } => list_models(dir.as_deref()),
     }
 }
 
@@ -237,6 +253,40 @@ fn bench(args: BenchArgs) -> Result<()> {
         json["model_load_s"] = serde_json::json!(load_s);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn list_models(dir: Option<&Path>) -> Result<()> {
+    use easel_engine::models::library::{hf_cache_dir, scan_hf_cache, scan_models_folder, LocalModel};
+    let print = |models: &[LocalModel]| {
+        for m in models {
+            let kind = match (m.family, m.turbo) {
+                (Some(family), true) => format!("{family} Turbo"),
+                (Some(family), false) => family.to_string(),
+                (None, _) => "unusable".to_string(),
+            };
+            println!("  {:<44} {:<11} {:>7.2} GB  {}", m.name, kind, m.size_bytes as f64 / 1e9, m.path.display());
+            if let Some(problem) = &m.problem {
+                println!("      {problem}");
+            }
+        }
+    };
+    match hf_cache_dir() {
+        Some(cache) => {
+            let models = scan_hf_cache(&cache);
+            println!("Hugging Face cache ({}): {} model(s)", cache.display(), models.len());
+            print(&models);
+        }
+        None => println!("Hugging Face cache: no home folder to look in"),
+    }
+    if let Some(dir) = dir {
+        if !dir.is_dir() {
+            bail!("{} is not a folder", dir.display());
+        }
+        let models = scan_models_folder(dir);
+        println!("{}: {} model(s)", dir.display(), models.len());
+        print(&models);
     }
     Ok(())
 }

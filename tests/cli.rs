@@ -235,3 +235,20 @@ fn pickle_checkpoints_are_refused_without_being_unpickled() {
     }
     assert!(!marker.exists(), "the pickle's payload must never run");
 }
+
+#[test]
+fn models_list_shows_the_hf_cache_and_a_models_folder() {
+    let cache = tempfile::tempdir().unwrap();
+    common::copy_dir(&model_dir("sd2v-tiny"), &cache.path().join("models--stabilityai--tiny-sd2/snapshots/abc123"));
+    let folder = tempfile::tempdir().unwrap();
+    common::unpack_single_file("sd1-single", folder.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(["models", "list", "--dir", folder.path().to_str().unwrap()])
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("stabilityai/tiny-sd2") && stdout.contains("SD 2.x"), "{stdout}");
+    assert!(stdout.contains("sd1-single.safetensors") && stdout.contains("SD 1.x"), "{stdout}");
+}

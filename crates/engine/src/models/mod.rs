@@ -4,6 +4,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod hash;
+pub mod library;
 pub mod nn;
 pub mod resnet;
 pub mod safetensors_check;
