@@ -114,6 +114,9 @@ pub struct GenerateArgs {
     /// auto, cpu, cuda or metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Use this VAE instead of the model's own: a diffusers `vae/` folder or a .safetensors file.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -166,7 +169,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     check_output(&output, args.overwrite)?;
 
     let load_start = Instant::now();
-    let options = load_options(device)?;
+    let options = easel_engine::models::LoadOptions { vae_override: args.vae.clone(), ..load_options(device)? };
     let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
     eprintln!(
         "loaded {} model \"{}\" in {:.1} s; seed {seed}, {} steps of {}, guidance {}, {}x{}",
@@ -211,7 +214,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 
     let model_hash = crate::worker::model_hash(&args.model);
-    let params = request.to_params(Some(&info.name), model_hash.as_deref());
+    let mut params = request.to_params(Some(&info.name), model_hash.as_deref());
+    params.vae = args.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;
     println!("{}", output.display());

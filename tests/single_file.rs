@@ -115,3 +115,30 @@ fn inpainting_and_wrong_kinds_are_named() {
         assert!(err.contains(words), "{file}: {err}");
     }
 }
+
+#[test]
+fn a_vae_override_replaces_the_models_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = unpack_single_file("sd1-single", dir.path());
+    let r = reference("sd1-single");
+    let latents = r.tensor("euler.latents");
+    let own = Pipeline::load(&checkpoint, LoadOptions::default()).unwrap().decode_latents(latents).unwrap();
+
+    // The same VAE as a standalone file in the original naming (as vae-ft-mse-… is shipped).
+    let all = candle_core::safetensors::load(&checkpoint, &candle_core::Device::Cpu).unwrap();
+    let vae: std::collections::HashMap<String, candle_core::Tensor> =
+        all.into_iter().filter_map(|(k, v)| k.strip_prefix("first_stage_model.").map(|k| (k.to_string(), v))).collect();
+    let vae_file = dir.path().join("vae.safetensors");
+    candle_core::safetensors::save(&vae, &vae_file).unwrap();
+    for override_path in [vae_file.clone(), checkpoint.clone()] {
+        let options = LoadOptions { vae_override: Some(override_path.clone()), ..LoadOptions::default() };
+        let decoded = Pipeline::load(&checkpoint, options).unwrap().decode_latents(latents).unwrap();
+        assert_close(&format!("override {}", override_path.display()), &decoded, &own, 0.0);
+    }
+
+    // A VAE from another model with other latent channels or a broken file is refused clearly.
+    let lora = fixtures().join("bad/lora.safetensors");
+    let options = LoadOptions { vae_override: Some(lora), ..LoadOptions::default() };
+    let err = Pipeline::load(&checkpoint, options).err().expect("a LoRA is no VAE").to_string();
+    assert!(err.contains("not a VAE"), "{err}");
+}

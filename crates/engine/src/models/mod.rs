@@ -295,11 +295,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// The VAE's dtype; f32 unless the caller knows f16 is safe for this VAE.
     pub vae_dtype: DType,
+    /// A VAE to use instead of the model's own: a diffusers `vae/` folder or a `.safetensors` file.
+    pub vae_override: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, vae_dtype: DType::F32 }
+        Self { device: Device::Cpu, dtype: DType::F32, vae_dtype: DType::F32, vae_override: None }
     }
 }
 
@@ -349,11 +351,27 @@ pub fn inspect_model(path: &Path) -> Result<ModelInfo> {
 impl StableDiffusion {
     /// Loads a diffusers folder or a single-file checkpoint.
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
-        if path.is_file() {
-            single_file::load_single_file(path, options)
+        let override_path = options.vae_override.clone();
+        let mut model = if path.is_file() {
+            single_file::load_single_file(path, options)?
         } else {
-            Self::load_diffusers(path, options)
+            Self::load_diffusers(path, options)?
+        };
+        if let Some(vae_path) = override_path {
+            // The pipeline scales latents and sizes images by the VAE actually in use.
+            let config = model.vae.config().clone();
+            if config.latent_channels != model.info.unet.out_channels {
+                return Err(model_error(
+                    &vae_path,
+                    format!(
+                        "this VAE has {} latent channels, the model {}: they do not belong together",
+                        config.latent_channels, model.info.unet.out_channels
+                    ),
+                ));
+            }
+            model.info.vae = config;
         }
+        Ok(model)
     }
 
     pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
@@ -378,7 +396,30 @@ impl StableDiffusion {
 
 /// Loads (or reloads, e.g. in f32 after an f16 overflow) the VAE decoder of a model.
 pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
+    if let Some(path) = &options.vae_override {
+        return load_vae_override(path, info.family, options);
+    }
+    if info.path.is_file() {
+        return single_file::load_checkpoint_vae(info, options);
+    }
     load_component(&info.path, "vae", "diffusion_pytorch_model", options.vae_dtype, &options.device, |vb| {
         VaeDecoder::new(vb, info.vae.clone())
     })
+}
+
+/// A replacement VAE: a diffusers `vae/` folder (config.json + weights) or a single file in
+/// either naming (original `encoder.*`/`decoder.*`, with or without `first_stage_model.`, or
+/// diffusers' names as in madebyollin/sdxl-vae-fp16-fix).
+pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> Result<VaeDecoder> {
+    if path.is_dir() {
+        let config: VaeConfig = read_json(&path.join("config.json"))?;
+        let files = component_weights(path, "diffusion_pytorch_model")?;
+        let vb = var_builder(&files, options.vae_dtype, &options.device)?;
+        return VaeDecoder::new(vb, config)
+            .map_err(|e| model_error(path, format!("weights do not match the config: {e}")));
+    }
+    if !path.is_file() {
+        return Err(model_error(path, "no such VAE file or folder"));
+    }
+    single_file::load_vae_file(path, family, options)
 }

@@ -326,17 +326,7 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         UNet2DConditionModel::new(VarBuilder::from_backend(unet_backend, dtype, device.clone()), info.unet.clone())
             .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
 
-    let levels = info.vae.block_out_channels.len();
-    let vae_backend = backend(path, move |name| {
-        Some(match ldm_vae_source(name, levels)? {
-            Source::Plain(s) => Source::Plain(format!("{VAE}{s}")),
-            Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{VAE}{s}")),
-            other => other,
-        })
-    })?;
-    let vae =
-        VaeDecoder::new(VarBuilder::from_backend(vae_backend, options.vae_dtype, device.clone()), info.vae.clone())
-            .map_err(|e| wrap("the VAE does not match its inferred shape", e))?;
+    let vae = super::load_vae(&info, &options)?;
 
     let prefixed = |prefix: &'static str| move |name: &str| Some(Source::Plain(format!("{prefix}{name}")));
     let open_clip = |prefix: &'static str| {
@@ -365,4 +355,74 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         _ => None,
     };
     Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options })
+}
+
+/// The VAE inside a single-file checkpoint (also used to redo a decode in f32).
+pub fn load_checkpoint_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
+    let levels = info.vae.block_out_channels.len();
+    let path = info.path.as_path();
+    let vae_backend = backend(path, move |name| {
+        Some(match ldm_vae_source(name, levels)? {
+            Source::Plain(s) => Source::Plain(format!("{VAE}{s}")),
+            Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{VAE}{s}")),
+            other => other,
+        })
+    })?;
+    VaeDecoder::new(VarBuilder::from_backend(vae_backend, options.vae_dtype, options.device.clone()), info.vae.clone())
+        .map_err(|e| Error::Model {
+            path: path.to_path_buf(),
+            message: format!("the VAE does not match its inferred shape: {e}"),
+        })
+}
+
+/// A standalone VAE file, in the original naming (optionally under `first_stage_model.`) or in
+/// diffusers' naming; its shape is inferred, its scaling factor is the family's.
+pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Result<VaeDecoder> {
+    let keys = open_keys(path)?;
+    let prefix = if keys.any_prefix(VAE) { VAE } else { "" };
+    let diffusers_names = keys.any_prefix("decoder.up_blocks.");
+    if !keys.any_prefix(&format!("{prefix}decoder.")) {
+        return Err(keys.error("not a VAE: no decoder.* tensors"));
+    }
+    let config = if diffusers_names {
+        let levels = keys.count(|i| format!("decoder.up_blocks.{i}."));
+        let mut channels = (0..levels)
+            .map(|i| keys.dim(&format!("decoder.up_blocks.{i}.resnets.0.conv2.weight"), 0))
+            .collect::<Result<Vec<_>>>()?;
+        channels.reverse();
+        let layers = keys.count(|j| format!("decoder.up_blocks.0.resnets.{j}.")).saturating_sub(1);
+        vae_config(&keys, channels, layers, keys.dim("decoder.conv_in.weight", 1)?, family)?
+    } else {
+        let levels = keys.count(|i| format!("{prefix}decoder.up.{i}."));
+        let channels = (0..levels)
+            .map(|i| keys.dim(&format!("{prefix}decoder.up.{i}.block.0.conv2.weight"), 0))
+            .collect::<Result<Vec<_>>>()?;
+        let layers = keys.count(|j| format!("{prefix}decoder.up.0.block.{j}.")).saturating_sub(1);
+        vae_config(&keys, channels, layers, keys.dim(&format!("{prefix}decoder.conv_in.weight"), 1)?, family)?
+    };
+    let vb = if diffusers_names {
+        super::var_builder(&[path.to_path_buf()], options.vae_dtype, &options.device)?
+    } else {
+        let levels = config.block_out_channels.len();
+        let vae_backend = backend(path, move |name| {
+            Some(match ldm_vae_source(name, levels)? {
+                Source::Plain(s) => Source::Plain(format!("{prefix}{s}")),
+                Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{prefix}{s}")),
+                other => other,
+            })
+        })?;
+        VarBuilder::from_backend(vae_backend, options.vae_dtype, options.device.clone())
+    };
+    VaeDecoder::new(vb, config).map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {e}")))
+}
+
+fn vae_config(keys: &Keys, channels: Vec<usize>, layers: usize, latent: usize, family: Family) -> Result<VaeConfig> {
+    let config = json!({
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "latent_channels": latent,
+        "scaling_factor": if family == Family::Sdxl { 0.13025 } else { 0.18215 },
+        "force_upcast": family == Family::Sdxl,
+    });
+    serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the VAE: {e}")))
 }
