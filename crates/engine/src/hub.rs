@@ -476,7 +476,7 @@ impl Downloader {
                 .and_then(|s| s.trim().parse::<u64>().ok());
             let location = header(&resp, "location").map(|l| join_url(&url, l));
             match status {
-                200..=299 | 300..=399 if etag.is_some() => {
+                200..=399 if etag.is_some() => {
                     let (Some(etag), Some(size)) = (etag, size) else {
                         return Err(Error::HubHttp { url, message: "no file size in the answer".to_string() });
                     };
@@ -492,6 +492,7 @@ impl Downloader {
                     Some(l) => url = l,
                     None => return Err(Error::HubHttp { url, message: "redirect without Location".to_string() }),
                 },
+                200..=299 => return Err(Error::HubHttp { url, message: "no ETag in the answer".to_string() }),
                 _ => return Err(self.status_error(repo, path, &url, status)),
             }
         }
