@@ -32,6 +32,36 @@ pub enum Error {
     #[error("{path}: PNG: {message}")]
     Png { path: PathBuf, message: String },
 
+    #[error(
+        "cannot reach the Hugging Face Hub at {endpoint} (offline?): {message}. \
+         Models already in the cache still work; connect and try again to download"
+    )]
+    HubOffline { endpoint: String, message: String },
+
+    #[error(
+        "{repo}: access denied (HTTP {status}): the repository is gated or private{}. \
+         Accept its licence on its Hugging Face page while logged in, create a read token at \
+         https://huggingface.co/settings/tokens, then set it in the HF_TOKEN environment variable \
+         or run `huggingface-cli login` (it saves the token where Easel finds it)",
+        if *token_set { " and the token given has no access to it" } else { ", and no token is set" }
+    )]
+    HubGated { repo: String, status: u16, token_set: bool },
+
+    #[error("{repo}: not found on the Hugging Face Hub: {what}")]
+    HubNotFound { repo: String, what: String },
+
+    #[error(
+        "{file}: download size mismatch: expected {expected} bytes, received {received}; \
+         the partial file was deleted, try again"
+    )]
+    HubSizeMismatch { file: String, expected: u64, received: u64 },
+
+    #[error("{file}: download interrupted ({message}); the partial file is kept: download again to resume")]
+    HubInterrupted { file: String, message: String },
+
+    #[error("{url}: {message}")]
+    HubHttp { url: String, message: String },
+
     #[error("cancelled")]
     Cancelled,
 

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod metadata;
 pub mod models;
 pub mod pipeline;
