@@ -41,6 +41,14 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
+    /// Download a curated model (sd15, sd21, sdxl, sd-turbo, sdxl-turbo) into the Hugging Face
+    /// cache; an interrupted download resumes where it stopped.
+    Download {
+        /// A curated id, or any diffusers repository as org/name.
+        name: String,
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
     /// List the models in the Hugging Face cache (shared with diffusers) and in a models folder.
     List {
         /// A folder of checkpoints and diffusers folders to list too.
@@ -124,6 +132,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench(args),
         Command::Models { action: ModelsCommand::List { dir } } => list_models(dir.as_deref()),
+        Command::Models { action: ModelsCommand::Download { name, revision } } => download_model(&name, &revision),
     }
 }
 
@@ -262,7 +271,7 @@ fn bench(args: BenchArgs) -> Result<()> {
 }
 
 fn list_models(dir: Option<&Path>) -> Result<()> {
-    use easel_engine::models::library::{hf_cache_dir, scan_hf_cache, scan_models_folder, LocalModel};
+    use easel_engine::models::library::{scan_hf_cache, scan_models_folder, LocalModel};
     let print = |models: &[LocalModel]| {
         for m in models {
             let kind = match (m.family, m.turbo) {
@@ -276,13 +285,13 @@ fn list_models(dir: Option<&Path>) -> Result<()> {
             }
         }
     };
-    match hf_cache_dir() {
-        Some(cache) => {
-            let models = scan_hf_cache(&cache);
-            println!("Hugging Face cache ({}): {} model(s)", cache.display(), models.len());
-            print(&models);
-        }
-        None => println!("Hugging Face cache: no home folder to look in"),
+    let cache = easel_engine::hub::default_cache_dir();
+    let models = scan_hf_cache(&cache);
+    println!("Hugging Face cache ({}): {} model(s)", cache.display(), models.len());
+    print(&models);
+    println!("Downloadable (easel models download ID):");
+    for m in easel_engine::hub::CURATED {
+        println!("  {:<12} {:<44} {}", m.id, m.repo, m.title);
     }
     if let Some(dir) = dir {
         if !dir.is_dir() {
@@ -292,5 +301,45 @@ fn list_models(dir: Option<&Path>) -> Result<()> {
         println!("{}: {} model(s)", dir.display(), models.len());
         print(&models);
     }
+    Ok(())
+}
+
+fn download_model(name: &str, revision: &str) -> Result<()> {
+    let repo = match easel_engine::hub::curated(name) {
+        Some(model) => model.repo.to_string(),
+        None if name.contains('/') => name.to_string(),
+        None => {
+            let ids: Vec<&str> = easel_engine::hub::CURATED.iter().map(|m| m.id).collect();
+            bail!("unknown model \"{name}\": use one of {} or a repository as org/name", ids.join(", "));
+        }
+    };
+    let downloader = easel_engine::hub::Downloader::from_env();
+    eprintln!("downloading {repo} into {}", downloader.cache_dir().display());
+    let interactive = std::io::stderr().is_terminal();
+    let mut last_report = Instant::now();
+    let path = downloader.download(&repo, revision, &mut |p| {
+        let done = p.total_bytes >= p.total_expected;
+        // Chunks arrive every few KB: report a few times a second, not on every chunk.
+        if done || last_report.elapsed().as_millis() >= 500 {
+            last_report = Instant::now();
+            let line = format!(
+                "{:.2}/{:.2} GB  {:.1} MB/s  {}",
+                p.total_bytes as f64 / 1e9,
+                p.total_expected as f64 / 1e9,
+                p.bytes_per_second / 1e6,
+                p.file
+            );
+            if interactive {
+                eprint!("\r{line:<100}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    if interactive {
+        eprintln!();
+    }
+    println!("{}", path.display());
     Ok(())
 }

@@ -17,17 +17,6 @@ pub struct LocalModel {
     pub problem: Option<String>,
 }
 
-/// The HF hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-pub fn hf_cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(home) = std::env::var_os("HF_HOME") {
-        return Some(PathBuf::from(home).join("hub"));
-    }
-    std::env::home_dir().map(|h| h.join(".cache").join("huggingface").join("hub"))
-}
-
 fn size_of(path: &Path) -> u64 {
     if path.is_file() {
         return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
