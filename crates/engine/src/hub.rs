@@ -419,6 +419,12 @@ impl Downloader {
             {
                 Error::HubOffline { endpoint: self.endpoint.clone(), message: e.to_string() }
             }
+            // Name resolution fails with an uncategorised I/O error; without DNS there is no network.
+            ureq::Error::Io(ref io)
+                if io.to_string().contains("lookup address") || io.to_string().contains("name resolution") =>
+            {
+                Error::HubOffline { endpoint: self.endpoint.clone(), message: e.to_string() }
+            }
             other => Error::HubHttp { url: url.to_string(), message: other.to_string() },
         }
     }
