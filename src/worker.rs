@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use easel_engine::hub::{DownloadProgress, Downloader};
 use easel_engine::metadata::{write_png, RgbImage};
 use easel_engine::models::{Family, ModelInfo};
 use easel_engine::pipeline::preview::{latent_planes, LatentPlanes};
@@ -103,18 +104,34 @@ pub enum Event {
     JobCancelled {
         job: JobId,
     },
+    DownloadProgress {
+        repo: String,
+        progress: DownloadProgress,
+    },
+    DownloadFinished {
+        repo: String,
+        path: PathBuf,
+    },
+    DownloadFailed {
+        repo: String,
+        error: String,
+    },
 }
 
 pub struct Worker {
     commands: Sender<Command>,
     events: Receiver<Event>,
+    /// For download threads, which report on the same channel as the worker.
+    event_sender: Sender<Event>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
+    downloads: std::collections::HashMap<String, Arc<AtomicBool>>,
     cancel: Arc<AtomicU64>,
     shutting_down: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    pub fn spawn(repaint: Box<dyn Fn() + Send>) -> Self {
+    pub fn spawn(repaint: Arc<dyn Fn() + Send + Sync>) -> Self {
         let (commands, command_rx) = channel();
         let (event_tx, events) = channel();
         let cancel = Arc::new(AtomicU64::new(NO_JOB));
@@ -122,13 +139,22 @@ impl Worker {
         let state = WorkerState {
             pipeline: None,
             model_hash: None,
-            events: event_tx,
-            repaint,
+            events: event_tx.clone(),
+            repaint: repaint.clone(),
             cancel: cancel.clone(),
             shutting_down: shutting_down.clone(),
         };
         let thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || state.run(command_rx)).ok();
-        Self { commands, events, cancel, shutting_down, thread }
+        Self {
+            commands,
+            events,
+            event_sender: event_tx,
+            repaint,
+            downloads: Default::default(),
+            cancel,
+            shutting_down,
+            thread,
+        }
     }
 
     pub fn send(&self, command: Command) {
@@ -140,6 +166,49 @@ impl Worker {
     /// Asks the running job to stop; it stops after the step in progress.
     pub fn cancel(&self, job: JobId) {
         self.cancel.store(job, Ordering::SeqCst);
+    }
+
+    /// Downloads `repo` on its own thread (downloads never wait for a generation, nor block one).
+    pub fn start_download(&mut self, downloader: Downloader, repo: String) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.downloads.insert(repo.clone(), cancel.clone());
+        let (events, repaint) = (self.event_sender.clone(), self.repaint.clone());
+        let failed = (self.event_sender.clone(), repo.clone());
+        let spawned = std::thread::Builder::new().name("easel-download".into()).spawn(move || {
+            let mut last: Option<Instant> = None;
+            let result = downloader.download(&repo, "main", &mut |progress| {
+                // Chunks arrive every few KB; a few updates a second are plenty for the UI.
+                let due = last.is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
+                if due || progress.total_bytes >= progress.total_expected {
+                    last = Some(Instant::now());
+                    let _ = events.send(Event::DownloadProgress { repo: repo.clone(), progress });
+                    repaint();
+                }
+                if cancel.load(Ordering::SeqCst) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+            let event = match result {
+                Ok(path) => Event::DownloadFinished { repo, path },
+                Err(easel_engine::Error::Cancelled) => {
+                    Event::DownloadFailed { repo, error: "cancelled; download again to resume".into() }
+                }
+                Err(e) => Event::DownloadFailed { repo, error: e.to_string() },
+            };
+            let _ = events.send(event);
+            repaint();
+        });
+        if let Err(e) = spawned {
+            let _ = failed.0.send(Event::DownloadFailed { repo: failed.1, error: e.to_string() });
+        }
+    }
+
+    pub fn cancel_download(&mut self, repo: &str) {
+        if let Some(flag) = self.downloads.remove(repo) {
+            flag.store(true, Ordering::SeqCst);
+        }
     }
 
     /// All events that arrived since the last call (drained once per frame).
@@ -162,7 +231,7 @@ struct WorkerState {
     /// AUTOMATIC1111's short hash of the loaded checkpoint file, for the PNG metadata.
     model_hash: Option<String>,
     events: Sender<Event>,
-    repaint: Box<dyn Fn() + Send>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
     cancel: Arc<AtomicU64>,
     shutting_down: Arc<AtomicBool>,
 }

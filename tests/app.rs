@@ -215,7 +215,27 @@ fn without_a_model_the_first_run_panel_explains_what_to_do() {
     let mut h = harness(Settings { model_path: None, ..settings(outputs.path()) });
     h.step();
     assert!(h.query_by_label("Open a model folder…").is_some());
-    assert!(h.query_by_label_contains("huggingface-cli download").is_some());
+    assert!(h.query_by_label_contains("easel models download sd-turbo").is_some());
     h.state_mut().generate();
     assert!(errors(h.state()).iter().any(|e| e.contains("Open a model first")));
+}
+
+#[test]
+fn the_models_panel_lists_the_hf_cache_and_reports_offline_downloads() {
+    let outputs = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    common::copy_dir(&common::model_dir("sd1-tiny"), &cache.path().join("models--easel--sd1-tiny/snapshots/abc"));
+    let mut h = harness(Settings { model_path: None, ..settings(outputs.path()) });
+    // Nothing listens on port 9: the "hub" is offline.
+    h.state_mut().downloader = easel_engine::hub::Downloader::new("http://127.0.0.1:9", cache.path(), None);
+    h.state_mut().refresh_local_models();
+    h.step();
+    assert_eq!(h.state().local_models.len(), 1);
+    h.get_by_label("Load").click();
+    step_until(&mut h, "the cached model to load", model_ready);
+
+    h.get_all_by_label("Download").next().expect("a Download button").click();
+    step_until(&mut h, "the download to fail", |app| app.downloads.values().any(|d| !d.running));
+    let errs = errors(h.state());
+    assert!(errs.iter().any(|e| e.contains("offline")), "{errs:?}");
 }

@@ -89,8 +89,22 @@ pub enum CentralView {
     Gallery(usize),
 }
 
+/// A download the app started, as the Models panel shows it.
+#[derive(Debug, Clone, Default)]
+pub struct DownloadState {
+    pub progress: Option<easel_engine::hub::DownloadProgress>,
+    pub running: bool,
+    pub error: Option<String>,
+}
+
 pub struct EaselApp {
     pub settings: Settings,
+    /// Where downloads go and where downloaded models are found (the shared HF cache).
+    pub downloader: easel_engine::hub::Downloader,
+    pub downloads: std::collections::BTreeMap<String, DownloadState>,
+    pub local_models: Vec<easel_engine::models::library::LocalModel>,
+    /// Snapshot folders of the curated models already in the cache, by repository.
+    pub curated_local: std::collections::HashMap<&'static str, PathBuf>,
     pub model: ModelState,
     pub queue: VecDeque<QueuedJob>,
     pub running: Option<RunningJob>,
@@ -125,9 +139,13 @@ impl EaselApp {
     /// Builds the app around `settings` (tests use this to start from a known state).
     pub fn with_settings(ctx: &egui::Context, settings: Settings, gpu_preview: bool) -> Self {
         let repaint_ctx = ctx.clone();
-        let worker = Worker::spawn(Box::new(move || repaint_ctx.request_repaint()));
+        let worker = Worker::spawn(Arc::new(move || repaint_ctx.request_repaint()));
         let mut app = Self {
             settings,
+            downloader: easel_engine::hub::Downloader::from_env(),
+            downloads: Default::default(),
+            local_models: Vec::new(),
+            curated_local: Default::default(),
             model: ModelState::None,
             queue: VecDeque::new(),
             running: None,
@@ -146,7 +164,31 @@ impl EaselApp {
         if let Some(path) = app.settings.model_path.clone() {
             app.load_model(path);
         }
+        app.refresh_local_models();
         app
+    }
+
+    /// Rescans the HF cache and the models folder (reads headers and configs only).
+    pub fn refresh_local_models(&mut self) {
+        use easel_engine::models::library::{scan_hf_cache, scan_models_folder};
+        let mut models = scan_hf_cache(self.downloader.cache_dir());
+        if let Some(dir) = &self.settings.models_dir {
+            models.extend(scan_models_folder(dir));
+        }
+        self.local_models = models;
+        self.curated_local = easel_engine::hub::CURATED
+            .iter()
+            .filter_map(|m| self.downloader.find_local(m.repo, m.revision).map(|path| (m.repo, path)))
+            .collect();
+    }
+
+    pub fn start_download(&mut self, repo: &str) {
+        self.downloads.insert(repo.to_string(), DownloadState { running: true, ..Default::default() });
+        self.worker.start_download(self.downloader.clone(), repo.to_string());
+    }
+
+    pub fn cancel_download(&mut self, repo: &str) {
+        self.worker.cancel_download(repo);
     }
 
     pub fn load_model(&mut self, path: PathBuf) {
@@ -311,6 +353,23 @@ impl EaselApp {
                 Event::JobFailed { job, error } => {
                     self.finish_job(job);
                     self.notify(NoticeKind::Error, format!("Generation failed: {error}"));
+                }
+                Event::DownloadProgress { repo, progress } => {
+                    self.downloads.entry(repo).or_default().progress = Some(progress);
+                }
+                Event::DownloadFinished { repo, path } => {
+                    self.downloads.remove(&repo);
+                    self.notify(NoticeKind::Info, format!("Downloaded {repo}."));
+                    self.refresh_local_models();
+                    if !matches!(self.model, ModelState::Ready(_) | ModelState::Loading(_)) {
+                        self.load_model(path);
+                    }
+                }
+                Event::DownloadFailed { repo, error } => {
+                    let state = self.downloads.entry(repo.clone()).or_default();
+                    state.running = false;
+                    state.error = Some(error.clone());
+                    self.notify(NoticeKind::Error, format!("Download of {repo} stopped: {error}"));
                 }
                 Event::JobCancelled { job } => {
                     self.finish_job(job);

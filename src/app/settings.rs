@@ -29,6 +29,8 @@ pub struct Settings {
     pub outputs_dir: Option<PathBuf>,
     /// Save every finished image automatically.
     pub autosave: bool,
+    /// A folder of checkpoints and diffusers folders to list in the Models panel.
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -48,6 +50,7 @@ impl Default for Settings {
             rng: "cpu".into(),
             outputs_dir: None,
             autosave: true,
+            models_dir: None,
         }
     }
 }

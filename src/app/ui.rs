@@ -223,6 +223,7 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         }
     }
     ui.separator();
+    models_panel(app, ui);
     ui.collapsing("Saving", |ui| {
         ui.checkbox(&mut app.settings.autosave, "Save every image automatically");
         ui.label(RichText::new(app.settings.outputs_dir().display().to_string()).small());
@@ -453,9 +454,9 @@ fn first_run(app: &mut EaselApp, ui: &mut egui::Ui) {
             }
         }
         ui.add_space(16.0);
-        ui.label("No model yet? Download one with the Hugging Face CLI, then open its folder:");
-        ui.code("huggingface-cli download stabilityai/sd-turbo --local-dir ~/models/sd-turbo");
-        ui.label(RichText::new("(built-in downloads are coming; SD-Turbo is small and makes an image in one step)").weak());
+        ui.label("No model yet? Download one in the Models panel on the left (SD-Turbo is small and makes an");
+        ui.label("image in one step), or with `easel models download sd-turbo`. Models that diffusers or the");
+        ui.label("Hugging Face CLI already downloaded are listed there too.");
         ui.add_space(8.0);
         ui.label("You can also drop a model folder or checkpoint, or a PNG to read its settings, onto this window.");
     });
@@ -472,4 +473,93 @@ fn open_in_file_manager(dir: &std::path::Path) -> std::io::Result<()> {
     };
     // Not waited for: the file manager outlives this click.
     std::process::Command::new(program).arg(dir).spawn().map(drop)
+}
+
+fn gigabytes(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+/// Local models (HF cache, models folder) to load, and the curated ones to download.
+fn models_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
+    egui::CollapsingHeader::new("Models")
+        .default_open(matches!(app.model, ModelState::None | ModelState::Failed { .. }))
+        .show(ui, |ui| {
+            let mut load = None;
+            if app.local_models.is_empty() {
+                ui.label(RichText::new("No models found in the Hugging Face cache or the models folder.").weak());
+            }
+            for model in &app.local_models {
+                ui.horizontal(|ui| {
+                    let usable = model.problem.is_none();
+                    let button = ui.add_enabled(usable, egui::Button::new("Load"));
+                    if button.clicked() {
+                        load = Some(model.path.clone());
+                    }
+                    let kind = model.family.map(|f| f.to_string()).unwrap_or_else(|| "unusable".into());
+                    let label = ui.label(format!("{} · {kind} · {}", model.name, gigabytes(model.size_bytes)));
+                    if let Some(problem) = &model.problem {
+                        label.on_hover_text(problem);
+                    }
+                });
+            }
+            if let Some(path) = load {
+                app.load_model(path);
+            }
+            ui.horizontal(|ui| {
+                if ui.button("Refresh").clicked() {
+                    app.refresh_local_models();
+                }
+                if ui.button("Models folder…").clicked() {
+                    if let Some(dir) = rfd::FileDialog::new().set_title("A folder of checkpoints").pick_folder() {
+                        app.settings.models_dir = Some(dir);
+                        app.refresh_local_models();
+                    }
+                }
+            });
+            ui.add_space(4.0);
+            ui.label(RichText::new("Download (into the Hugging Face cache, shared with diffusers)").small());
+            for curated in easel_engine::hub::CURATED {
+                let state = app.downloads.get(curated.repo).cloned();
+                ui.horizontal(|ui| match &state {
+                    Some(s) if s.running => {
+                        if ui.button("Cancel").clicked() {
+                            app.cancel_download(curated.repo);
+                        }
+                        let (fraction, text) = match &s.progress {
+                            Some(p) if p.total_expected > 0 => (
+                                p.total_bytes as f32 / p.total_expected as f32,
+                                format!(
+                                    "{} / {} · {:.1} MB/s",
+                                    gigabytes(p.total_bytes),
+                                    gigabytes(p.total_expected),
+                                    p.bytes_per_second / 1e6
+                                ),
+                            ),
+                            _ => (0.0, "starting…".to_string()),
+                        };
+                        ui.add(egui::ProgressBar::new(fraction).text(text).desired_width(200.0));
+                    }
+                    _ => {
+                        match app.curated_local.get(curated.repo).cloned() {
+                            Some(path) => {
+                                if ui.button("Load").clicked() {
+                                    app.load_model(path);
+                                }
+                            }
+                            None => {
+                                let label = if state.as_ref().is_some_and(|s| s.error.is_some()) {
+                                    "Retry"
+                                } else {
+                                    "Download"
+                                };
+                                if ui.button(label).clicked() {
+                                    app.start_download(curated.repo);
+                                }
+                            }
+                        }
+                        ui.label(curated.title);
+                    }
+                });
+            }
+        });
 }

@@ -167,6 +167,7 @@ struct FileMeta {
     same_host: bool,
 }
 
+#[derive(Clone)]
 pub struct Downloader {
     endpoint: String,
     cache_dir: PathBuf,
