@@ -142,3 +142,32 @@ fn a_vae_override_replaces_the_models_own() {
     let err = Pipeline::load(&checkpoint, options).err().expect("a LoRA is no VAE").to_string();
     assert!(err.contains("not a VAE"), "{err}");
 }
+
+#[test]
+fn turbo_checkpoints_are_told_apart_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, as_file, sampler_spacing) in [
+        ("sd2v-single", "sd_turbo.safetensors", "trailing"),
+        ("sdxl-single", "sd_xl_turbo_1.0_fp16.safetensors", "trailing"),
+    ] {
+        let path = unpack_single_file(name, dir.path());
+        let renamed = dir.path().join(as_file);
+        std::fs::rename(&path, &renamed).unwrap();
+        let info = inspect_model(&renamed).unwrap();
+        assert!(info.turbo, "{as_file}");
+        assert_eq!(info.default_steps(), 1);
+        assert_eq!(info.default_guidance(), 0.0);
+        assert_eq!(info.prediction_type, "epsilon", "{as_file}: SD-Turbo predicts noise, unlike SD 2.1-v");
+        let config = info.scheduler.load().unwrap();
+        assert_eq!(config.timestep_spacing.map(|t| format!("{t:?}").to_lowercase()).as_deref(), Some(sampler_spacing));
+    }
+}
+
+#[test]
+fn sd2_base_checkpoints_predict_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = unpack_single_file("sd2v-single", dir.path());
+    let renamed = dir.path().join("v2-1_512-ema-pruned-base.safetensors");
+    std::fs::rename(&path, &renamed).unwrap();
+    assert_eq!(inspect_model(&renamed).unwrap().prediction_type, "epsilon");
+}

@@ -29,6 +29,10 @@ const SDXL_CLIP_G: &str = "conditioner.embedders.1.model.";
 const SD15_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sd15.json");
 const SD21_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sd21.json");
 const SDXL_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sdxl.json");
+/// SD 2.1's config with epsilon prediction, for the 512 "base" model.
+const SD21_BASE_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sd21_base.json");
+const SD_TURBO_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sd_turbo.json");
+const SDXL_TURBO_SCHEDULER: &str = include_str!("../../../../assets/scheduler/sdxl_turbo.json");
 
 struct Keys<'a> {
     path: &'a Path,
@@ -263,22 +267,37 @@ fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
     }
     let unet = infer_unet(keys, family)?;
     let vae = infer_vae(keys, family)?;
+    let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    // Turbo models share their base's architecture; only the file name tells them apart (as in
+    // the official releases: sd_turbo.safetensors, sd_xl_turbo_1.0_fp16.safetensors).
+    let turbo = name.to_ascii_lowercase().contains("turbo");
     let (text_encoder, text_encoder_2, scheduler) = match family {
         Family::Sd1 => (infer_clip_l(keys, SD1_CLIP)?, None, SD15_SCHEDULER),
-        Family::Sd2 => (infer_open_clip(keys, SD2_CLIP, true)?, None, SD21_SCHEDULER),
-        Family::Sdxl => {
-            (infer_clip_l(keys, SDXL_CLIP_L)?, Some(infer_open_clip(keys, SDXL_CLIP_G, false)?), SDXL_SCHEDULER)
+        Family::Sd2 => {
+            let lower = name.to_ascii_lowercase();
+            let scheduler = if turbo {
+                SD_TURBO_SCHEDULER
+            } else if lower.contains("base") || lower.contains("512") {
+                SD21_BASE_SCHEDULER
+            } else {
+                SD21_SCHEDULER
+            };
+            (infer_open_clip(keys, SD2_CLIP, true)?, None, scheduler)
         }
+        Family::Sdxl => (
+            infer_clip_l(keys, SDXL_CLIP_L)?,
+            Some(infer_open_clip(keys, SDXL_CLIP_G, false)?),
+            if turbo { SDXL_TURBO_SCHEDULER } else { SDXL_SCHEDULER },
+        ),
     };
     let scheduler_json: serde_json::Value = serde_json::from_str(scheduler).map_err(|e| keys.error(e.to_string()))?;
-    let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     Ok(ModelInfo {
         path: path.to_path_buf(),
         name,
         family,
-        turbo: false,
-        // Nothing in the weights marks v-prediction; SD 2.x checkpoints are the 768-v model
-        // unless named as the 512 "base" one (what A1111 and ComfyUI users rely on too).
+        turbo: turbo && scheduler_json.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing"),
+        // Nothing in the weights marks v-prediction: SD 2.x files are taken as the 768-v model
+        // unless their name says "base"/"512" (the epsilon model) or "turbo".
         prediction_type: scheduler_json
             .get("prediction_type")
             .and_then(|v| v.as_str())
