@@ -25,8 +25,10 @@ const NO_JOB: u64 = u64::MAX;
 
 #[derive(Debug)]
 pub enum Command {
+    /// Load a model, optionally with another VAE than its own.
     LoadModel {
         path: PathBuf,
+        vae: Option<PathBuf>,
     },
     /// Generate one image; when `save_dir` is set the worker saves it there with its parameters.
     Generate {
@@ -245,21 +247,21 @@ impl WorkerState {
     fn run(mut self, commands: Receiver<Command>) {
         while let Ok(command) = commands.recv() {
             match command {
-                Command::LoadModel { path } => self.load(path),
+                Command::LoadModel { path, vae } => self.load(path, vae),
                 Command::Generate { job, request, save_dir } => self.generate(job, request, save_dir),
                 Command::Shutdown => break,
             }
         }
     }
 
-    fn load(&mut self, path: PathBuf) {
+    fn load(&mut self, path: PathBuf, vae: Option<PathBuf>) {
         self.emit(Event::ModelLoading { path: path.clone() });
         // Free the old model first: two SDXL models at once may not fit in memory.
         self.pipeline = None;
         self.model_hash = None;
         let started = Instant::now();
         let options = match easel_engine::device::load_options(Default::default()) {
-            Ok(options) => options,
+            Ok(options) => easel_engine::models::LoadOptions { vae_override: vae, ..options },
             Err(e) => return self.emit(Event::ModelFailed { path, error: e.to_string() }),
         };
         match Pipeline::load(&path, options) {

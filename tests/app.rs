@@ -239,3 +239,17 @@ fn the_models_panel_lists_the_hf_cache_and_reports_offline_downloads() {
     let errs = errors(h.state());
     assert!(errs.iter().any(|e| e.contains("offline")), "{errs:?}");
 }
+
+#[test]
+fn choosing_a_vae_reloads_the_model_with_it() {
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h = harness(settings(outputs.path()));
+    step_until(&mut h, "the model to load", model_ready);
+    // A LoRA is no VAE: the load fails with a message, and the model's own VAE works again.
+    h.state_mut().set_vae(Some(common::fixtures().join("bad/lora.safetensors")));
+    step_until(&mut h, "the load to fail", |app| matches!(app.model, ModelState::Failed { .. }));
+    assert!(errors(h.state()).iter().any(|e| e.contains("not a VAE")), "{:?}", errors(h.state()));
+    h.state_mut().set_vae(None);
+    step_until(&mut h, "the model to load again", model_ready);
+    assert_eq!(h.state().settings.vae_path, None);
+}

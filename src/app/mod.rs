@@ -194,7 +194,15 @@ impl EaselApp {
     pub fn load_model(&mut self, path: PathBuf) {
         self.settings.model_path = Some(path.clone());
         self.model = ModelState::Loading(path.clone());
-        self.worker.send(Command::LoadModel { path });
+        self.worker.send(Command::LoadModel { path, vae: self.settings.vae_path.clone() });
+    }
+
+    /// Uses another VAE (or the model's own with `None`), reloading the model.
+    pub fn set_vae(&mut self, vae: Option<PathBuf>) {
+        self.settings.vae_path = vae;
+        if let Some(path) = self.settings.model_path.clone() {
+            self.load_model(path);
+        }
     }
 
     pub fn is_busy(&self) -> bool {

@@ -31,6 +31,8 @@ pub struct Settings {
     pub autosave: bool,
     /// A folder of checkpoints and diffusers folders to list in the Models panel.
     pub models_dir: Option<PathBuf>,
+    /// A VAE used instead of the model's own (diffusers `vae/` folder or .safetensors file).
+    pub vae_path: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -51,6 +53,7 @@ impl Default for Settings {
             outputs_dir: None,
             autosave: true,
             models_dir: None,
+            vae_path: None,
         }
     }
 }

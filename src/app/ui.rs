@@ -58,6 +58,21 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
             }
         }
     });
+    ui.horizontal(|ui| {
+        let vae_name =
+            app.settings.vae_path.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+        ui.label(format!("VAE: {}", vae_name.as_deref().unwrap_or("the model's own")));
+        if ui.small_button("Choose…").on_hover_text("Use another VAE (.safetensors file)").clicked() {
+            if let Some(path) =
+                rfd::FileDialog::new().set_title("Choose a VAE").add_filter("VAE", &["safetensors"]).pick_file()
+            {
+                app.set_vae(Some(path));
+            }
+        }
+        if vae_name.is_some() && ui.small_button("Model's own").clicked() {
+            app.set_vae(None);
+        }
+    });
     if let ModelState::Ready(m) = &app.model {
         let (steps, guidance, size) = (m.default_steps, m.default_guidance, m.default_size);
         if ui
