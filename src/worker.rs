@@ -268,8 +268,10 @@ impl WorkerState {
             Ok(pipeline) => {
                 let model = ModelSummary::from_info(pipeline.info());
                 self.pipeline = Some(pipeline);
-                self.model_hash = model_hash(&path);
                 self.emit(Event::ModelLoaded { model, seconds: started.elapsed().as_secs_f64() });
+                // Hashing a multi-GB file takes a while the first time: the model is usable
+                // before it is done (the hash is only needed when an image is saved).
+                self.model_hash = model_hash(&path);
             }
             Err(e) => self.emit(Event::ModelFailed { path, error: e.to_string() }),
         }
