@@ -10,7 +10,9 @@ use common::model_dir;
 use easel_engine::metadata::{parse_infotext, read_png, read_png_parameters};
 
 fn easel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_easel")).args(args).output().expect("run easel")
+    // Keep the model-hash cache out of the real user data folder.
+    let data = std::env::temp_dir().join(format!("easel-cli-test-data-{}", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_easel")).args(args).env("XDG_DATA_HOME", data).output().expect("run easel")
 }
 
 fn stderr(out: &Output) -> String {
