@@ -378,20 +378,12 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
 
 /// The VAE inside a single-file checkpoint (also used to redo a decode in f32).
 pub fn load_checkpoint_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
-    let levels = info.vae.block_out_channels.len();
     let path = info.path.as_path();
-    let vae_backend = backend(path, move |name| {
-        Some(match ldm_vae_source(name, levels)? {
-            Source::Plain(s) => Source::Plain(format!("{VAE}{s}")),
-            Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{VAE}{s}")),
-            other => other,
-        })
-    })?;
-    VaeDecoder::new(VarBuilder::from_backend(vae_backend, options.vae_dtype, options.device.clone()), info.vae.clone())
-        .map_err(|e| Error::Model {
-            path: path.to_path_buf(),
-            message: format!("the VAE does not match its inferred shape: {e}"),
-        })
+    let vb = ldm_vae_var_builder(path, VAE, info.vae.block_out_channels.len(), options)?;
+    VaeDecoder::new(vb, info.vae.clone()).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("the VAE does not match its inferred shape: {e}"),
+    })
 }
 
 /// A standalone VAE file, in the original naming (optionally under `first_stage_model.`) or in
@@ -422,17 +414,27 @@ pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Resu
     let vb = if diffusers_names {
         super::var_builder(&[path.to_path_buf()], options.vae_dtype, &options.device)?
     } else {
-        let levels = config.block_out_channels.len();
-        let vae_backend = backend(path, move |name| {
-            Some(match ldm_vae_source(name, levels)? {
-                Source::Plain(s) => Source::Plain(format!("{prefix}{s}")),
-                Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{prefix}{s}")),
-                other => other,
-            })
-        })?;
-        VarBuilder::from_backend(vae_backend, options.vae_dtype, options.device.clone())
+        ldm_vae_var_builder(path, prefix, config.block_out_channels.len(), options)?
     };
     VaeDecoder::new(vb, config).map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {e}")))
+}
+
+/// A VAE in the original naming under `prefix` (`first_stage_model.` in checkpoints, none in
+/// standalone files), served under diffusers' names.
+fn ldm_vae_var_builder(
+    path: &Path,
+    prefix: &'static str,
+    levels: usize,
+    options: &LoadOptions,
+) -> Result<VarBuilder<'static>> {
+    let vae_backend = backend(path, move |name| {
+        Some(match ldm_vae_source(name, levels)? {
+            Source::Plain(s) => Source::Plain(format!("{prefix}{s}")),
+            Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{prefix}{s}")),
+            other => other,
+        })
+    })?;
+    Ok(VarBuilder::from_backend(vae_backend, options.vae_dtype, options.device.clone()))
 }
 
 fn vae_config(keys: &Keys, channels: Vec<usize>, layers: usize, latent: usize, family: Family) -> Result<VaeConfig> {
