@@ -87,16 +87,12 @@ impl Scheduler for Ddim {
         let a_prev = if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { self.final_alpha_cumprod };
         let b_t = 1.0 - a_t;
 
-        let (x0, eps) = match self.prediction_type {
-            PredictionType::Epsilon => (ops::div(&(&sample - ops::mul(&model, b_t.sqrt())?)?, a_t.sqrt())?, model),
-            PredictionType::Sample => {
-                let eps = ops::div(&(&sample - ops::mul(&model, a_t.sqrt())?)?, b_t.sqrt())?;
-                (model, eps)
-            }
-            PredictionType::VPrediction => (
-                (ops::mul(&sample, a_t.sqrt())? - ops::mul(&model, b_t.sqrt())?)?,
-                (ops::mul(&model, a_t.sqrt())? + ops::mul(&sample, b_t.sqrt())?)?,
-            ),
+        let x0 = ops::pred_original_from_alpha(self.prediction_type, &model, &sample, a_t, None)?;
+        // diffusers derives the noise estimate from the unclipped x0 (and v from both).
+        let eps = match self.prediction_type {
+            PredictionType::Epsilon => model,
+            PredictionType::Sample => ops::div(&(&sample - ops::mul(&x0, a_t.sqrt())?)?, b_t.sqrt())?,
+            PredictionType::VPrediction => (ops::mul(&model, a_t.sqrt())? + ops::mul(&sample, b_t.sqrt())?)?,
         };
         let x0 = match self.clip_sample_range {
             Some(r) => x0.clamp(-r, r)?,

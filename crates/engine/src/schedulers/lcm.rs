@@ -96,7 +96,7 @@ impl Scheduler for Lcm {
         let prev_t = if last { t } else { self.timesteps[step_index + 1] as i64 };
         let a_t = self.alpha_at(t);
         let a_prev = self.alpha_at(prev_t);
-        let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
+        let b_prev = 1.0 - a_prev;
 
         // boundary-condition scalings; the int64 timestep tensor times a float gives float32,
         // and `0.25 / x` is torch's reciprocal(x) * 0.25
@@ -105,15 +105,7 @@ impl Scheduler for Lcm {
         let c_skip = (1.0 / denom) * 0.25;
         let c_out = scaled_t / denom.sqrt();
 
-        let x0 = match self.prediction_type {
-            PredictionType::Epsilon => ops::div(&(&sample - ops::mul(&model, b_t.sqrt())?)?, a_t.sqrt())?,
-            PredictionType::Sample => model.clone(),
-            PredictionType::VPrediction => (ops::mul(&sample, a_t.sqrt())? - ops::mul(&model, b_t.sqrt())?)?,
-        };
-        let x0 = match self.clip_sample_range {
-            Some(r) => x0.clamp(-r, r)?,
-            None => x0,
-        };
+        let x0 = ops::pred_original_from_alpha(self.prediction_type, &model, &sample, a_t, self.clip_sample_range)?;
         let denoised = (ops::mul(&x0, c_out)? + ops::mul(&sample, c_skip)?)?;
         let prev = if last {
             denoised.clone()

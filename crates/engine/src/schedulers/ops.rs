@@ -37,3 +37,25 @@ pub(crate) fn randn_like(like: &Tensor, noise: &mut dyn NoiseGenerator) -> Resul
     }
     Ok(Tensor::from_vec(values, like.shape(), like.device())?)
 }
+
+/// diffusers' x0 estimate from the model output with alpha-bar `a_t` (DDIM and LCM), in its order
+/// of operations, then clipped to `clip` when the config asks for it.
+pub(crate) fn pred_original_from_alpha(
+    prediction: super::PredictionType,
+    model: &Tensor,
+    sample: &Tensor,
+    a_t: f32,
+    clip: Option<f32>,
+) -> Result<Tensor> {
+    use super::PredictionType;
+    let b_t = 1.0 - a_t;
+    let x0 = match prediction {
+        PredictionType::Epsilon => div(&(sample - mul(model, b_t.sqrt())?)?, a_t.sqrt())?,
+        PredictionType::Sample => model.clone(),
+        PredictionType::VPrediction => (mul(sample, a_t.sqrt())? - mul(model, b_t.sqrt())?)?,
+    };
+    Ok(match clip {
+        Some(r) => x0.clamp(-r, r)?,
+        None => x0,
+    })
+}
