@@ -9,6 +9,7 @@ pub mod bench;
 pub mod device;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod metadata;
 pub mod models;
 pub mod pipeline;

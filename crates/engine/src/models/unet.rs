@@ -464,7 +464,7 @@ impl UNet2DConditionModel {
                 xs = up.forward(&xs, size)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -151,7 +151,7 @@ impl VaeDecoder {
                 xs = up.forward(&xs, None)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -1,0 +1,48 @@
+//! Throughput of the GEMM and convolution kernels on shapes from the SD 1.5 U-Net, in GFLOP/s.
+//! `cargo run --release -p easel-engine --example kernel_bench`
+use std::time::Instant;
+
+use candle_core::{Device, Module, Tensor};
+
+fn time<F: FnMut()>(mut f: F) -> f64 {
+    f();
+    let runs = 5;
+    let start = Instant::now();
+    for _ in 0..runs {
+        f();
+    }
+    start.elapsed().as_secs_f64() / runs as f64
+}
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for (m, k, n) in [(320, 2880, 4096), (1280, 11520, 256), (4096, 320, 320), (640, 5760, 1024)] {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+        let dt = time(|| {
+            a.matmul(&b).unwrap();
+        });
+        println!("matmul {m}x{k}x{n}: {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / dt / 1e9);
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(
+        [
+            ("weight".to_string(), Tensor::randn(0f32, 0.02, (320, 320, 3, 3), &dev)?),
+            ("bias".to_string(), Tensor::zeros(320, candle_core::DType::F32, &dev)?),
+        ]
+        .into_iter()
+        .collect(),
+        candle_core::DType::F32,
+        &dev,
+    );
+    let conv = easel_engine::models::nn::conv2d(320, 320, 3, 1, 1, vb)?;
+    let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
+    let dt = time(|| {
+        conv.forward(&x).unwrap();
+    });
+    println!(
+        "conv 2x320x64x64 3x3: {:.1} ms, {:.1} GFLOP/s",
+        dt * 1e3,
+        2.0 * 2.0 * 320.0 * 320.0 * 9.0 * 4096.0 / dt / 1e9
+    );
+    Ok(())
+}

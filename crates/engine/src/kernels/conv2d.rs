@@ -1,0 +1,340 @@
+//! 2-D convolution (NCHW, f32) as GEMMs straight into the output, bias fused.
+//!
+//! * 1×1, stride 1: `out[b] = W · x[b]`, one GEMM per image, no copy at all.
+//! * Anything else: the output is cut into tiles of whole rows; each tile builds its im2col
+//!   block in the `(C_in·kh·kw) × pixels` order that matches the weight's own memory layout
+//!   (so the weight is used as stored, never reshuffled), row by row with `copy_from_slice`,
+//!   and multiplies it into its slice of the NCHW output. Tiles run in parallel with a
+//!   single-threaded GEMM each, which keeps the im2col work on every core too; when there
+//!   are too few tiles to go round, they run one after the other with a parallel GEMM.
+//!
+//! The bias is written into the output first and the GEMM accumulates onto it, which is the
+//! same sum as adding it afterwards, without another pass over the activation.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, threads, SyncPtr};
+
+/// Upper bound on one tile's im2col block (bytes); small enough for several to stay in cache.
+const TILE_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dOp {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl Geometry {
+    fn patch_len(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "easel-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        w_storage: &CpuStorage,
+        w_layout: &Layout,
+        b_storage: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x_storage, x_layout, self.name())?;
+        let weight = contiguous_f32(w_storage, w_layout, self.name())?;
+        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
+        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+        let (c_out, w_c_in, kh, kw) = w_layout.shape().dims4()?;
+        if w_c_in != c_in || bias.len() != c_out {
+            candle_core::bail!(
+                "easel-conv2d: input {:?}, weight {:?}, bias {}",
+                x_layout.shape(),
+                w_layout.shape(),
+                bias.len()
+            );
+        }
+        let (stride, padding) = (self.stride.max(1), self.padding);
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("easel-conv2d: kernel {kh}×{kw} larger than the padded {h}×{w} input");
+        }
+        let geometry = Geometry {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            padding,
+            h_out: (h + 2 * padding - kh) / stride + 1,
+            w_out: (w + 2 * padding - kw) / stride + 1,
+        };
+        let out = conv2d(x, weight, bias, &geometry, TILE_BYTES);
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, geometry.h_out, geometry.w_out))))
+    }
+}
+
+fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize) -> Vec<f32> {
+    let pixels = g.h_out * g.w_out;
+    let mut out = Vec::with_capacity(g.batch * g.c_out * pixels);
+    for _ in 0..g.batch {
+        for &b in bias {
+            out.extend(std::iter::repeat_n(b, pixels));
+        }
+    }
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+
+    if g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0 {
+        for image in 0..g.batch {
+            let src = &x[image * g.c_in * pixels..(image + 1) * g.c_in * pixels];
+            // SAFETY: `out` holds batch·c_out·pixels floats; this image's block is c_out × pixels
+            // with row stride `pixels`; `weight` is c_out × c_in and `src` c_in × pixels, row-major.
+            unsafe {
+                gemm_into(
+                    out_ptr.get().add(image * g.c_out * pixels),
+                    pixels,
+                    weight,
+                    g.c_in,
+                    src,
+                    pixels,
+                    g.c_out,
+                    pixels,
+                    threads(),
+                );
+            }
+        }
+        return out;
+    }
+
+    let patch = g.patch_len();
+    let rows_per_tile = (tile_bytes / (4 * patch * g.w_out).max(1)).clamp(1, g.h_out);
+    let tiles_per_image = g.h_out.div_ceil(rows_per_tile);
+    let tiles: Vec<(usize, usize)> =
+        (0..g.batch).flat_map(|image| (0..tiles_per_image).map(move |t| (image, t * rows_per_tile))).collect();
+
+    let run_tile = |&(image, row0): &(usize, usize), col: &mut Vec<f32>, gemm_threads: usize| {
+        let rows = rows_per_tile.min(g.h_out - row0);
+        let n = rows * g.w_out;
+        col.clear();
+        col.resize(patch * n, 0.0);
+        im2col_rows(x, g, image, row0, rows, col);
+        // SAFETY: tiles cover disjoint column ranges [row0·w_out, row0·w_out + n) of this
+        // image's c_out × pixels output block, so concurrent tiles never write the same float.
+        unsafe {
+            let dst = out_ptr.get().add(image * g.c_out * pixels + row0 * g.w_out);
+            gemm_into(dst, pixels, weight, patch, col, n, g.c_out, n, gemm_threads);
+        }
+    };
+
+    let workers = threads();
+    if tiles.len() >= 2 * workers {
+        tiles.par_iter().for_each_init(Vec::new, |col, tile| run_tile(tile, col, 1));
+    } else {
+        let mut col = Vec::new();
+        for tile in &tiles {
+            run_tile(tile, &mut col, workers);
+        }
+    }
+    out
+}
+
+/// `dst (m × n, row stride dst_rs) += lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`.
+///
+/// # Safety
+/// `dst` must be valid for writes of an m × n block with row stride `dst_rs`, and no other
+/// thread may touch that block meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: &[f32],
+    k: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    m: usize,
+    n: usize,
+    threads: usize,
+) {
+    debug_assert!(lhs.len() >= m * k && rhs.len() >= (k.max(1) - 1) * rhs_rs + n);
+    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        true,
+        lhs.as_ptr(),
+        1,
+        k as isize,
+        rhs.as_ptr(),
+        1,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Fills `col` ((c_in·kh·kw) × (rows·w_out), row-major) with the input patches of output rows
+/// `row0..row0 + rows` of one image. Row order (channel, ky, kx) is the weight's own layout.
+fn im2col_rows(x: &[f32], g: &Geometry, image: usize, row0: usize, rows: usize, col: &mut [f32]) {
+    let n = rows * g.w_out;
+    let plane = g.h * g.w;
+    let image_x = &x[image * g.c_in * plane..(image + 1) * g.c_in * plane];
+    let pad = g.padding as isize;
+    for c in 0..g.c_in {
+        let channel = &image_x[c * plane..(c + 1) * plane];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row_index = (c * g.kh + ky) * g.kw + kx;
+                let dst_row = &mut col[row_index * n..(row_index + 1) * n];
+                for (r, dst) in dst_row.chunks_exact_mut(g.w_out).enumerate() {
+                    let iy = ((row0 + r) * g.stride + ky) as isize - pad;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &channel[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    // Output columns whose input column ix = ox·stride + kx − pad lies inside.
+                    let shift = kx as isize - pad;
+                    let first = if shift < 0 { ((-shift) as usize).div_ceil(g.stride) } else { 0 };
+                    let last = if (g.w as isize - shift) <= 0 {
+                        0
+                    } else {
+                        ((g.w as isize - shift) as usize).div_ceil(g.stride).min(g.w_out)
+                    };
+                    if first >= last {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    dst[..first].fill(0.0);
+                    dst[last..].fill(0.0);
+                    let start = (first * g.stride) as isize + shift;
+                    if g.stride == 1 {
+                        let start = start as usize;
+                        dst[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                    } else {
+                        for (o, d) in dst[first..last].iter_mut().enumerate() {
+                            *d = src[start as usize + o * g.stride];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Straightforward reference: the definition of a convolution, in f64.
+    fn naive(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
+        let mut out = vec![0f32; g.batch * g.c_out * g.h_out * g.w_out];
+        for b in 0..g.batch {
+            for o in 0..g.c_out {
+                for oy in 0..g.h_out {
+                    for ox in 0..g.w_out {
+                        let mut acc = bias[o] as f64;
+                        for c in 0..g.c_in {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                                    let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((b * g.c_in + c) * g.h + iy as usize) * g.w + ix as usize];
+                                    let wv = weight[((o * g.c_in + c) * g.kh + ky) * g.kw + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        out[((b * g.c_out + o) * g.h_out + oy) * g.w_out + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        // A small LCG: deterministic, no dependency, values in [-1, 1).
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_for_every_shape_the_models_use() {
+        // (batch, c_in, h, w, c_out, k, stride, padding): 3×3 same, stride-2 down (padded and
+        // the VAE encoder's unpadded form), 1×1, odd sizes, a single row, more tiles than rows.
+        let cases = [
+            (2, 3, 9, 7, 5, 3, 1, 1),
+            (1, 4, 8, 8, 6, 3, 2, 1),
+            (1, 4, 9, 9, 3, 3, 2, 0),
+            (2, 6, 5, 11, 4, 1, 1, 0),
+            (1, 2, 1, 6, 3, 3, 1, 1),
+            (3, 33, 20, 24, 7, 3, 1, 1),
+        ];
+        for (batch, c_in, h, w, c_out, k, stride, padding) in cases {
+            let x = values(batch * c_in * h * w, 1);
+            let weight = values(c_out * c_in * k * k, 2);
+            let bias = values(c_out, 3);
+            let op = Conv2dOp { stride, padding };
+            let dev = Device::Cpu;
+            let xt = Tensor::from_slice(&x, (batch, c_in, h, w), &dev).unwrap();
+            let wt = Tensor::from_slice(&weight, (c_out, c_in, k, k), &dev).unwrap();
+            let bt = Tensor::from_slice(&bias, c_out, &dev).unwrap();
+            let got = xt.apply_op3_no_bwd(&wt, &bt, &op).unwrap();
+            let (_, _, h_out, w_out) = got.dims4().unwrap();
+            let g = Geometry { batch, c_in, h, w, c_out, kh: k, kw: k, stride, padding, h_out, w_out };
+            assert_eq!((h_out, w_out), ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1));
+            let want = naive(&x, &weight, &bias, &g);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // One-row tiles: many tiles, so the parallel path runs too.
+            let tiled = conv2d(&x, &weight, &bias, &g, 1);
+            for (name, got) in [("default tiles", got), ("one-row tiles", tiled)] {
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{name} {:?}: max abs error {worst}",
+                    (batch, c_in, h, w, c_out, k, stride, padding)
+                );
+            }
+        }
+    }
+}
