@@ -257,6 +257,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("U-Net step, CFG  {:8.2} s   (batch 2)", report.unet_step_cfg_s);
     println!("U-Net step       {:8.2} s   (batch 1)", report.unet_step_no_cfg_s);
     println!("VAE decode       {:8.2} s", report.vae_decode_s);
+    println!("latent preview   {:8.2} ms  (per step)", report.preview_s * 1e3);
     println!("end to end       {:8.2} s", report.end_to_end_s);
     if let Some(bytes) = report.peak_memory_bytes {
         println!("peak RAM         {:8.2} GB   (process, not GPU memory)", bytes as f64 / 1e9);

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::models::unet::AddedCond;
 use crate::models::Family;
+use crate::pipeline::preview::{latent_planes, latent_to_rgb};
 use crate::pipeline::{GenerationRequest, Pipeline};
 use crate::Result;
 
@@ -25,6 +26,9 @@ pub struct BenchReport {
     pub unet_step_cfg_s: f64,
     pub unet_step_no_cfg_s: f64,
     pub vae_decode_s: f64,
+    /// The per-step live preview: copying the x0 estimate to the host and projecting it to RGB
+    /// on the CPU (the app draws it with a shader; this is the fallback's cost, an upper bound).
+    pub preview_s: f64,
     pub end_to_end_s: f64,
     /// Peak resident host memory (RAM) of the process so far — not GPU memory (Linux; `None` elsewhere).
     pub peak_memory_bytes: Option<u64>,
@@ -100,6 +104,17 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
         Ok(sync()?)
     })?;
 
+    // Many repetitions: one preview is far below the timer's noise on its own.
+    const PREVIEW_REPEATS: usize = 20;
+    let preview_s = time_runs(runs, || {
+        for _ in 0..PREVIEW_REPEATS {
+            let planes = latent_planes(&latents)?;
+            latent_to_rgb(&latents, info.family)?;
+            std::hint::black_box(planes);
+        }
+        Ok(())
+    })? / PREVIEW_REPEATS as f64;
+
     let start = Instant::now();
     pipeline.generate(request, &mut |_| ControlFlow::Continue(()))?;
     let end_to_end_s = start.elapsed().as_secs_f64();
@@ -116,6 +131,7 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
         unet_step_cfg_s,
         unet_step_no_cfg_s,
         vae_decode_s,
+        preview_s,
         end_to_end_s,
         peak_memory_bytes: peak_memory_bytes(),
     })

@@ -42,7 +42,11 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("easel-group-norm: expected (batch, channels, …), got {dims:?}");
         }
         let channels = dims[1];
-        if self.groups == 0 || !channels.is_multiple_of(self.groups) || gamma.len() != channels || beta.len() != channels {
+        if self.groups == 0
+            || !channels.is_multiple_of(self.groups)
+            || gamma.len() != channels
+            || beta.len() != channels
+        {
             candle_core::bail!(
                 "easel-group-norm: {channels} channels, {} groups, affine {}/{}",
                 self.groups,

@@ -8,10 +8,12 @@
 //! They plug into candle as custom ops, so the model code stays ordinary candle code and
 //! other devices and dtypes take candle's own path.
 
+pub mod attention;
 pub mod conv2d;
 pub mod group_norm;
 pub mod simd_math;
 
+pub use attention::AttentionOp;
 pub use conv2d::Conv2dOp;
 pub use group_norm::GroupNormOp;
 

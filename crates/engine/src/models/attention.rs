@@ -19,6 +19,10 @@ const MAX_SCORE_ELEMENTS: usize = 32 * 1024 * 1024;
 /// each chunk is exact (the softmax runs over the full key axis), so chunking changes nothing
 /// in the result.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if crate::kernels::applies_to(q) {
+        let op = crate::kernels::AttentionOp { scale: scale as f32 };
+        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    }
     let (batch, n_q, _) = q.dims3()?;
     let n_k = k.dim(1)?;
     let k_t = k.t()?.contiguous()?;

@@ -1,0 +1,219 @@
+//! Attention without the N×N score matrix: softmax(q·kᵀ·scale)·v, a block of queries at a time.
+//!
+//! Each task takes one head and a block of query rows, computes that block's scores with a
+//! GEMM into a buffer small enough to stay in the core's cache, turns them into unnormalised
+//! probabilities in place (row max, then vectorised eˣ and the row sum in the same pass),
+//! multiplies by v straight into the output, and divides each output row by its sum — the
+//! normalisation flash attention uses, done on dv values per row instead of N. Tasks run on
+//! all cores with single-threaded GEMMs. At 512×512 this is the U-Net's largest cost: the
+//! chunked candle version (matmul, separate softmax, matmul, each through main memory) took
+//! 2.2 s per 64×64 self-attention layer with CFG, torch's SDPA 0.36 s.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::simd_math::{exp, multiversion};
+use super::{contiguous_f32, SyncPtr};
+
+/// Target size of one task's score block, in floats (1 MiB).
+const SCORE_BLOCK: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionOp {
+    pub scale: f32,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "easel-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q_storage: &CpuStorage,
+        q_layout: &Layout,
+        k_storage: &CpuStorage,
+        k_layout: &Layout,
+        v_storage: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(q_storage, q_layout, self.name())?;
+        let k = contiguous_f32(k_storage, k_layout, self.name())?;
+        let v = contiguous_f32(v_storage, v_layout, self.name())?;
+        let (heads, n_q, d) = q_layout.shape().dims3()?;
+        let (k_heads, n_k, k_d) = k_layout.shape().dims3()?;
+        let (v_heads, v_n, d_v) = v_layout.shape().dims3()?;
+        if k_heads != heads || v_heads != heads || k_d != d || v_n != n_k || n_k == 0 {
+            candle_core::bail!(
+                "easel-attention: q {:?}, k {:?}, v {:?}",
+                q_layout.shape(),
+                k_layout.shape(),
+                v_layout.shape()
+            );
+        }
+        let out = attention(q, k, v, Dims { heads, n_q, n_k, d, d_v }, self.scale);
+        Ok((CpuStorage::F32(out), Shape::from((heads, n_q, d_v))))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    heads: usize,
+    n_q: usize,
+    n_k: usize,
+    d: usize,
+    d_v: usize,
+}
+
+fn attention(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
+    let Dims { heads, n_q, n_k, d, d_v } = dims;
+    let mut out = vec![0f32; heads * n_q * d_v];
+    if n_q == 0 || d_v == 0 {
+        return out;
+    }
+    // At least 64 rows (the GEMM microkernel's height), more when the key axis is short.
+    let block_rows = (SCORE_BLOCK / n_k).clamp(64, n_q.max(64)).min(n_q);
+    let blocks_per_head = n_q.div_ceil(block_rows);
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    (0..heads * blocks_per_head).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        let head = task / blocks_per_head;
+        let row0 = (task % blocks_per_head) * block_rows;
+        let rows = block_rows.min(n_q - row0);
+        let q_block = &q[(head * n_q + row0) * d..(head * n_q + row0 + rows) * d];
+        let k_head = &k[head * n_k * d..(head + 1) * n_k * d];
+        let v_head = &v[head * n_k * d_v..(head + 1) * n_k * d_v];
+        scores.resize(rows * n_k, 0.0);
+        // SAFETY: every slice holds the extents described by its strides (checked above), and
+        // each task writes only its own `rows × d_v` block of `out`.
+        unsafe {
+            // scores = scale · q_block · k_headᵀ   (rows × n_k)
+            gemm::gemm(
+                rows,
+                n_k,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                n_k as isize,
+                false,
+                q_block.as_ptr(),
+                1,
+                d as isize,
+                k_head.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        let mut sums = Vec::with_capacity(rows);
+        for row in scores.chunks_exact_mut(n_k) {
+            sums.push(exp_in_place_minus_max(row));
+        }
+        let out_block = unsafe { out_ptr.get().add((head * n_q + row0) * d_v) };
+        unsafe {
+            // out_block = probabilities · v_head   (rows × d_v)
+            gemm::gemm(
+                rows,
+                d_v,
+                n_k,
+                out_block,
+                1,
+                d_v as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                n_k as isize,
+                v_head.as_ptr(),
+                1,
+                d_v as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+            let out_rows = std::slice::from_raw_parts_mut(out_block, rows * d_v);
+            for (row, sum) in out_rows.chunks_exact_mut(d_v).zip(sums) {
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    });
+    out
+}
+
+multiversion! {
+    /// Replaces each x by e^(x − max) and returns the sum — the numerator and denominator of a
+    /// numerically stable softmax.
+    fn exp_in_place_minus_max(row: &mut [f32]) -> f32 {
+        let mut max = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for chunk in &mut chunks {
+            for (m, &x) in max.iter_mut().zip(chunk) {
+                *m = m.max(x);
+            }
+        }
+        let max = chunks.remainder().iter().fold(max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
+        let mut sum = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
+                *x = exp(*x - max);
+                *s += *x;
+            }
+        }
+        let mut total: f32 = sum.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp(*x - max);
+            total += *x;
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(v).unwrap()
+    }
+
+    #[test]
+    fn matches_softmax_attention_for_self_cross_and_odd_shapes() {
+        let dev = Device::Cpu;
+        // (heads, n_q, n_k, d, d_v): U-Net self- and cross-attention, the VAE's single head,
+        // sizes that leave partial blocks, a single query.
+        for (heads, n_q, n_k, d, d_v) in
+            [(4, 300, 300, 40, 40), (3, 257, 77, 64, 64), (1, 130, 130, 96, 96), (2, 1, 5, 8, 3), (2, 70, 9000, 8, 8)]
+        {
+            let q = (Tensor::randn(0f32, 1.0, (heads, n_q, d), &dev).unwrap() * 2.0).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (heads, n_k, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (heads, n_k, d_v), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = q.apply_op3_no_bwd(&k, &v, &AttentionOp { scale: scale as f32 }).unwrap();
+            let want = reference(&q, &k, &v, scale);
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{:?}: max abs diff {diff}", (heads, n_q, n_k, d, d_v));
+        }
+    }
+
+    #[test]
+    fn large_scores_do_not_overflow() {
+        let dev = Device::Cpu;
+        let q = (Tensor::ones((1, 4, 8), candle_core::DType::F32, &dev).unwrap() * 100.0).unwrap();
+        let k = (Tensor::ones((1, 6, 8), candle_core::DType::F32, &dev).unwrap() * 100.0).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 6, 2), &dev).unwrap();
+        let got = q.apply_op3_no_bwd(&k, &v, &AttentionOp { scale: 1.0 }).unwrap();
+        let values = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|x| x.is_finite()), "{values:?}");
+    }
+}
