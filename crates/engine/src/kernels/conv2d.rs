@@ -15,7 +15,11 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, threads, SyncPtr};
+use super::{contiguous_f32, threads, winograd, SyncPtr};
+
+/// Below this many output pixels the per-call weight transform of Winograd's method costs more
+/// than it saves (the U-Net's 16×16 and 8×8 levels have the most channels and fewest pixels).
+const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
 
 /// Upper bound on one tile's im2col block (bytes); small enough for several to stay in cache.
 const TILE_BYTES: usize = 4 << 20;
@@ -99,6 +103,11 @@ impl CustomOp3 for Conv2dOp {
 
 fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize) -> Vec<f32> {
     let pixels = g.h_out * g.w_out;
+    if g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1 && pixels >= WINOGRAD_MIN_PIXELS {
+        let mut out = vec![0f32; g.batch * g.c_out * pixels];
+        winograd::conv3x3(x, weight, bias, g.batch, g.c_in, g.c_out, g.h, g.w, &mut out);
+        return out;
+    }
     let mut out = Vec::with_capacity(g.batch * g.c_out * pixels);
     for _ in 0..g.batch {
         for &b in bias {
@@ -309,6 +318,9 @@ mod tests {
             (2, 6, 5, 11, 4, 1, 1, 0),
             (1, 2, 1, 6, 3, 3, 1, 1),
             (3, 33, 20, 24, 7, 3, 1, 1),
+            // Large enough to take the Winograd path through the op itself; odd sizes.
+            (1, 8, 33, 35, 5, 3, 1, 1),
+            (2, 16, 64, 64, 16, 3, 1, 1),
         ];
         for (batch, c_in, h, w, c_out, k, stride, padding) in cases {
             let x = values(batch * c_in * h * w, 1);
@@ -327,7 +339,13 @@ mod tests {
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // One-row tiles: many tiles, so the parallel path runs too.
             let tiled = conv2d(&x, &weight, &bias, &g, 1);
-            for (name, got) in [("default tiles", got), ("one-row tiles", tiled)] {
+            let mut results = vec![("default tiles", got), ("one-row tiles", tiled)];
+            if k == 3 && stride == 1 && padding == 1 {
+                let mut out = vec![f32::NAN; batch * c_out * h * w];
+                winograd::conv3x3(&x, &weight, &bias, batch, c_in, c_out, h, w, &mut out);
+                results.push(("winograd", out));
+            }
+            for (name, got) in results {
                 let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(
                     worst < 1e-4,

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod conv2d;
 pub mod group_norm;
 pub mod simd_math;
+pub mod winograd;
 
 pub use attention::AttentionOp;
 pub use conv2d::Conv2dOp;
