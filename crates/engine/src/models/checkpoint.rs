@@ -205,6 +205,34 @@ pub fn open_clip_source(name: &str) -> Option<Source> {
     }
 }
 
+/// Copies one tensor out of the mapped file, then tells the kernel this process is done with
+/// those file pages, so they leave its resident set (they stay in the page cache). Without
+/// this, loading counts every weight twice — once mapped, once copied — and the peak memory
+/// of a load is twice the model.
+pub fn load_released(tensors: &MmapedSafetensors, name: &str, dev: &Device) -> Result<Tensor> {
+    use candle_core::safetensors::Load;
+    let view = tensors.get(name)?;
+    let tensor = view.load(dev)?;
+    release_pages(view.data());
+    Ok(tensor)
+}
+
+#[cfg(unix)]
+fn release_pages(data: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = (data.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (data.as_ptr() as usize + data.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside a read-only shared file mapping that stays mapped;
+        // MADV_DONTNEED only drops the page-table entries, and a later read faults the same
+        // bytes back in from the file. The return value is ignored: failing to release is harmless.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
+#[cfg(not(unix))]
+fn release_pages(_: &[u8]) {}
+
 /// A `VarBuilder` backend that serves diffusers names from a checkpoint stored under other
 /// names, converting as `resolve` says.
 pub struct RenamingBackend<F: Fn(&str) -> Option<Source> + Send + Sync> {
@@ -225,18 +253,18 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> RenamingBackend<F> {
         let source =
             (self.resolve)(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         match source {
-            Source::Plain(s) => self.tensors.load(&s, dev),
+            Source::Plain(s) => load_released(&self.tensors, &s, dev),
             Source::Conv1x1AsLinear(s) => {
-                let t = self.tensors.load(&s, dev)?;
+                let t = load_released(&self.tensors, &s, dev)?;
                 if t.rank() == 4 {
                     t.squeeze(3)?.squeeze(2)
                 } else {
                     Ok(t)
                 }
             }
-            Source::Transposed(s) => self.tensors.load(&s, dev)?.t()?.contiguous(),
+            Source::Transposed(s) => load_released(&self.tensors, &s, dev)?.t()?.contiguous(),
             Source::QkvPart { name: s, index } => {
-                let fused = self.tensors.load(&s, dev)?;
+                let fused = load_released(&self.tensors, &s, dev)?;
                 let third = fused.dim(0)? / 3;
                 fused.narrow(0, index * third, third)
             }

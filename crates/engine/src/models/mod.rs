@@ -284,8 +284,11 @@ pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<V
     }
     // SAFETY: the files were validated above (complete header and data), and Easel never
     // writes model files while they are mapped.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) };
-    vb.map_err(|e| model_error(files.first().map(PathBuf::as_path).unwrap_or(Path::new("")), e.to_string()))
+    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .map_err(|e| model_error(files.first().map(PathBuf::as_path).unwrap_or(Path::new("")), e.to_string()))?;
+    // Names are already diffusers names; the backend is for its page release while loading.
+    let backend = checkpoint::RenamingBackend::new(tensors, |name| Some(checkpoint::Source::Plain(name.to_string())));
+    Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
 }
 
 /// How to place the model: device and the dtype of its weights and activations.
