@@ -10,12 +10,14 @@
 
 pub mod attention;
 pub mod conv2d;
+pub mod geglu;
 pub mod group_norm;
 pub mod simd_math;
 pub mod winograd;
 
 pub use attention::AttentionOp;
 pub use conv2d::Conv2dOp;
+pub use geglu::GegluOp;
 pub use group_norm::GroupNormOp;
 
 use candle_core::backend::BackendStorage;

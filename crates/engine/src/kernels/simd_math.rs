@@ -67,6 +67,33 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// erf(x) as a rational function of x on [-4, 4] (beyond, erf is ±1 in f32): the form and
+/// coefficients XLA and Eigen use for their vectorised f32 erf, accurate to a few ulp.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    p = p * x2 + 2.770_681_4e-8;
+    p = p * x2 - 2.101_024e-6;
+    p = p * x2 - 5.692_506_4e-5;
+    p = p * x2 - 7.349_906_3e-4;
+    p = p * x2 - 2.954_6e-3;
+    p = p * x2 - 1.609_603_3e-2;
+    let mut q = -1.456_607_2e-5_f32;
+    q = q * x2 - 2.133_740_6e-4;
+    q = q * x2 - 1.682_827e-3;
+    q = q * x2 - 7.373_329e-3;
+    q = q * x2 - 1.426_474e-2;
+    x * p / q
+}
+
+/// The exact (erf) GELU that diffusers' GEGLU uses: x·(1 + erf(x/√2))/2.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 multiversion! {
     /// SiLU in place over a slice.
     pub fn silu_in_place(xs: &mut [f32]) {
@@ -91,6 +118,41 @@ mod tests {
             x += 0.013;
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn erf_and_gelu_match_f64_references() {
+        let mut worst_erf = 0f64;
+        let mut worst_gelu = 0f64;
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            let want = libm_erf(x as f64);
+            worst_erf = worst_erf.max((erf(x) as f64 - want).abs());
+            let want_gelu = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2));
+            // Absolute, scaled by |x|: in the far negative tail 1 + erf cancels, in torch too.
+            worst_gelu = worst_gelu.max((gelu(x) as f64 - want_gelu).abs() / (x.abs() as f64).max(1.0));
+            x += 0.0007;
+        }
+        assert!(worst_erf < 5e-7, "erf: worst absolute error {worst_erf}");
+        assert!(worst_gelu < 5e-7, "gelu: worst error {worst_gelu}");
+    }
+
+    /// erf in f64 by its Maclaurin series (|x| ≤ 3) or continued fraction (beyond): a reference
+    /// independent of the approximation under test.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 3.0 {
+            // erfc(x) ≈ e^{-x²}/(x√π) · (1 − 1/(2x²) + 3/(4x⁴)); far below f32 resolution here.
+            let a = x.abs();
+            let erfc = (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * (1.0 - 0.5 / (a * a) + 0.75 / a.powi(4));
+            return x.signum() * (1.0 - erfc);
+        }
+        let mut term = x;
+        let mut sum = x;
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 
     #[test]

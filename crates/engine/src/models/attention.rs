@@ -116,8 +116,12 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
-        let chunks = projected.chunk(2, D::Minus1)?;
-        let gated = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        let gated = if crate::kernels::applies_to(&projected) {
+            projected.contiguous()?.apply_op1_no_bwd(&crate::kernels::GegluOp)?
+        } else {
+            let chunks = projected.chunk(2, D::Minus1)?;
+            (&chunks[0] * chunks[1].gelu_erf()?)?
+        };
         self.out.forward(&gated)
     }
 }
