@@ -141,6 +141,30 @@ fn vae_decode_matches_diffusers() {
     }
 }
 
+/// 36×36 latents (scripts/make_large_fixtures.py): the sizes where Easel's own CPU kernels take
+/// their large-image paths — Winograd convolutions at the top U-Net level and throughout the
+/// VAE, attention over several query blocks — against diffusers.
+#[test]
+fn large_latents_match_diffusers() {
+    let dir = fixtures().join("reference/large/reference.safetensors");
+    let reference = candle_core::safetensors::load(dir, &candle_core::Device::Cpu).unwrap();
+    let get = |name: &str| reference.get(name).unwrap_or_else(|| panic!("reference tensor {name} missing"));
+    for model in MODELS {
+        let pipeline = load(model);
+        let sd: &StableDiffusion = pipeline.model();
+        let added = (sd.info.family == Family::Sdxl).then(|| AddedCond {
+            text_embeds: get(&format!("{model}.unet.text_embeds")),
+            time_ids: get(&format!("{model}.unet.time_ids")),
+        });
+        let sample = get(&format!("{model}.unet.sample"));
+        assert_eq!(sample.dims(), &[2, 4, 36, 36]);
+        let out = sd.unet.forward(sample, 500.0, get(&format!("{model}.unet.encoder_hidden_states")), added).unwrap();
+        assert_close(&format!("{model} unet at 36×36"), &out, get(&format!("{model}.unet.out")), ONE_CALL);
+    }
+    let image = load("sd1-tiny").decode_latents(get("sd1-tiny.vae.latents")).unwrap();
+    assert_close("sd1-tiny vae at 288×288", &image, get("sd1-tiny.vae.image"), ONE_CALL);
+}
+
 #[test]
 fn initial_noise_matches_torch_cpu_generator() {
     for model in MODELS {
