@@ -12,10 +12,9 @@
 //! same sum as adding it afterwards, without another pass over the activation.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, threads, winograd, SyncPtr};
+use super::{contiguous_f32, matmul, threads, winograd, Operand, SyncPtr};
 
 /// Below this many output pixels the per-call weight transform of Winograd's method costs more
 /// than it saves (the U-Net's 16×16 and 8×8 levels have the most channels and fewest pixels).
@@ -129,15 +128,16 @@ fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_byt
             // SAFETY: `out` holds batch·c_out·pixels floats; this image's block is c_out × pixels
             // with row stride `pixels`; `weight` is c_out × c_in and `src` c_in × pixels, row-major.
             unsafe {
-                gemm_into(
-                    out_ptr.get().add(image * g.c_out * pixels),
-                    pixels,
-                    weight,
-                    g.c_in,
-                    src,
-                    pixels,
+                matmul(
                     g.c_out,
                     pixels,
+                    g.c_in,
+                    out_ptr.get().add(image * g.c_out * pixels),
+                    pixels,
+                    true,
+                    Operand::rows(weight, g.c_in),
+                    Operand::rows(src, pixels),
+                    1.0,
                     threads(),
                 );
             }
@@ -161,7 +161,18 @@ fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_byt
         // image's c_out × pixels output block, so concurrent tiles never write the same float.
         unsafe {
             let dst = out_ptr.get().add(image * g.c_out * pixels + row0 * g.w_out);
-            gemm_into(dst, pixels, weight, patch, col, n, g.c_out, n, gemm_threads);
+            matmul(
+                g.c_out,
+                n,
+                patch,
+                dst,
+                pixels,
+                true,
+                Operand::rows(weight, patch),
+                Operand::rows(col, n),
+                1.0,
+                gemm_threads,
+            );
         }
     };
 
@@ -175,48 +186,6 @@ fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_byt
         }
     }
     out
-}
-
-/// `dst (m × n, row stride dst_rs) += lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`.
-///
-/// # Safety
-/// `dst` must be valid for writes of an m × n block with row stride `dst_rs`, and no other
-/// thread may touch that block meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: &[f32],
-    k: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    m: usize,
-    n: usize,
-    threads: usize,
-) {
-    debug_assert!(lhs.len() >= m * k && rhs.len() >= (k.max(1) - 1) * rhs_rs + n);
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        true,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs.as_ptr(),
-        1,
-        rhs_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    );
 }
 
 /// Fills `col` ((c_in·kh·kw) × (rows·w_out), row-major) with the input patches of output rows

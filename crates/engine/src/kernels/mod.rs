@@ -38,6 +38,70 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// A matrix operand for [`matmul`]: where it starts and how far apart rows and columns are.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub ptr: *const f32,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Operand {
+    /// A row-major matrix with `row_stride` floats per row.
+    pub(crate) fn rows(data: &[f32], row_stride: usize) -> Self {
+        Self { ptr: data.as_ptr(), row_stride, col_stride: 1 }
+    }
+
+    /// The transpose of a row-major matrix with `row_stride` floats per row.
+    pub(crate) fn transposed(data: &[f32], row_stride: usize) -> Self {
+        Self { ptr: data.as_ptr(), row_stride: 1, col_stride: row_stride }
+    }
+}
+
+/// `dst (m × n, row-major, dst_row_stride) = [dst +] scale · lhs (m × k) · rhs (k × n)`, through
+/// the `gemm` crate; `accumulate` keeps what `dst` holds (a bias written there first).
+/// `threads` > 1 splits this one product over the rayon pool; inside parallel tasks pass 1.
+///
+/// # Safety
+/// `dst` must be valid for writes of the m × n block and not touched by anyone else meanwhile;
+/// `lhs` and `rhs` must be valid for reads of their m × k and k × n extents.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    threads: usize,
+) {
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row_stride as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.ptr,
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 /// The f32 contents of a contiguous tensor, or an error naming the op (callers make inputs
 /// contiguous first; anything else is a bug, reported rather than mis-read).
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {

@@ -12,11 +12,10 @@
 //! The image is processed in bands of tile rows so the transformed buffers stay bounded
 //! (a 512×512 VAE activation would otherwise need four copies of itself in each domain).
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::simd_math::multiversion;
-use super::SyncPtr;
+use super::{matmul, Operand, SyncPtr};
 
 /// Bytes of transformed input + GEMM output per band.
 const BAND_BYTES: usize = 16 << 20;
@@ -159,35 +158,26 @@ multiversion! {
 /// M_ξ = U_ξ · V_ξ for the 16 positions, as 16 independent single-threaded GEMMs on all cores.
 fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tiles: usize) {
     let m_ptr = SyncPtr(m.as_mut_ptr());
-    let gemm_one = |xi: usize, parallelism: Parallelism| {
+    let gemm_one = |xi: usize| {
         let u_xi = &u[xi * c_out * c_in..(xi + 1) * c_out * c_in];
         let v_xi = &v[xi * c_in * tiles..(xi + 1) * c_in * tiles];
         // SAFETY: each ξ writes only its own c_out × tiles block of M.
         unsafe {
-            gemm::gemm(
+            matmul(
                 c_out,
                 tiles,
                 c_in,
                 m_ptr.get().add(xi * c_out * tiles),
-                1,
-                tiles as isize,
+                tiles,
                 false,
-                u_xi.as_ptr(),
-                1,
-                c_in as isize,
-                v_xi.as_ptr(),
-                1,
-                tiles as isize,
-                0.0,
+                Operand::rows(u_xi, c_in),
+                Operand::rows(v_xi, tiles),
                 1.0,
-                false,
-                false,
-                false,
-                parallelism,
+                1,
             )
         }
     };
-    (0..16).into_par_iter().for_each(|xi| gemm_one(xi, Parallelism::None));
+    (0..16).into_par_iter().for_each(gemm_one);
 }
 
 /// Y = Aᵀ M A + bias for every tile of the band, written into the NCHW output.
