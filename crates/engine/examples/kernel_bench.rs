@@ -54,5 +54,23 @@ fn main() -> candle_core::Result<()> {
         easel_engine::models::attention::scaled_dot_product_attention(&q, &k, &v, 40f64.powf(-0.5)).unwrap();
     });
     println!("self-attention 16x4096x40: {:.1} ms", dt * 1e3);
+
+    #[cfg(target_arch = "x86_64")]
+    if easel_engine::kernels::bf16::supported() {
+        use easel_engine::kernels::bf16::{gemm, pairs_from_f32, Panels};
+        for (m, k, n) in [(320, 2880, 4096), (1280, 11520, 256), (640, 5760, 1024)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut a_pairs = Vec::new();
+            pairs_from_f32(&a, m, k, k, &mut a_pairs);
+            let mut panels = Panels { data: Vec::new(), n: 0, k_pairs: 0 };
+            let mut c = vec![0f32; m * n];
+            let dt = time(|| {
+                Panels::from_f32(&b, k, n, n, &mut panels);
+                unsafe { gemm(m, &a_pairs, k / 2, &panels, c.as_mut_ptr(), n, true) };
+            });
+            println!("bf16 matmul {m}x{k}x{n} (packing included): {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / dt / 1e9);
+        }
+    }
     Ok(())
 }

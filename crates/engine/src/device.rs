@@ -33,7 +33,8 @@ impl std::str::FromStr for DevicePreference {
 /// GPUs run the U-Net and text encoders in f16 (the VAE stays f32: SDXL's overflows in f16);
 /// the CPU runs everything in f32, which is both exact and, on CPUs, no slower.
 pub fn load_options(preference: DevicePreference) -> Result<LoadOptions> {
-    let gpu = |device: Device| LoadOptions { device, dtype: DType::F16, vae_dtype: DType::F32, vae_override: None };
+    let gpu =
+        |device: Device| LoadOptions { device, dtype: DType::F16, vae_dtype: DType::F32, ..LoadOptions::default() };
     match preference {
         DevicePreference::Cpu => Ok(LoadOptions::default()),
         DevicePreference::Cuda => Device::new_cuda(0)

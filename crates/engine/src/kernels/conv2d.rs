@@ -33,7 +33,7 @@ pub struct Conv2dOp {
 
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
+pub(crate) struct Geometry {
     batch: usize,
     c_in: usize,
     h: usize,
@@ -43,15 +43,56 @@ struct Geometry {
     kw: usize,
     stride: usize,
     padding: usize,
-    h_out: usize,
-    w_out: usize,
+    pub h_out: usize,
+    pub w_out: usize,
 }
 
 impl Geometry {
+    /// A square `kernel`; the caller has checked the padded input is at least kernel-sized.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        batch: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
+        let stride = stride.max(1);
+        Self {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: kernel,
+            kw: kernel,
+            stride,
+            padding,
+            h_out: (h + 2 * padding - kernel) / stride + 1,
+            w_out: (w + 2 * padding - kernel) / stride + 1,
+        }
+    }
+
     fn patch_len(&self) -> usize {
         self.c_in * self.kh * self.kw
     }
+
+    /// Whether this convolution takes the Winograd path.
+    pub(crate) fn winograd(&self) -> bool {
+        self.kh == 3
+            && self.kw == 3
+            && self.stride == 1
+            && self.padding == 1
+            && self.h_out * self.w_out >= WINOGRAD_MIN_PIXELS
+    }
 }
+
+/// `dst (c_out × n, row stride dst_rs) += W · rhs (k × n, row stride rhs_rs)`, for the weight
+/// in whatever form the caller holds it; the last argument is the threads one product may use.
+type Product<'a> = dyn Fn(*mut f32, usize, &[f32], usize, usize, usize) + Sync + 'a;
 
 impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
@@ -84,35 +125,54 @@ impl CustomOp3 for Conv2dOp {
         if h + 2 * padding < kh || w + 2 * padding < kw {
             candle_core::bail!("easel-conv2d: kernel {kh}×{kw} larger than the padded {h}×{w} input");
         }
-        let geometry = Geometry {
-            batch,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh,
-            kw,
-            stride,
-            padding,
-            h_out: (h + 2 * padding - kh) / stride + 1,
-            w_out: (w + 2 * padding - kw) / stride + 1,
-        };
-        let out = conv2d(x, weight, bias, &geometry, TILE_BYTES);
+        if (kh, kw) != (kh, kh) {
+            candle_core::bail!("easel-conv2d: only square kernels, got {kh}×{kw}");
+        }
+        let geometry = Geometry::new(batch, c_in, h, w, c_out, kh, stride, padding);
+        let out = conv2d(x, weight, bias, &geometry);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, geometry.h_out, geometry.w_out))))
     }
 }
 
-fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize) -> Vec<f32> {
-    let pixels = g.h_out * g.w_out;
-    if g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1 && pixels >= WINOGRAD_MIN_PIXELS {
-        let mut out = vec![0f32; g.batch * g.c_out * pixels];
+/// The f32 convolution: Winograd where it pays, else GEMMs over im2col tiles.
+pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
+    if g.winograd() {
+        let mut out = vec![0f32; g.batch * g.c_out * g.h_out * g.w_out];
         winograd::conv3x3(x, weight, bias, g.batch, g.c_in, g.c_out, g.h, g.w, &mut out);
         return out;
     }
-    conv2d_im2col(x, weight, bias, g, tile_bytes)
+    conv2d_im2col(x, bias, g, TILE_BYTES, &f32_product(weight, g))
 }
 
-fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize) -> Vec<f32> {
+fn f32_product<'a>(
+    weight: &'a [f32],
+    g: &'a Geometry,
+) -> impl Fn(*mut f32, usize, &[f32], usize, usize, usize) + Sync + 'a {
+    move |dst, dst_rs, rhs, rhs_rs, n, threads| {
+        let k = weight.len() / g.c_out;
+        // SAFETY: see `Product`; the callers pass disjoint destination blocks.
+        unsafe {
+            matmul(g.c_out, n, k, dst, dst_rs, true, Operand::rows(weight, k), Operand::rows(rhs, rhs_rs), 1.0, threads)
+        }
+    }
+}
+
+/// The bf16-weight convolution (weights as bf16 pairs per output channel) through im2col
+/// tiles and the AVX-512-BF16 kernel.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn conv2d_bf16(x: &[f32], weight_pairs: &[u32], bias: &[f32], g: &Geometry) -> Vec<f32> {
+    use super::bf16::{gemm, Panels};
+    let lda = weight_pairs.len() / g.c_out;
+    let product = move |dst: *mut f32, dst_rs: usize, rhs: &[f32], rhs_rs: usize, n: usize, threads: usize| {
+        let mut panels = Panels { data: Vec::new(), n: 0, k_pairs: 0 };
+        Panels::from_f32(rhs, 2 * lda, n, rhs_rs, &mut panels);
+        // SAFETY: layers are built in bf16 only when `bf16::supported()`; disjoint `dst` blocks.
+        unsafe { gemm(g.c_out, weight_pairs, lda, &panels, dst, dst_rs, threads > 1) }
+    };
+    conv2d_im2col(x, bias, g, TILE_BYTES, &product)
+}
+
+fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, product: &Product) -> Vec<f32> {
     let pixels = g.h_out * g.w_out;
     let mut out = Vec::with_capacity(g.batch * g.c_out * pixels);
     for _ in 0..g.batch {
@@ -125,22 +185,8 @@ fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_byt
     if g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0 {
         for image in 0..g.batch {
             let src = &x[image * g.c_in * pixels..(image + 1) * g.c_in * pixels];
-            // SAFETY: `out` holds batch·c_out·pixels floats; this image's block is c_out × pixels
-            // with row stride `pixels`; `weight` is c_out × c_in and `src` c_in × pixels, row-major.
-            unsafe {
-                matmul(
-                    g.c_out,
-                    pixels,
-                    g.c_in,
-                    out_ptr.get().add(image * g.c_out * pixels),
-                    pixels,
-                    true,
-                    Operand::rows(weight, g.c_in),
-                    Operand::rows(src, pixels),
-                    1.0,
-                    threads(),
-                );
-            }
+            // `out` holds batch·c_out·pixels floats; this image's block is c_out × pixels.
+            product(out_ptr.get().wrapping_add(image * g.c_out * pixels), pixels, src, pixels, pixels, threads());
         }
         return out;
     }
@@ -157,23 +203,10 @@ fn conv2d_im2col(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry, tile_byt
         col.clear();
         col.resize(patch * n, 0.0);
         im2col_rows(x, g, image, row0, rows, col);
-        // SAFETY: tiles cover disjoint column ranges [row0·w_out, row0·w_out + n) of this
-        // image's c_out × pixels output block, so concurrent tiles never write the same float.
-        unsafe {
-            let dst = out_ptr.get().add(image * g.c_out * pixels + row0 * g.w_out);
-            matmul(
-                g.c_out,
-                n,
-                patch,
-                dst,
-                pixels,
-                true,
-                Operand::rows(weight, patch),
-                Operand::rows(col, n),
-                1.0,
-                gemm_threads,
-            );
-        }
+        // Tiles cover disjoint column ranges [row0·w_out, row0·w_out + n) of this image's
+        // c_out × pixels output block, so concurrent tiles never write the same float.
+        let dst = out_ptr.get().wrapping_add(image * g.c_out * pixels + row0 * g.w_out);
+        product(dst, pixels, col, n, n, gemm_threads);
     };
 
     let workers = threads();
@@ -314,7 +347,7 @@ mod tests {
             let want = naive(&x, &weight, &bias, &g);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // One-row tiles: many tiles, so the parallel path runs too.
-            let tiled = conv2d(&x, &weight, &bias, &g, 1);
+            let tiled = conv2d_im2col(&x, &bias, &g, 1, &f32_product(&weight, &g));
             let mut results = vec![("default tiles", got), ("one-row tiles", tiled)];
             if k == 3 && stride == 1 && padding == 1 {
                 let mut out = vec![f32::NAN; batch * c_out * h * w];

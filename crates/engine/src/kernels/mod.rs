@@ -9,6 +9,9 @@
 //! other devices and dtypes take candle's own path.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16;
+pub mod bf16_layers;
 pub mod conv2d;
 pub mod geglu;
 pub mod group_norm;
@@ -16,6 +19,7 @@ pub mod simd_math;
 pub mod winograd;
 
 pub use attention::AttentionOp;
+pub use bf16_layers::{Conv2dBf16Op, LinearBf16Op};
 pub use conv2d::Conv2dOp;
 pub use geglu::GegluOp;
 pub use group_norm::GroupNormOp;

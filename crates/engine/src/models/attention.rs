@@ -6,9 +6,9 @@
 //! made faster without owning the code.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
-use super::nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm};
+use super::nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear};
 
 /// Upper bound on the f32 score buffer of one attention chunk, in elements (≈128 MB).
 const MAX_SCORE_ELEMENTS: usize = 32 * 1024 * 1024;

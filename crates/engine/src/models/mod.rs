@@ -300,11 +300,35 @@ pub struct LoadOptions {
     pub vae_dtype: DType,
     /// A VAE to use instead of the model's own: a diffusers `vae/` folder or a `.safetensors` file.
     pub vae_override: Option<PathBuf>,
+    /// The CPU bf16 mode: U-Net weights kept in bf16 (half the memory) and multiplied with
+    /// AVX-512-BF16, activations and accumulation in f32. Not exact; see the README for how far
+    /// its images are from the f32 ones.
+    pub cpu_bf16: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, vae_dtype: DType::F32, vae_override: None }
+        Self { device: Device::Cpu, dtype: DType::F32, vae_dtype: DType::F32, vae_override: None, cpu_bf16: false }
+    }
+}
+
+impl LoadOptions {
+    /// The dtype the U-Net's weights are loaded in: bf16 in the CPU bf16 mode (its layers keep
+    /// them packed; activations stay in `dtype`).
+    pub fn unet_weights_dtype(&self) -> Result<DType> {
+        if !self.cpu_bf16 {
+            return Ok(self.dtype);
+        }
+        if !self.device.is_cpu() {
+            return Err(Error::InvalidSetting("bf16 mode is for the CPU; GPUs already run in f16".into()));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::bf16::supported() {
+            return Ok(DType::BF16);
+        }
+        Err(Error::InvalidSetting(
+            "bf16 mode needs a CPU with AVX-512 BF16 instructions (AMD Zen 4 or newer, Intel Cooper Lake / Sapphire Rapids or newer)".into(),
+        ))
     }
 }
 
@@ -389,7 +413,8 @@ impl StableDiffusion {
             })?),
             None => None,
         };
-        let unet = load_component(folder, "unet", "diffusion_pytorch_model", dtype, device, |vb| {
+        let unet_dtype = options.unet_weights_dtype()?;
+        let unet = load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, device, |vb| {
             UNet2DConditionModel::new(vb, info.unet.clone())
         })?;
         let vae = load_vae(&info, &options)?;

@@ -1,10 +1,31 @@
 //! Thin constructors over candle-nn layers, named the way diffusers names weights.
 
-use candle_core::{Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Module, Result, Tensor};
+pub use candle_nn::LayerNorm;
 use candle_nn::{Conv2dConfig, VarBuilder};
-pub use candle_nn::{LayerNorm, Linear};
 
 use crate::kernels::{self, Conv2dOp, GroupNormOp};
+
+/// Whether a layer built from `vb` keeps its weights in Easel's packed bf16 form: the CPU bf16
+/// mode loads the U-Net with dtype bf16 (activations stay f32).
+fn packed_bf16(vb: &VarBuilder, even_inner_dim: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vb.dtype() == DType::BF16 && vb.device().is_cpu() && even_inner_dim && kernels::bf16::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (vb, even_inner_dim);
+        false
+    }
+}
+
+/// A bf16 tensor's raw bits, row-major.
+fn bf16_bits(t: &Tensor) -> Result<Vec<u16>> {
+    Ok(t.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect())
+}
 
 /// A 2-D convolution that runs Easel's own CPU kernel for f32 on the CPU and candle's
 /// convolution everywhere else (GPU, f16/bf16).
@@ -13,10 +34,15 @@ pub struct Conv2d {
     inner: candle_nn::Conv2d,
     stride: usize,
     padding: usize,
+    /// In the CPU bf16 mode: the weight as bf16 pairs (and the f32 bias), instead of `inner`'s.
+    bf16: Option<Arc<kernels::Conv2dBf16Op>>,
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(op) = &self.bf16 {
+            return xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref());
+        }
         match self.inner.bias() {
             Some(bias) if kernels::applies_to(xs) && self.inner.weight().dtype() == xs.dtype() => {
                 let op = Conv2dOp { stride: self.stride, padding: self.padding };
@@ -73,24 +99,76 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(Conv2d { inner: candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)?, stride, padding })
+    if packed_bf16(&vb, (in_ch * kernel * kernel).is_multiple_of(2)) {
+        let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
+        let bias = vb.get(out_ch, "bias")?.to_dtype(DType::F32)?;
+        let bits = bf16_bits(&weight)?;
+        let op = kernels::Conv2dBf16Op::new(&bits, bias.to_vec1()?, out_ch, in_ch, kernel, stride, padding);
+        // `inner` keeps a placeholder: the op owns the weights (half the f32 size).
+        let placeholder = Tensor::zeros((1, 1, 1, 1), DType::F32, vb.device())?;
+        let inner = candle_nn::Conv2d::new(placeholder, None, cfg);
+        return Ok(Conv2d { inner, stride, padding, bf16: Some(Arc::new(op)) });
+    }
+    Ok(Conv2d { inner: candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)?, stride, padding, bf16: None })
+}
+
+/// Norm parameters: f32 when the layer's weights are bf16 on the CPU (activations are f32).
+fn norm_param(vb: &VarBuilder, channels: usize, name: &str) -> Result<Tensor> {
+    let t = vb.get(channels, name)?;
+    if vb.dtype() == DType::BF16 && vb.device().is_cpu() {
+        t.to_dtype(DType::F32)?.contiguous()
+    } else {
+        t.contiguous()
+    }
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let weight = vb.get(channels, "weight")?.contiguous()?;
-    let bias = vb.get(channels, "bias")?.contiguous()?;
+    let weight = norm_param(&vb, channels, "weight")?;
+    let bias = norm_param(&vb, channels, "bias")?;
     let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
     Ok(GroupNorm { inner, weight, bias, groups, eps })
 }
 
 pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
-    candle_nn::layer_norm(size, eps, vb)
+    Ok(LayerNorm::new(norm_param(&vb, size, "weight")?, norm_param(&vb, size, "bias")?, eps))
+}
+
+/// A linear layer: candle-nn's, or in the CPU bf16 mode Easel's bf16 kernel with the weight
+/// pre-packed once at load.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Candle(candle_nn::Linear),
+    Bf16(Arc<kernels::LinearBf16Op>),
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(inner) => inner.forward(xs),
+            Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref()),
+        }
+    }
+}
+
+fn linear_maybe_bias(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if packed_bf16(&vb, in_dim.is_multiple_of(2)) {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if with_bias { Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?) } else { None };
+        let op = kernels::LinearBf16Op::new(&bf16_bits(&weight)?, bias, out_dim, in_dim);
+        return Ok(Linear::Bf16(Arc::new(op)));
+    }
+    let inner = if with_bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    };
+    Ok(Linear::Candle(inner))
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+    linear_maybe_bias(in_dim, out_dim, true, vb)
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    linear_maybe_bias(in_dim, out_dim, false, vb)
 }

@@ -341,9 +341,11 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         }
         Some(Source::Plain(full))
     })?;
-    let unet =
-        UNet2DConditionModel::new(VarBuilder::from_backend(unet_backend, dtype, device.clone()), info.unet.clone())
-            .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
+    let unet = UNet2DConditionModel::new(
+        VarBuilder::from_backend(unet_backend, options.unet_weights_dtype()?, device.clone()),
+        info.unet.clone(),
+    )
+    .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
 
     let vae = super::load_vae(&info, &options)?;
 
