@@ -29,6 +29,8 @@ pub enum Command {
     LoadModel {
         path: PathBuf,
         vae: Option<PathBuf>,
+        /// The CPU bf16 mode (see `LoadOptions::cpu_bf16`).
+        cpu_bf16: bool,
     },
     /// Generate one image; when `save_dir` is set the worker saves it there with its parameters.
     Generate {
@@ -247,21 +249,21 @@ impl WorkerState {
     fn run(mut self, commands: Receiver<Command>) {
         while let Ok(command) = commands.recv() {
             match command {
-                Command::LoadModel { path, vae } => self.load(path, vae),
+                Command::LoadModel { path, vae, cpu_bf16 } => self.load(path, vae, cpu_bf16),
                 Command::Generate { job, request, save_dir } => self.generate(job, request, save_dir),
                 Command::Shutdown => break,
             }
         }
     }
 
-    fn load(&mut self, path: PathBuf, vae: Option<PathBuf>) {
+    fn load(&mut self, path: PathBuf, vae: Option<PathBuf>, cpu_bf16: bool) {
         self.emit(Event::ModelLoading { path: path.clone() });
         // Free the old model first: two SDXL models at once may not fit in memory.
         self.pipeline = None;
         self.model_hash = None;
         let started = Instant::now();
         let options = match easel_engine::device::load_options(Default::default()) {
-            Ok(options) => easel_engine::models::LoadOptions { vae_override: vae, ..options },
+            Ok(options) => easel_engine::models::LoadOptions { vae_override: vae, cpu_bf16, ..options },
             Err(e) => return self.emit(Event::ModelFailed { path, error: e.to_string() }),
         };
         match Pipeline::load(&path, options) {

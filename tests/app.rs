@@ -253,3 +253,33 @@ fn choosing_a_vae_reloads_the_model_with_it() {
     step_until(&mut h, "the model to load again", model_ready);
     assert_eq!(h.state().settings.vae_path, None);
 }
+
+#[test]
+fn the_bf16_switch_reloads_the_model_and_gives_a_close_image() {
+    if !easel_engine::kernels::bf16_supported() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16 (the switch is hidden there)");
+        return;
+    }
+    let outputs = tempfile::tempdir().unwrap();
+    let mut h = harness(Settings { prompt: "a fox".into(), ..settings(outputs.path()) });
+    step_until(&mut h, "the model to load", model_ready);
+    h.get_by_label("Generate").click();
+    h.step();
+    step_until(&mut h, "the f32 image", |app| app.gallery.len() == 1);
+
+    h.get_by_label("Fast bf16 mode").click();
+    h.step();
+    assert!(h.state().settings.cpu_bf16);
+    step_until(&mut h, "the model to reload", model_ready);
+    h.get_by_label("Generate").click();
+    h.step();
+    step_until(&mut h, "the bf16 image", |app| app.gallery.len() == 2);
+
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    // Newest first or last, either way the two images are the same seed in both modes.
+    let (a, b) = (&app.gallery[0].image.data, &app.gallery[1].image.data);
+    assert_ne!(a, b, "bf16 mode produced the f32 image bit for bit");
+    let psnr = common::psnr(a, b);
+    assert!(psnr >= 40.0, "bf16 vs f32 PSNR {psnr} dB");
+}

@@ -194,12 +194,24 @@ impl EaselApp {
     pub fn load_model(&mut self, path: PathBuf) {
         self.settings.model_path = Some(path.clone());
         self.model = ModelState::Loading(path.clone());
-        self.worker.send(Command::LoadModel { path, vae: self.settings.vae_path.clone() });
+        self.worker.send(Command::LoadModel {
+            path,
+            vae: self.settings.vae_path.clone(),
+            cpu_bf16: self.settings.cpu_bf16,
+        });
     }
 
     /// Uses another VAE (or the model's own with `None`), reloading the model.
     pub fn set_vae(&mut self, vae: Option<PathBuf>) {
         self.settings.vae_path = vae;
+        if let Some(path) = self.settings.model_path.clone() {
+            self.load_model(path);
+        }
+    }
+
+    /// Switches the CPU bf16 mode and reloads the model in it.
+    pub fn set_cpu_bf16(&mut self, on: bool) {
+        self.settings.cpu_bf16 = on;
         if let Some(path) = self.settings.model_path.clone() {
             self.load_model(path);
         }

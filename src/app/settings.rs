@@ -33,6 +33,8 @@ pub struct Settings {
     pub models_dir: Option<PathBuf>,
     /// A VAE used instead of the model's own (diffusers `vae/` folder or .safetensors file).
     pub vae_path: Option<PathBuf>,
+    /// The CPU bf16 mode (U-Net weights in bf16: faster, half the memory, not bit-exact).
+    pub cpu_bf16: bool,
 }
 
 impl Default for Settings {
@@ -54,6 +56,7 @@ impl Default for Settings {
             autosave: true,
             models_dir: None,
             vae_path: None,
+            cpu_bf16: false,
         }
     }
 }

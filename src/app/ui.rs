@@ -73,6 +73,14 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
             app.set_vae(None);
         }
     });
+    if easel_engine::kernels::bf16_supported() {
+        let mut bf16 = app.settings.cpu_bf16;
+        let hover = "U-Net weights in bf16 on this CPU's AVX-512 BF16 units: faster and half the \
+                     memory; images stay very close to f32 but are not bit-identical";
+        if ui.checkbox(&mut bf16, "Fast bf16 mode").on_hover_text(hover).changed() {
+            app.set_cpu_bf16(bf16);
+        }
+    }
     if let ModelState::Ready(m) = &app.model {
         let (steps, guidance, size) = (m.default_steps, m.default_guidance, m.default_size);
         if ui

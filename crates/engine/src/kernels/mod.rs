@@ -119,6 +119,18 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     }
 }
 
+/// Whether this CPU can run the bf16 mode (AVX-512 BF16).
+pub fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        bf16::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the hand-written kernels can run on `xs`: a CPU f32 tensor.
 pub(crate) fn applies_to(xs: &candle_core::Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32
