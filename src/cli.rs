@@ -265,6 +265,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("model            {} ({})", report.model, report.family);
     println!("size, steps      {}x{}, {} steps of {}", report.width, report.height, report.steps, report.sampler);
     println!("threads          {}", report.threads);
+    println!("precision        {}", args.precision);
     println!("model load       {load_s:8.2} s");
     println!("text encoding    {:8.2} s", report.text_encoding_s);
     println!("U-Net step, CFG  {:8.2} s   (batch 2)", report.unet_step_cfg_s);
@@ -278,6 +279,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let mut json = serde_json::to_value(&report)?;
         json["model_load_s"] = serde_json::json!(load_s);
+        json["precision"] = serde_json::json!(args.precision);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
