@@ -125,7 +125,7 @@ impl CustomOp3 for Conv2dOp {
         if h + 2 * padding < kh || w + 2 * padding < kw {
             candle_core::bail!("easel-conv2d: kernel {kh}×{kw} larger than the padded {h}×{w} input");
         }
-        if (kh, kw) != (kh, kh) {
+        if kh != kw {
             candle_core::bail!("easel-conv2d: only square kernels, got {kh}×{kw}");
         }
         let geometry = Geometry::new(batch, c_in, h, w, c_out, kh, stride, padding);

@@ -404,6 +404,8 @@ impl StableDiffusion {
     pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
         let info = inspect_diffusers_folder(folder)?;
         let (dtype, device) = (options.dtype, &options.device);
+        // Checked first: a refused bf16 mode should not cost a text-encoder load.
+        let unet_dtype = options.unet_weights_dtype()?;
         let text_encoder = load_component(folder, "text_encoder", "model", dtype, device, |vb| {
             ClipTextModel::new(vb, info.text_encoder.clone(), false)
         })?;
@@ -413,7 +415,6 @@ impl StableDiffusion {
             })?),
             None => None,
         };
-        let unet_dtype = options.unet_weights_dtype()?;
         let unet = load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, device, |vb| {
             UNet2DConditionModel::new(vb, info.unet.clone())
         })?;

@@ -27,28 +27,36 @@ fn bf16_bits(t: &Tensor) -> Result<Vec<u16>> {
     Ok(t.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect())
 }
 
-/// A 2-D convolution that runs Easel's own CPU kernel for f32 on the CPU and candle's
-/// convolution everywhere else (GPU, f16/bf16).
+/// Where the layers that are not packed load their weights: in the CPU bf16 mode only the packed
+/// convolutions and linear layers keep bf16, everything else (norms, odd-sized layers) is f32
+/// like the activations.
+fn unpacked(vb: VarBuilder) -> VarBuilder {
+    if vb.dtype() == DType::BF16 && vb.device().is_cpu() {
+        vb.set_dtype(DType::F32)
+    } else {
+        vb
+    }
+}
+
+/// A 2-D convolution: Easel's own CPU kernel for f32 on the CPU, its bf16 kernel in the CPU
+/// bf16 mode, and candle's convolution everywhere else (GPU, f16).
 #[derive(Debug, Clone)]
-pub struct Conv2d {
-    inner: candle_nn::Conv2d,
-    stride: usize,
-    padding: usize,
-    /// In the CPU bf16 mode: the weight as bf16 pairs (and the f32 bias), instead of `inner`'s.
-    bf16: Option<Arc<kernels::Conv2dBf16Op>>,
+pub enum Conv2d {
+    Candle { inner: candle_nn::Conv2d, stride: usize, padding: usize },
+    Bf16(Arc<kernels::Conv2dBf16Op>),
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(op) = &self.bf16 {
-            return xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref());
-        }
-        match self.inner.bias() {
-            Some(bias) if kernels::applies_to(xs) && self.inner.weight().dtype() == xs.dtype() => {
-                let op = Conv2dOp { stride: self.stride, padding: self.padding };
-                xs.contiguous()?.apply_op3_no_bwd(&self.inner.weight().contiguous()?, bias, &op)
-            }
-            _ => self.inner.forward(xs),
+        match self {
+            Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref()),
+            Self::Candle { inner, stride, padding } => match inner.bias() {
+                Some(bias) if kernels::applies_to(xs) && inner.weight().dtype() == xs.dtype() => {
+                    let op = Conv2dOp { stride: *stride, padding: *padding };
+                    xs.contiguous()?.apply_op3_no_bwd(&inner.weight().contiguous()?, bias, &op)
+                }
+                _ => inner.forward(xs),
+            },
         }
     }
 }
@@ -104,33 +112,21 @@ pub fn conv2d(
         let bias = vb.get(out_ch, "bias")?.to_dtype(DType::F32)?;
         let bits = bf16_bits(&weight)?;
         let op = kernels::Conv2dBf16Op::new(&bits, bias.to_vec1()?, out_ch, in_ch, kernel, stride, padding);
-        // `inner` keeps a placeholder: the op owns the weights (half the f32 size).
-        let placeholder = Tensor::zeros((1, 1, 1, 1), DType::F32, vb.device())?;
-        let inner = candle_nn::Conv2d::new(placeholder, None, cfg);
-        return Ok(Conv2d { inner, stride, padding, bf16: Some(Arc::new(op)) });
+        return Ok(Conv2d::Bf16(Arc::new(op)));
     }
-    Ok(Conv2d { inner: candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)?, stride, padding, bf16: None })
-}
-
-/// Norm parameters: f32 when the layer's weights are bf16 on the CPU (activations are f32).
-fn norm_param(vb: &VarBuilder, channels: usize, name: &str) -> Result<Tensor> {
-    let t = vb.get(channels, name)?;
-    if vb.dtype() == DType::BF16 && vb.device().is_cpu() {
-        t.to_dtype(DType::F32)?.contiguous()
-    } else {
-        t.contiguous()
-    }
+    Ok(Conv2d::Candle { inner: candle_nn::conv2d(in_ch, out_ch, kernel, cfg, unpacked(vb))?, stride, padding })
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let weight = norm_param(&vb, channels, "weight")?;
-    let bias = norm_param(&vb, channels, "bias")?;
+    let vb = unpacked(vb);
+    let weight = vb.get(channels, "weight")?.contiguous()?;
+    let bias = vb.get(channels, "bias")?.contiguous()?;
     let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
     Ok(GroupNorm { inner, weight, bias, groups, eps })
 }
 
 pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(norm_param(&vb, size, "weight")?, norm_param(&vb, size, "bias")?, eps))
+    candle_nn::layer_norm(size, eps, unpacked(vb))
 }
 
 /// A linear layer: candle-nn's, or in the CPU bf16 mode Easel's bf16 kernel with the weight
@@ -157,6 +153,7 @@ fn linear_maybe_bias(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuil
         let op = kernels::LinearBf16Op::new(&bf16_bits(&weight)?, bias, out_dim, in_dim);
         return Ok(Linear::Bf16(Arc::new(op)));
     }
+    let vb = unpacked(vb);
     let inner = if with_bias {
         candle_nn::linear(in_dim, out_dim, vb)?
     } else {

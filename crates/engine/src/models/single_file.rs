@@ -325,6 +325,8 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
     let info = inspect_keys(&keys)?;
     let names = keys.names;
     let (dtype, device) = (options.dtype, options.device.clone());
+    // Checked first: a refused bf16 mode should not cost a text-encoder load.
+    let unet_dtype = options.unet_weights_dtype()?;
     let wrap =
         |what: &str, e: candle_core::Error| Error::Model { path: path.to_path_buf(), message: format!("{what}: {e}") };
 
@@ -342,7 +344,7 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         Some(Source::Plain(full))
     })?;
     let unet = UNet2DConditionModel::new(
-        VarBuilder::from_backend(unet_backend, options.unet_weights_dtype()?, device.clone()),
+        VarBuilder::from_backend(unet_backend, unet_dtype, device.clone()),
         info.unet.clone(),
     )
     .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
