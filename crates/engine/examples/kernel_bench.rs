@@ -50,10 +50,15 @@ fn main() -> candle_core::Result<()> {
     let q = Tensor::randn(0f32, 1.0, (16, 4096, 40), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (16, 4096, 40), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (16, 4096, 40), &dev)?;
-    let dt = time(|| {
-        easel_engine::models::attention::scaled_dot_product_attention(&q, &k, &v, 40f64.powf(-0.5)).unwrap();
-    });
-    println!("self-attention 16x4096x40: {:.1} ms", dt * 1e3);
+    for bf16 in [false, true] {
+        if bf16 && !easel_engine::kernels::bf16_supported() {
+            continue;
+        }
+        let dt = time(|| {
+            easel_engine::models::attention::scaled_dot_product_attention(&q, &k, &v, 40f64.powf(-0.5), bf16).unwrap();
+        });
+        println!("self-attention 16x4096x40{}: {:.1} ms", if bf16 { " (bf16)" } else { "" }, dt * 1e3);
+    }
 
     #[cfg(target_arch = "x86_64")]
     if easel_engine::kernels::bf16::supported() {

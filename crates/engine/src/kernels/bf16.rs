@@ -37,8 +37,9 @@ pub fn bf16_bits(x: f32) -> u32 {
     (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 }
 
+/// Two f32 values as one bf16 pair (`lo | hi << 16`).
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
+pub fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
@@ -89,6 +90,22 @@ impl Panels {
         Self { data, n, k_pairs }
     }
 
+    /// Panels whose column j is row j of a row-major f32 matrix (`n` × `k`, k even), rounded to
+    /// bf16: attention's keys, so that `q · kᵀ` needs no transpose.
+    pub fn from_f32_rows(x: &[f32], n: usize, k: usize) -> Self {
+        let k_pairs = k / 2;
+        let mut data = vec![0u32; n.div_ceil(PANEL) * k_pairs * PANEL];
+        for (panel, dst) in data.chunks_exact_mut(k_pairs * PANEL).enumerate() {
+            for jj in 0..PANEL.min(n - panel * PANEL) {
+                let row = &x[(panel * PANEL + jj) * k..(panel * PANEL + jj + 1) * k];
+                for (p, pr) in row.chunks_exact(2).enumerate() {
+                    dst[p * PANEL + jj] = pair(pr[0], pr[1]);
+                }
+            }
+        }
+        Self { data, n, k_pairs }
+    }
+
     /// Panels of an f32 matrix (`k` × `n`, row stride `stride`), converted to bf16: im2col blocks.
     pub fn from_f32(b: &[f32], k: usize, n: usize, stride: usize, out: &mut Panels) {
         let k_pairs = k / 2;
@@ -124,6 +141,28 @@ multiversion! {
 /// row stride `ldc` and not be touched by anyone else meanwhile; `a` must hold m rows of
 /// `b.k_pairs` pairs at stride `lda`.
 pub unsafe fn gemm(m: usize, a: &[u32], lda: usize, b: &Panels, c: *mut f32, ldc: usize, parallel: bool) {
+    gemm_impl(m, a, lda, b, c, ldc, parallel, true)
+}
+
+/// [`gemm`] that overwrites C (`C = A · B`) instead of adding to it: no zeroing pass first.
+///
+/// # Safety
+/// As for [`gemm`].
+pub unsafe fn gemm_into(m: usize, a: &[u32], lda: usize, b: &Panels, c: *mut f32, ldc: usize, parallel: bool) {
+    gemm_impl(m, a, lda, b, c, ldc, parallel, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_impl(
+    m: usize,
+    a: &[u32],
+    lda: usize,
+    b: &Panels,
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+    accumulate: bool,
+) {
     debug_assert!(m == 0 || a.len() >= (m - 1) * lda + b.k_pairs);
     let c = SyncPtr(c);
     let row_blocks = m.div_ceil(ROWS_PER_TASK);
@@ -142,7 +181,7 @@ pub unsafe fn gemm(m: usize, a: &[u32], lda: usize, b: &Panels, c: *mut f32, ldc
                 let a_ptr = a.as_ptr().add((row0 + r) * lda + k0);
                 let b_ptr = panel_data.as_ptr().add(k0 * PANEL);
                 let c_ptr = c.get().add((row0 + r) * ldc + panel * PANEL);
-                block(mr, kc, a_ptr, lda, b_ptr, c_ptr, ldc, cols);
+                block(mr, kc, a_ptr, lda, b_ptr, c_ptr, ldc, cols, accumulate || k0 > 0);
                 r += mr;
             }
             k0 += kc;
@@ -156,35 +195,65 @@ pub unsafe fn gemm(m: usize, a: &[u32], lda: usize, b: &Panels, c: *mut f32, ldc
     }
 }
 
-/// One MR-row strip: full panels store straight into C, a partial last panel through a buffer.
+/// One MR-row strip (`C += ` or, with `add` false, `C = `): full panels store straight into C,
+/// a partial last panel through a buffer.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(mr: usize, kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize, cols: usize) {
+unsafe fn block(
+    mr: usize,
+    kc: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    add: bool,
+) {
     if cols == PANEL {
-        micro_dispatch(mr, kc, a, lda, b, c, ldc);
+        micro_dispatch(mr, kc, a, lda, b, c, ldc, add);
         return;
     }
     let mut tmp = [0f32; MR * PANEL];
-    micro_dispatch(mr, kc, a, lda, b, tmp.as_mut_ptr(), PANEL);
+    micro_dispatch(mr, kc, a, lda, b, tmp.as_mut_ptr(), PANEL, true);
     for i in 0..mr {
         for j in 0..cols {
-            *c.add(i * ldc + j) += tmp[i * PANEL + j];
+            let dst = c.add(i * ldc + j);
+            *dst = if add { *dst + tmp[i * PANEL + j] } else { tmp[i * PANEL + j] };
         }
     }
 }
 
-unsafe fn micro_dispatch(mr: usize, kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_dispatch(
+    mr: usize,
+    kc: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     match mr {
-        6 => micro::<6>(kc, a, lda, b, c, ldc),
-        5 => micro::<5>(kc, a, lda, b, c, ldc),
-        4 => micro::<4>(kc, a, lda, b, c, ldc),
-        3 => micro::<3>(kc, a, lda, b, c, ldc),
-        2 => micro::<2>(kc, a, lda, b, c, ldc),
-        _ => micro::<1>(kc, a, lda, b, c, ldc),
+        6 => micro::<6>(kc, a, lda, b, c, ldc, add),
+        5 => micro::<5>(kc, a, lda, b, c, ldc, add),
+        4 => micro::<4>(kc, a, lda, b, c, ldc, add),
+        3 => micro::<3>(kc, a, lda, b, c, ldc, add),
+        2 => micro::<2>(kc, a, lda, b, c, ldc, add),
+        _ => micro::<1>(kc, a, lda, b, c, ldc, add),
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn micro<const R: usize>(kc: usize, a: *const u32, lda: usize, b: *const u32, c: *mut f32, ldc: usize) {
+unsafe fn micro<const R: usize>(
+    kc: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for p in 0..kc {
         let bp = b.add(p * PANEL);
@@ -203,7 +272,7 @@ unsafe fn micro<const R: usize>(kc: usize, a: *const u32, lda: usize, b: *const 
     for (i, row) in acc.iter().enumerate() {
         for (q, v) in row.iter().enumerate() {
             let cp = c.add(i * ldc + q * 16);
-            _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), *v));
+            _mm512_storeu_ps(cp, if add { _mm512_add_ps(_mm512_loadu_ps(cp), *v) } else { *v });
         }
     }
 }

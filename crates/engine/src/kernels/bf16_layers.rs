@@ -93,14 +93,6 @@ impl Conv2dBf16Op {
         let weight = weight_bits.chunks_exact(2).map(|p| p[0] as u32 | ((p[1] as u32) << 16)).collect();
         Self { weight, bias, c_out, c_in, kernel, stride, padding }
     }
-
-    /// The weight back in f32 (exact: bf16 widens losslessly), for the Winograd path.
-    fn weight_f32(&self) -> Vec<f32> {
-        self.weight
-            .iter()
-            .flat_map(|&p| [f32::from_bits((p & 0xFFFF) << 16), f32::from_bits(p & 0xFFFF_0000)])
-            .collect()
-    }
 }
 
 impl CustomOp1 for Conv2dBf16Op {
@@ -122,8 +114,10 @@ impl CustomOp1 for Conv2dBf16Op {
         }
         let geometry = super::conv2d::Geometry::new(batch, c_in, h, w, self.c_out, k, self.stride, self.padding);
         let out = if geometry.winograd() {
-            // Winograd keeps its f32 GEMMs (4 multiplies per output beat 9 at twice the rate).
-            super::conv2d::conv2d(x, &self.weight_f32(), &self.bias, &geometry)
+            // Winograd keeps its f32 GEMMs (4 multiplies per output beat 9 at twice the rate);
+            // the bf16 weights widen exactly inside its weight transform.
+            let filters = super::winograd::Filters::Bf16Pairs(&self.weight);
+            super::conv2d::conv2d_winograd(x, filters, &self.bias, &geometry)
         } else {
             #[cfg(target_arch = "x86_64")]
             {

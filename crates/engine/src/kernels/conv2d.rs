@@ -137,11 +137,16 @@ impl CustomOp3 for Conv2dOp {
 /// The f32 convolution: Winograd where it pays, else GEMMs over im2col tiles.
 pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
     if g.winograd() {
-        let mut out = vec![0f32; g.batch * g.c_out * g.h_out * g.w_out];
-        winograd::conv3x3(x, weight, bias, g.batch, g.c_in, g.c_out, g.h, g.w, &mut out);
-        return out;
+        return conv2d_winograd(x, winograd::Filters::F32(weight), bias, g);
     }
     conv2d_im2col(x, bias, g, TILE_BYTES, &f32_product(weight, g))
+}
+
+/// The Winograd path (`g.winograd()` must hold) for f32 or bf16 filters.
+pub(crate) fn conv2d_winograd(x: &[f32], filters: winograd::Filters, bias: &[f32], g: &Geometry) -> Vec<f32> {
+    let mut out = vec![0f32; g.batch * g.c_out * g.h_out * g.w_out];
+    winograd::conv3x3(x, filters, bias, g.batch, g.c_in, g.c_out, g.h, g.w, &mut out);
+    out
 }
 
 fn f32_product<'a>(
@@ -351,7 +356,7 @@ mod tests {
             let mut results = vec![("default tiles", got), ("one-row tiles", tiled)];
             if k == 3 && stride == 1 && padding == 1 {
                 let mut out = vec![f32::NAN; batch * c_out * h * w];
-                winograd::conv3x3(&x, &weight, &bias, batch, c_in, c_out, h, w, &mut out);
+                winograd::conv3x3(&x, winograd::Filters::F32(&weight), &bias, batch, c_in, c_out, h, w, &mut out);
                 results.push(("winograd", out));
             }
             for (name, got) in results {

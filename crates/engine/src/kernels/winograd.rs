@@ -12,6 +12,8 @@
 //! The image is processed in bands of tile rows so the transformed buffers stay bounded
 //! (a 512×512 VAE activation would otherwise need four copies of itself in each domain).
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::simd_math::multiversion;
@@ -20,11 +22,41 @@ use super::{matmul, Operand, SyncPtr};
 /// Bytes of transformed input + GEMM output per band.
 const BAND_BYTES: usize = 16 << 20;
 
+thread_local! {
+    /// The transformed weights, inputs and products, kept between calls on the calling thread:
+    /// they are tens of MB each, and fresh buffers would cost the kernel's page zeroing on every
+    /// convolution of every step.
+    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// The 3×3 filters, (c_out, c_in, 3, 3) row-major: f32, or the bf16 mode's bf16 pairs (widened
+/// exactly while transforming, so no f32 copy of the weights is made per call).
+#[derive(Clone, Copy)]
+pub enum Filters<'a> {
+    F32(&'a [f32]),
+    Bf16Pairs(&'a [u32]),
+}
+
+impl Filters<'_> {
+    /// Filter number `index` (= o·c_in + i).
+    #[inline(always)]
+    fn filter(&self, index: usize) -> [f32; 9] {
+        match self {
+            Self::F32(w) => std::array::from_fn(|e| w[index * 9 + e]),
+            Self::Bf16Pairs(pairs) => std::array::from_fn(|e| {
+                let at = index * 9 + e;
+                let pair = pairs[at / 2];
+                f32::from_bits(if at.is_multiple_of(2) { pair << 16 } else { pair & 0xFFFF_0000 })
+            }),
+        }
+    }
+}
+
 /// `out` (batch, c_out, h, w) = conv3×3(x, weight, padding 1) + bias, `out` pre-sized.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(
     x: &[f32],
-    weight: &[f32],
+    weight: Filters,
     bias: &[f32],
     batch: usize,
     c_in: usize,
@@ -33,11 +65,23 @@ pub fn conv3x3(
     w: usize,
     out: &mut [f32],
 ) {
-    let u = transform_weights(weight, c_in, c_out);
+    SCRATCH.with_borrow_mut(|[u, v, m]| conv3x3_with(x, weight, bias, (batch, c_in, c_out, h, w), out, u, v, m));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_with(
+    x: &[f32],
+    weight: Filters,
+    bias: &[f32],
+    (batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    out: &mut [f32],
+    u: &mut Vec<f32>,
+    v: &mut Vec<f32>,
+    m: &mut Vec<f32>,
+) {
+    transform_weights(weight, c_in, c_out, u);
     let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
     let band_rows = (BAND_BYTES / (64 * (c_in + c_out) * tiles_x).max(1)).clamp(1, tiles_y);
-    let mut v = Vec::new();
-    let mut m = Vec::new();
     for image in 0..batch {
         let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
         let out_image = &mut out[image * c_out * h * w..(image + 1) * c_out * h * w];
@@ -47,21 +91,21 @@ pub fn conv3x3(
             let tiles = rows * tiles_x;
             v.resize(16 * c_in * tiles, 0.0);
             m.resize(16 * c_out * tiles, 0.0);
-            transform_input(x_image, c_in, h, w, ty0, rows, &mut v);
-            multiply(&u, &v, &mut m, c_in, c_out, tiles);
-            transform_output(&m, bias, c_out, h, w, ty0, rows, out_image);
+            transform_input(x_image, c_in, h, w, ty0, rows, v);
+            multiply(u, v, m, c_in, c_out, tiles);
+            transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
             ty0 += rows;
         }
     }
 }
 
-/// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3).
-fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
-    let mut u = vec![0f32; 16 * c_out * c_in];
+/// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3), into `u` (resized).
+fn transform_weights(weight: Filters, c_in: usize, c_out: usize, u: &mut Vec<f32>) {
+    u.resize(16 * c_out * c_in, 0.0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
     (0..c_out).into_par_iter().for_each(|o| {
         for i in 0..c_in {
-            let g = &weight[(o * c_in + i) * 9..(o * c_in + i + 1) * 9];
+            let g = weight.filter(o * c_in + i);
             // G g: 4×3.
             let mut gg = [[0f32; 3]; 4];
             for c in 0..3 {
@@ -81,7 +125,6 @@ fn transform_weights(weight: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
             }
         }
     });
-    u
 }
 
 /// V[ξ][i][t] = (Bᵀ d B)_ξ for the 4×4 input tile d of tile t (tile rows ty0..ty0+rows).

@@ -15,12 +15,12 @@ const MAX_SCORE_ELEMENTS: usize = 32 * 1024 * 1024;
 
 /// softmax(q·kᵀ·scale)·v for q: (B, Nq, d), k, v: (B, Nk, d).
 ///
-/// Queries are processed in chunks so the score buffer stays bounded whatever the image size;
+/// `bf16`: the CPU bf16 mode's attention (products in bf16, see `AttentionOp::bf16`). Queries are processed in chunks so the score buffer stays bounded whatever the image size;
 /// each chunk is exact (the softmax runs over the full key axis), so chunking changes nothing
 /// in the result.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bf16: bool) -> Result<Tensor> {
     if crate::kernels::applies_to(q) {
-        let op = crate::kernels::AttentionOp { scale: scale as f32 };
+        let op = crate::kernels::AttentionOp { scale: scale as f32, bf16 };
         return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
     let (batch, n_q, _) = q.dims3()?;
@@ -96,7 +96,9 @@ impl CrossAttention {
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        // The bf16 mode's layers (packed projections) also take the bf16 attention.
+        let bf16 = matches!(self.to_q, Linear::Bf16(_));
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, bf16)?;
         self.to_out.forward(&self.merge_heads(&out)?)
     }
 }
@@ -254,7 +256,7 @@ impl VaeAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, 1.0 / (self.channels as f64).sqrt())?;
+        let out = scaled_dot_product_attention(&q, &k, &v, 1.0 / (self.channels as f64).sqrt(), false)?;
         let out = self.to_out.forward(&out)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + xs
     }
