@@ -24,26 +24,29 @@ fn main() -> candle_core::Result<()> {
         });
         println!("matmul {m}x{k}x{n}: {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / dt / 1e9);
     }
-    let vb = candle_nn::VarBuilder::from_tensors(
-        [
-            ("weight".to_string(), Tensor::randn(0f32, 0.02, (320, 320, 3, 3), &dev)?),
-            ("bias".to_string(), Tensor::zeros(320, candle_core::DType::F32, &dev)?),
-        ]
-        .into_iter()
-        .collect(),
-        candle_core::DType::F32,
-        &dev,
-    );
-    let conv = easel_engine::models::nn::conv2d(320, 320, 3, 1, 1, vb)?;
     let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
-    let dt = time(|| {
-        conv.forward(&x).unwrap();
-    });
-    println!(
-        "conv 2x320x64x64 3x3: {:.1} ms, {:.1} GFLOP/s",
-        dt * 1e3,
-        2.0 * 2.0 * 320.0 * 320.0 * 9.0 * 4096.0 / dt / 1e9
-    );
+    let weight = Tensor::randn(0f32, 0.02, (320, 320, 3, 3), &dev)?;
+    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+        if dtype == candle_core::DType::BF16 && !easel_engine::kernels::bf16_supported() {
+            continue;
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [("weight".to_string(), weight.to_dtype(dtype)?), ("bias".to_string(), Tensor::zeros(320, dtype, &dev)?)]
+                .into_iter()
+                .collect(),
+            dtype,
+            &dev,
+        );
+        let conv = easel_engine::models::nn::conv2d(320, 320, 3, 1, 1, vb)?;
+        let dt = time(|| {
+            conv.forward(&x).unwrap();
+        });
+        println!(
+            "conv 2x320x64x64 3x3 ({dtype:?} weights): {:.1} ms, {:.1} GFLOP/s",
+            dt * 1e3,
+            2.0 * 2.0 * 320.0 * 320.0 * 9.0 * 4096.0 / dt / 1e9
+        );
+    }
 
     // Self-attention at the U-Net's highest resolution for a 512×512 image with CFG:
     // batch 2 × 8 heads, 4096 tokens, 40 channels per head.

@@ -27,6 +27,9 @@ thread_local! {
     /// they are tens of MB each, and fresh buffers would cost the kernel's page zeroing on every
     /// convolution of every step.
     static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// The bf16 mode's transformed weights and inputs (bf16 pairs).
+    #[cfg(target_arch = "x86_64")]
+    static SCRATCH_BF16: RefCell<(Vec<u32>, Vec<super::bf16::Panels>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The 3×3 filters, (c_out, c_in, 3, 3) row-major: f32, or the bf16 mode's bf16 pairs (widened
@@ -65,7 +68,166 @@ pub fn conv3x3(
     w: usize,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Filters::Bf16Pairs(_) = weight {
+        if c_in.is_multiple_of(2) && super::bf16::supported() {
+            SCRATCH_BF16.with_borrow_mut(|(u, v)| {
+                SCRATCH.with_borrow_mut(|[_, _, m]| {
+                    conv3x3_bf16(x, weight, bias, (batch, c_in, c_out, h, w), out, u, v, m)
+                })
+            });
+            return;
+        }
+    }
     SCRATCH.with_borrow_mut(|[u, v, m]| conv3x3_with(x, weight, bias, (batch, c_in, c_out, h, w), out, u, v, m));
+}
+
+/// [`conv3x3`] for the bf16 mode: the 16 GEMMs on the bf16 kernel, with the weights and the
+/// transformed inputs rounded to bf16 pairs as they are transformed (no separate conversion
+/// pass, half the bytes of the f32 buffers); products and the output transform stay f32.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_bf16(
+    x: &[f32],
+    weight: Filters,
+    bias: &[f32],
+    (batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    out: &mut [f32],
+    u: &mut Vec<u32>,
+    v: &mut Vec<super::bf16::Panels>,
+    m: &mut Vec<f32>,
+) {
+    use super::bf16::{self, Panels, PANEL};
+
+    let c_pairs = c_in / 2;
+    // U[ξ][o][i/2]: pairs of adjacent input channels, the bf16 GEMM's row operand.
+    u.resize(16 * c_out * c_pairs, 0);
+    let u_ptr = SyncPtr(u.as_mut_ptr());
+    (0..c_out).into_par_iter().for_each(|o| {
+        for ip in 0..c_pairs {
+            let (lo, hi) = (
+                filter_transform(&weight.filter(o * c_in + 2 * ip)),
+                filter_transform(&weight.filter(o * c_in + 2 * ip + 1)),
+            );
+            for xi in 0..16 {
+                // SAFETY: index < 16·c_out·c_pairs; each o writes only its own [ξ][o][·] rows.
+                unsafe { *u_ptr.get().add((xi * c_out + o) * c_pairs + ip) = bf16::pair(lo[xi], hi[xi]) };
+            }
+        }
+    });
+    let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
+    let band_rows = (BAND_BYTES / (64 * (c_in + c_out) * tiles_x).max(1)).clamp(1, tiles_y);
+    v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
+    for image in 0..batch {
+        let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
+        let out_image = &mut out[image * c_out * h * w..(image + 1) * c_out * h * w];
+        let mut ty0 = 0;
+        while ty0 < tiles_y {
+            let rows = band_rows.min(tiles_y - ty0);
+            let tiles = rows * tiles_x;
+            for panels in v.iter_mut() {
+                panels.n = tiles;
+                panels.k_pairs = c_pairs;
+                panels.data.resize(tiles.div_ceil(PANEL) * c_pairs * PANEL, 0);
+            }
+            transform_input_bf16(x_image, c_in, h, w, ty0, rows, v);
+            m.resize(16 * c_out * tiles, 0.0);
+            let m_ptr = SyncPtr(m.as_mut_ptr());
+            (0..16).into_par_iter().for_each(|xi| {
+                let u_xi = &u[xi * c_out * c_pairs..(xi + 1) * c_out * c_pairs];
+                // SAFETY: bf16 kernels run only when supported (checked by the caller); each ξ
+                // writes only its own c_out × tiles block of M.
+                unsafe {
+                    bf16::gemm_into(c_out, u_xi, c_pairs, &v[xi], m_ptr.get().add(xi * c_out * tiles), tiles, false)
+                };
+            });
+            transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
+            ty0 += rows;
+        }
+    }
+}
+
+/// G g Gᵀ of one 3×3 filter, the 16 values in ξ order.
+fn filter_transform(g: &[f32; 9]) -> [f32; 16] {
+    let mut gg = [[0f32; 3]; 4];
+    for c in 0..3 {
+        let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+        gg[0][c] = g0;
+        gg[1][c] = 0.5 * (g0 + g1 + g2);
+        gg[2][c] = 0.5 * (g0 - g1 + g2);
+        gg[3][c] = g2;
+    }
+    let mut u = [0f32; 16];
+    for (a, row) in gg.iter().enumerate() {
+        let (r0, r1, r2) = (row[0], row[1], row[2]);
+        u[a * 4..a * 4 + 4].copy_from_slice(&[r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2]);
+    }
+    u
+}
+
+/// [`transform_input`] into the bf16 GEMM's panels: V_ξ with tiles as columns (64 per panel)
+/// and pairs of adjacent input channels along k; parallel over channel pairs.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn transform_input_bf16(
+    x: &[f32],
+    c_in: usize,
+    h: usize,
+    w: usize,
+    ty0: usize,
+    rows: usize,
+    v: &mut [super::bf16::Panels],
+) {
+    use super::bf16::PANEL;
+
+    let tiles_x = w.div_ceil(2);
+    let padded = 2 * tiles_x + 2;
+    let c_pairs = c_in / 2;
+    let v_ptrs: Vec<SyncPtr<u32>> = v.iter_mut().map(|p| SyncPtr(p.data.as_mut_ptr())).collect();
+    (0..c_pairs).into_par_iter().for_each_init(
+        || vec![0f32; 2 * (8 * padded + 16 * tiles_x)],
+        |scratch, ip| {
+            let (first, second) = scratch.split_at_mut(8 * padded + 16 * tiles_x);
+            for ty in 0..rows {
+                for (channel_scratch, i) in [(&mut *first, 2 * ip), (&mut *second, 2 * ip + 1)] {
+                    let channel = &x[i * h * w..(i + 1) * h * w];
+                    let (input_rows, rest) = channel_scratch.split_at_mut(4 * padded);
+                    let (mixed, transformed) = rest.split_at_mut(4 * padded);
+                    for (r, row) in input_rows.chunks_exact_mut(padded).enumerate() {
+                        let iy = (2 * (ty0 + ty) + r) as isize - 1;
+                        row.fill(0.0);
+                        if iy >= 0 && (iy as usize) < h {
+                            row[1..1 + w].copy_from_slice(&channel[iy as usize * w..(iy as usize + 1) * w]);
+                        }
+                    }
+                    rows_transform(input_rows, mixed, padded);
+                    for a in 0..4 {
+                        for b in 0..4 {
+                            let xi = a * 4 + b;
+                            columns_transform(
+                                &mixed[a * padded..(a + 1) * padded],
+                                &mut transformed[xi * tiles_x..(xi + 1) * tiles_x],
+                                b,
+                            );
+                        }
+                    }
+                }
+                let lo_all = &first[8 * padded..];
+                let hi_all = &second[8 * padded..];
+                for (xi, v_xi) in v_ptrs.iter().enumerate() {
+                    let (lo, hi) =
+                        (&lo_all[xi * tiles_x..(xi + 1) * tiles_x], &hi_all[xi * tiles_x..(xi + 1) * tiles_x]);
+                    for (tx, (&l, &hv)) in lo.iter().zip(hi).enumerate() {
+                        let t = ty * tiles_x + tx;
+                        let at = ((t / PANEL) * c_pairs + ip) * PANEL + t % PANEL;
+                        // SAFETY: inside V_ξ's panels (sized for `tiles` columns and c_in/2 pairs);
+                        // each channel pair ip writes only its own pair rows.
+                        unsafe { *v_xi.get().add(at) = super::bf16::pair(l, hv) };
+                    }
+                }
+            }
+        },
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -105,23 +267,9 @@ fn transform_weights(weight: Filters, c_in: usize, c_out: usize, u: &mut Vec<f32
     let u_ptr = SyncPtr(u.as_mut_ptr());
     (0..c_out).into_par_iter().for_each(|o| {
         for i in 0..c_in {
-            let g = weight.filter(o * c_in + i);
-            // G g: 4×3.
-            let mut gg = [[0f32; 3]; 4];
-            for c in 0..3 {
-                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                gg[0][c] = g0;
-                gg[1][c] = 0.5 * (g0 + g1 + g2);
-                gg[2][c] = 0.5 * (g0 - g1 + g2);
-                gg[3][c] = g2;
-            }
-            for (a, row) in gg.iter().enumerate() {
-                let (r0, r1, r2) = (row[0], row[1], row[2]);
-                let t = [r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2];
-                for (b, value) in t.into_iter().enumerate() {
-                    // SAFETY: index < 16·c_out·c_in; each o writes only its own [ξ][o][·] rows.
-                    unsafe { *u_ptr.get().add(((a * 4 + b) * c_out + o) * c_in + i) = value };
-                }
+            for (xi, value) in filter_transform(&weight.filter(o * c_in + i)).into_iter().enumerate() {
+                // SAFETY: index < 16·c_out·c_in; each o writes only its own [ξ][o][·] rows.
+                unsafe { *u_ptr.get().add((xi * c_out + o) * c_in + i) = value };
             }
         }
     });
