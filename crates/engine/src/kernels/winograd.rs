@@ -193,14 +193,7 @@ fn transform_input_bf16(
                     let channel = &x[i * h * w..(i + 1) * h * w];
                     let (input_rows, rest) = channel_scratch.split_at_mut(4 * padded);
                     let (mixed, transformed) = rest.split_at_mut(4 * padded);
-                    for (r, row) in input_rows.chunks_exact_mut(padded).enumerate() {
-                        let iy = (2 * (ty0 + ty) + r) as isize - 1;
-                        row.fill(0.0);
-                        if iy >= 0 && (iy as usize) < h {
-                            row[1..1 + w].copy_from_slice(&channel[iy as usize * w..(iy as usize + 1) * w]);
-                        }
-                    }
-                    rows_transform(input_rows, mixed, padded);
+                    mix_tile_row(channel, h, w, ty0 + ty, input_rows, mixed);
                     for a in 0..4 {
                         for b in 0..4 {
                             let xi = a * 4 + b;
@@ -288,15 +281,7 @@ fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, ty0: usize, rows:
             let channel = &x[i * h * w..(i + 1) * h * w];
             let (input_rows, mixed) = scratch.split_at_mut(4 * padded);
             for ty in 0..rows {
-                // Input rows 2·ty − 1 … 2·ty + 2 (padding 1), zero outside the image.
-                for (r, row) in input_rows.chunks_exact_mut(padded).enumerate() {
-                    let iy = (2 * (ty0 + ty) + r) as isize - 1;
-                    row.fill(0.0);
-                    if iy >= 0 && (iy as usize) < h {
-                        row[1..1 + w].copy_from_slice(&channel[iy as usize * w..(iy as usize + 1) * w]);
-                    }
-                }
-                rows_transform(input_rows, mixed, padded);
+                mix_tile_row(channel, h, w, ty0 + ty, input_rows, mixed);
                 for a in 0..4 {
                     let u_row = &mixed[a * padded..(a + 1) * padded];
                     for b in 0..4 {
@@ -314,6 +299,20 @@ fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, ty0: usize, rows:
             }
         },
     );
+}
+
+/// The 4 input rows of tile row `ty` (rows 2·ty − 1 … 2·ty + 2, zero outside the image, one zero
+/// column on the left) into `input_rows`, then Bᵀ down them into `mixed` (4 rows each).
+fn mix_tile_row(channel: &[f32], h: usize, w: usize, ty: usize, input_rows: &mut [f32], mixed: &mut [f32]) {
+    let padded = input_rows.len() / 4;
+    for (r, row) in input_rows.chunks_exact_mut(padded).enumerate() {
+        let iy = (2 * ty + r) as isize - 1;
+        row.fill(0.0);
+        if iy >= 0 && (iy as usize) < h {
+            row[1..1 + w].copy_from_slice(&channel[iy as usize * w..(iy as usize + 1) * w]);
+        }
+    }
+    rows_transform(input_rows, mixed, padded);
 }
 
 multiversion! {
