@@ -115,33 +115,44 @@ fn conv3x3_bf16(
             }
         }
     });
+    v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
+    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_image, out_image, ty0, rows, tiles| {
+        for panels in v.iter_mut() {
+            panels.n = tiles;
+            panels.k_pairs = c_pairs;
+            panels.data.resize(tiles.div_ceil(PANEL) * c_pairs * PANEL, 0);
+        }
+        transform_input_bf16(x_image, c_in, h, w, ty0, rows, v);
+        m.resize(16 * c_out * tiles, 0.0);
+        let m_ptr = SyncPtr(m.as_mut_ptr());
+        (0..16).into_par_iter().for_each(|xi| {
+            let u_xi = &u[xi * c_out * c_pairs..(xi + 1) * c_out * c_pairs];
+            // SAFETY: bf16 kernels run only when supported (checked by the caller); each ξ
+            // writes only its own c_out × tiles block of M.
+            unsafe { bf16::gemm_into(c_out, u_xi, c_pairs, &v[xi], m_ptr.get().add(xi * c_out * tiles), tiles, false) };
+        });
+        transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
+    });
+}
+
+/// Calls `band(x_image, out_image, ty0, rows, tiles)` for each image and each band of tile rows
+/// (`rows` tile rows from `ty0`, `tiles` tiles), bands sized so the transformed input and the
+/// products stay within [`BAND_BYTES`].
+fn for_each_band(
+    x: &[f32],
+    out: &mut [f32],
+    (batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    mut band: impl FnMut(&[f32], &mut [f32], usize, usize, usize),
+) {
     let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
     let band_rows = (BAND_BYTES / (64 * (c_in + c_out) * tiles_x).max(1)).clamp(1, tiles_y);
-    v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
     for image in 0..batch {
         let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
         let out_image = &mut out[image * c_out * h * w..(image + 1) * c_out * h * w];
         let mut ty0 = 0;
         while ty0 < tiles_y {
             let rows = band_rows.min(tiles_y - ty0);
-            let tiles = rows * tiles_x;
-            for panels in v.iter_mut() {
-                panels.n = tiles;
-                panels.k_pairs = c_pairs;
-                panels.data.resize(tiles.div_ceil(PANEL) * c_pairs * PANEL, 0);
-            }
-            transform_input_bf16(x_image, c_in, h, w, ty0, rows, v);
-            m.resize(16 * c_out * tiles, 0.0);
-            let m_ptr = SyncPtr(m.as_mut_ptr());
-            (0..16).into_par_iter().for_each(|xi| {
-                let u_xi = &u[xi * c_out * c_pairs..(xi + 1) * c_out * c_pairs];
-                // SAFETY: bf16 kernels run only when supported (checked by the caller); each ξ
-                // writes only its own c_out × tiles block of M.
-                unsafe {
-                    bf16::gemm_into(c_out, u_xi, c_pairs, &v[xi], m_ptr.get().add(xi * c_out * tiles), tiles, false)
-                };
-            });
-            transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
+            band(x_image, out_image, ty0, rows, rows * tiles_x);
             ty0 += rows;
         }
     }
@@ -235,23 +246,13 @@ fn conv3x3_with(
     m: &mut Vec<f32>,
 ) {
     transform_weights(weight, c_in, c_out, u);
-    let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
-    let band_rows = (BAND_BYTES / (64 * (c_in + c_out) * tiles_x).max(1)).clamp(1, tiles_y);
-    for image in 0..batch {
-        let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
-        let out_image = &mut out[image * c_out * h * w..(image + 1) * c_out * h * w];
-        let mut ty0 = 0;
-        while ty0 < tiles_y {
-            let rows = band_rows.min(tiles_y - ty0);
-            let tiles = rows * tiles_x;
-            v.resize(16 * c_in * tiles, 0.0);
-            m.resize(16 * c_out * tiles, 0.0);
-            transform_input(x_image, c_in, h, w, ty0, rows, v);
-            multiply(u, v, m, c_in, c_out, tiles);
-            transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
-            ty0 += rows;
-        }
-    }
+    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_image, out_image, ty0, rows, tiles| {
+        v.resize(16 * c_in * tiles, 0.0);
+        m.resize(16 * c_out * tiles, 0.0);
+        transform_input(x_image, c_in, h, w, ty0, rows, v);
+        multiply(u, v, m, c_in, c_out, tiles);
+        transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
+    });
 }
 
 /// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3), into `u` (resized).
