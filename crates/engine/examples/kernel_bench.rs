@@ -24,28 +24,46 @@ fn main() -> candle_core::Result<()> {
         });
         println!("matmul {m}x{k}x{n}: {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / dt / 1e9);
     }
-    let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
-    let weight = Tensor::randn(0f32, 0.02, (320, 320, 3, 3), &dev)?;
-    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-        if dtype == candle_core::DType::BF16 && !easel_engine::kernels::bf16_supported() {
-            continue;
-        }
-        let vb = candle_nn::VarBuilder::from_tensors(
-            [("weight".to_string(), weight.to_dtype(dtype)?), ("bias".to_string(), Tensor::zeros(320, dtype, &dev)?)]
+    // Every 3×3 stride-1 convolution shape of the SD 1.5 U-Net at 512×512 with CFG (batch 2):
+    // (c_in, c_out, side). Set EASEL_BENCH_CONV=all for all of them; the default is the first.
+    let all = std::env::var("EASEL_BENCH_CONV").is_ok_and(|v| v == "all");
+    let shapes: &[(usize, usize, usize)] = &[
+        (320, 320, 64),
+        (640, 640, 64),
+        (640, 640, 32),
+        (1280, 1280, 32),
+        (1280, 1280, 16),
+        (2560, 1280, 16),
+        (1280, 1280, 8),
+        (2560, 1280, 8),
+    ];
+    for &(c_in, c_out, side) in if all { shapes } else { &shapes[..1] } {
+        let x = Tensor::randn(0f32, 1.0, (2, c_in, side, side), &dev)?;
+        let weight = Tensor::randn(0f32, 0.02, (c_out, c_in, 3, 3), &dev)?;
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            if dtype == candle_core::DType::BF16 && !easel_engine::kernels::bf16_supported() {
+                continue;
+            }
+            let vb = candle_nn::VarBuilder::from_tensors(
+                [
+                    ("weight".to_string(), weight.to_dtype(dtype)?),
+                    ("bias".to_string(), Tensor::zeros(c_out, dtype, &dev)?),
+                ]
                 .into_iter()
                 .collect(),
-            dtype,
-            &dev,
-        );
-        let conv = easel_engine::models::nn::conv2d(320, 320, 3, 1, 1, vb)?;
-        let dt = time(|| {
-            conv.forward(&x).unwrap();
-        });
-        println!(
-            "conv 2x320x64x64 3x3 ({dtype:?} weights): {:.1} ms, {:.1} GFLOP/s",
-            dt * 1e3,
-            2.0 * 2.0 * 320.0 * 320.0 * 9.0 * 4096.0 / dt / 1e9
-        );
+                dtype,
+                &dev,
+            );
+            let conv = easel_engine::models::nn::conv2d(c_in, c_out, 3, 1, 1, vb)?;
+            let dt = time(|| {
+                conv.forward(&x).unwrap();
+            });
+            println!(
+                "conv 2x{c_in}x{side}x{side} -> {c_out} 3x3 ({dtype:?} weights): {:.1} ms, {:.1} GFLOP/s (direct-equivalent)",
+                dt * 1e3,
+                2.0 * 2.0 * (c_in * c_out * 9 * side * side) as f64 / dt / 1e9
+            );
+        }
     }
 
     // Self-attention at the U-Net's highest resolution for a 512×512 image with CFG:

@@ -95,14 +95,18 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
             Ok(sync()?)
         })
     };
+    // As in the denoising loop (see `memory`).
+    let hold = crate::memory::HoldFreedMemory::new();
     let unet_step_cfg_s = unet_step(2)?;
     let unet_step_no_cfg_s = unet_step(1)?;
+    drop(hold);
 
     let latents = Tensor::randn(0f32, 1f32, (1, info.vae.latent_channels, h, w), device)?;
     let vae_decode_s = time_runs(runs, || {
         pipeline.decode_latents(&latents)?;
         Ok(sync()?)
     })?;
+    crate::memory::release_free_memory();
 
     // Many repetitions: one preview is far below the timer's noise on its own.
     const PREVIEW_REPEATS: usize = 20;

@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub mod kernels;
+pub mod memory;
 pub mod metadata;
 pub mod models;
 pub mod pipeline;

@@ -113,9 +113,9 @@ impl CustomOp1 for Conv2dBf16Op {
             );
         }
         let geometry = super::conv2d::Geometry::new(batch, c_in, h, w, self.c_out, k, self.stride, self.padding);
-        let out = if geometry.winograd() {
-            // Winograd keeps its f32 GEMMs (4 multiplies per output beat 9 at twice the rate);
-            // the bf16 weights widen exactly inside its weight transform.
+        let out = if geometry.winograd(super::conv2d::WINOGRAD_MIN_PIXELS_BF16) {
+            // Winograd's GEMMs run on the bf16 kernel too (odd channel counts: f32, the bf16
+            // weights widened exactly inside its weight transform).
             let filters = super::winograd::Filters::Bf16Pairs(&self.weight);
             super::conv2d::conv2d_winograd(x, filters, &self.bias, &geometry)
         } else {

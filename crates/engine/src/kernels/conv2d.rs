@@ -18,9 +18,13 @@ use super::{contiguous_f32, matmul, threads, winograd, Operand, SyncPtr};
 
 /// Below this many output pixels the per-call weight transform of Winograd's method costs more
 /// than it saves (the U-Net's 16×16 and 8×8 levels have the most channels and fewest pixels).
-/// Measured at batch 2 on 2 cores, im2col vs Winograd: 640→640 at 32×32 73 vs 52 ms;
-/// 1280→1280 at 16×16 71 vs 106 ms; 2560→1280 at 16×16 161 vs 211 ms; 1280→1280 at 8×8 21 vs 88 ms.
-const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
+/// Measured at batch 2 on 2 cores (`kernel_bench`, EASEL_BENCH_CONV=all), im2col vs Winograd,
+/// f32: 640→640 at 32×32 49 vs 46 ms; 1280→1280 at 16×16 78–95 vs 76 ms; 2560→1280 at 16×16
+/// 153 vs 144 ms; 1280→1280 at 8×8 21 vs 49 ms. bf16: 1280→1280 at 16×16 63 vs 44 ms,
+/// 2560→1280 at 16×16 158 vs 86 ms, 1280→1280 at 8×8 11 vs 34 ms. Whole f32 U-Net step with
+/// CFG at 512×512 (`easel bench`), threshold 16×16 vs 32×32: 8.9/8.3 s vs 9.5/10.2 s.
+pub(crate) const WINOGRAD_MIN_PIXELS_F32: usize = 16 * 16;
+pub(crate) const WINOGRAD_MIN_PIXELS_BF16: usize = 16 * 16;
 
 /// Upper bound on one tile's im2col block (bytes); small enough for several to stay in cache.
 const TILE_BYTES: usize = 4 << 20;
@@ -80,13 +84,9 @@ impl Geometry {
         self.c_in * self.kh * self.kw
     }
 
-    /// Whether this convolution takes the Winograd path.
-    pub(crate) fn winograd(&self) -> bool {
-        self.kh == 3
-            && self.kw == 3
-            && self.stride == 1
-            && self.padding == 1
-            && self.h_out * self.w_out >= WINOGRAD_MIN_PIXELS
+    /// Whether this convolution takes the Winograd path (at least `min_pixels` output pixels).
+    pub(crate) fn winograd(&self, min_pixels: usize) -> bool {
+        self.kh == 3 && self.kw == 3 && self.stride == 1 && self.padding == 1 && self.h_out * self.w_out >= min_pixels
     }
 }
 
@@ -136,13 +136,13 @@ impl CustomOp3 for Conv2dOp {
 
 /// The f32 convolution: Winograd where it pays, else GEMMs over im2col tiles.
 pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
-    if g.winograd() {
+    if g.winograd(WINOGRAD_MIN_PIXELS_F32) {
         return conv2d_winograd(x, winograd::Filters::F32(weight), bias, g);
     }
     conv2d_im2col(x, bias, g, TILE_BYTES, &f32_product(weight, g))
 }
 
-/// The Winograd path (`g.winograd()` must hold) for f32 or bf16 filters.
+/// The Winograd path (`g.winograd(…)` must hold) for f32 or bf16 filters.
 pub(crate) fn conv2d_winograd(x: &[f32], filters: winograd::Filters, bias: &[f32], g: &Geometry) -> Vec<f32> {
     let mut out = vec![0f32; g.batch * g.c_out * g.h_out * g.w_out];
     winograd::conv3x3(x, filters, bias, g.batch, g.c_in, g.c_out, g.h, g.w, &mut out);

@@ -24,6 +24,11 @@ pub use conv2d::Conv2dOp;
 pub use geglu::GegluOp;
 pub use group_norm::GroupNormOp;
 
+/// Drops the calling thread's kernel scratch buffers (see [`crate::memory`]).
+pub(crate) fn release_scratch() {
+    winograd::release_scratch();
+}
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout};
 

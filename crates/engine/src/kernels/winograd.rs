@@ -10,7 +10,8 @@
 //! well inside what the conformance tests allow against diffusers.
 //!
 //! The image is processed in bands of tile rows so the transformed buffers stay bounded
-//! (a 512×512 VAE activation would otherwise need four copies of itself in each domain).
+//! (a 512×512 VAE activation would otherwise need four copies of itself in each domain);
+//! small images go several to a band, so each GEMM has more columns per weight read.
 
 use std::cell::RefCell;
 
@@ -19,8 +20,10 @@ use rayon::prelude::*;
 use super::simd_math::multiversion;
 use super::{matmul, Operand, SyncPtr};
 
-/// Bytes of transformed input + GEMM output per band.
-const BAND_BYTES: usize = 16 << 20;
+/// Bytes of transformed input + GEMM output per band. Large enough that at the U-Net's 16×16
+/// level both CFG images share one band: each GEMM then reads the transformed weights once
+/// for twice the columns.
+const BAND_BYTES: usize = 40 << 20;
 
 thread_local! {
     /// The transformed weights, inputs and products, kept between calls on the calling thread:
@@ -30,6 +33,16 @@ thread_local! {
     /// The bf16 mode's transformed weights and inputs (bf16 pairs).
     #[cfg(target_arch = "x86_64")]
     static SCRATCH_BF16: RefCell<(Vec<u32>, Vec<super::bf16::Panels>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Drops this thread's scratch buffers (they are refilled on the next call).
+pub(crate) fn release_scratch() {
+    SCRATCH.with_borrow_mut(|buffers| buffers.iter_mut().for_each(|b| *b = Vec::new()));
+    #[cfg(target_arch = "x86_64")]
+    SCRATCH_BF16.with_borrow_mut(|(u, v)| {
+        *u = Vec::new();
+        *v = Vec::new();
+    });
 }
 
 /// The 3×3 filters, (c_out, c_in, 3, 3) row-major: f32, or the bf16 mode's bf16 pairs (widened
@@ -116,13 +129,14 @@ fn conv3x3_bf16(
         }
     });
     v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
-    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_image, out_image, ty0, rows, tiles| {
+    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_group, out_group, band| {
+        let tiles = band.tiles;
         for panels in v.iter_mut() {
             panels.n = tiles;
             panels.k_pairs = c_pairs;
             panels.data.resize(tiles.div_ceil(PANEL) * c_pairs * PANEL, 0);
         }
-        transform_input_bf16(x_image, c_in, h, w, ty0, rows, v);
+        transform_input_bf16(x_group, c_in, h, w, band, v);
         m.resize(16 * c_out * tiles, 0.0);
         let m_ptr = SyncPtr(m.as_mut_ptr());
         (0..16).into_par_iter().for_each(|xi| {
@@ -131,28 +145,69 @@ fn conv3x3_bf16(
             // writes only its own c_out × tiles block of M.
             unsafe { bf16::gemm_into(c_out, u_xi, c_pairs, &v[xi], m_ptr.get().add(xi * c_out * tiles), tiles, false) };
         });
-        transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
+        transform_output(m, bias, c_out, h, w, band, out_group);
     });
 }
 
-/// Calls `band(x_image, out_image, ty0, rows, tiles)` for each image and each band of tile rows
-/// (`rows` tile rows from `ty0`, `tiles` tiles), bands sized so the transformed input and the
-/// products stay within [`BAND_BYTES`].
+/// Which tiles one band holds: tile rows `ty0 .. ty0 + rows` of each of `images` consecutive
+/// images (several images only when each is whole, `ty0` = 0), `tiles` tiles in all, numbered
+/// image by image, then row by row.
+#[derive(Clone, Copy)]
+struct Band {
+    images: usize,
+    ty0: usize,
+    rows: usize,
+    tiles: usize,
+}
+
+impl Band {
+    /// Calls `f(image, ty, first_tile)` for every tile row of the band.
+    fn for_each_row(&self, tiles_x: usize, mut f: impl FnMut(usize, usize, usize)) {
+        for image in 0..self.images {
+            for ty in 0..self.rows {
+                f(image, self.ty0 + ty, (image * self.rows + ty) * tiles_x);
+            }
+        }
+    }
+}
+
+/// Calls `band(x_group, out_group, band)` for each band, with the input and output of the
+/// band's images; bands are sized so the transformed input and the products stay within
+/// [`BAND_BYTES`].
 fn for_each_band(
     x: &[f32],
     out: &mut [f32],
     (batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
-    mut band: impl FnMut(&[f32], &mut [f32], usize, usize, usize),
+    mut band: impl FnMut(&[f32], &mut [f32], Band),
 ) {
     let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
-    let band_rows = (BAND_BYTES / (64 * (c_in + c_out) * tiles_x).max(1)).clamp(1, tiles_y);
+    #[cfg(test)]
+    let band_bytes = tests::BAND_BYTES_OVERRIDE.get().unwrap_or(BAND_BYTES);
+    #[cfg(not(test))]
+    let band_bytes = BAND_BYTES;
+    let band_rows = (band_bytes / (64 * (c_in + c_out) * tiles_x).max(1)).max(1);
+    let (x_size, out_size) = (c_in * h * w, c_out * h * w);
+    if band_rows >= tiles_y {
+        let per_band = (band_rows / tiles_y).clamp(1, batch);
+        let mut image = 0;
+        while image < batch {
+            let images = per_band.min(batch - image);
+            let (x_group, out_group) = (
+                &x[image * x_size..(image + images) * x_size],
+                &mut out[image * out_size..(image + images) * out_size],
+            );
+            band(x_group, out_group, Band { images, ty0: 0, rows: tiles_y, tiles: images * tiles_y * tiles_x });
+            image += images;
+        }
+        return;
+    }
     for image in 0..batch {
-        let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
-        let out_image = &mut out[image * c_out * h * w..(image + 1) * c_out * h * w];
+        let x_image = &x[image * x_size..(image + 1) * x_size];
+        let out_image = &mut out[image * out_size..(image + 1) * out_size];
         let mut ty0 = 0;
         while ty0 < tiles_y {
             let rows = band_rows.min(tiles_y - ty0);
-            band(x_image, out_image, ty0, rows, rows * tiles_x);
+            band(x_image, out_image, Band { images: 1, ty0, rows, tiles: rows * tiles_x });
             ty0 += rows;
         }
     }
@@ -180,15 +235,7 @@ fn filter_transform(g: &[f32; 9]) -> [f32; 16] {
 /// and pairs of adjacent input channels along k; parallel over channel pairs.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn transform_input_bf16(
-    x: &[f32],
-    c_in: usize,
-    h: usize,
-    w: usize,
-    ty0: usize,
-    rows: usize,
-    v: &mut [super::bf16::Panels],
-) {
+fn transform_input_bf16(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, v: &mut [super::bf16::Panels]) {
     use super::bf16::PANEL;
 
     let tiles_x = w.div_ceil(2);
@@ -199,12 +246,12 @@ fn transform_input_bf16(
         || vec![0f32; 2 * (8 * padded + 16 * tiles_x)],
         |scratch, ip| {
             let (first, second) = scratch.split_at_mut(8 * padded + 16 * tiles_x);
-            for ty in 0..rows {
+            band.for_each_row(tiles_x, |image, ty, first_tile| {
                 for (channel_scratch, i) in [(&mut *first, 2 * ip), (&mut *second, 2 * ip + 1)] {
-                    let channel = &x[i * h * w..(i + 1) * h * w];
+                    let channel = &x[(image * c_in + i) * h * w..][..h * w];
                     let (input_rows, rest) = channel_scratch.split_at_mut(4 * padded);
                     let (mixed, transformed) = rest.split_at_mut(4 * padded);
-                    mix_tile_row(channel, h, w, ty0 + ty, input_rows, mixed);
+                    mix_tile_row(channel, h, w, ty, input_rows, mixed);
                     for a in 0..4 {
                         for b in 0..4 {
                             let xi = a * 4 + b;
@@ -222,14 +269,14 @@ fn transform_input_bf16(
                     let (lo, hi) =
                         (&lo_all[xi * tiles_x..(xi + 1) * tiles_x], &hi_all[xi * tiles_x..(xi + 1) * tiles_x]);
                     for (tx, (&l, &hv)) in lo.iter().zip(hi).enumerate() {
-                        let t = ty * tiles_x + tx;
+                        let t = first_tile + tx;
                         let at = ((t / PANEL) * c_pairs + ip) * PANEL + t % PANEL;
                         // SAFETY: inside V_ξ's panels (sized for `tiles` columns and c_in/2 pairs);
                         // each channel pair ip writes only its own pair rows.
                         unsafe { *v_xi.get().add(at) = super::bf16::pair(l, hv) };
                     }
                 }
-            }
+            });
         },
     );
 }
@@ -246,12 +293,12 @@ fn conv3x3_with(
     m: &mut Vec<f32>,
 ) {
     transform_weights(weight, c_in, c_out, u);
-    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_image, out_image, ty0, rows, tiles| {
-        v.resize(16 * c_in * tiles, 0.0);
-        m.resize(16 * c_out * tiles, 0.0);
-        transform_input(x_image, c_in, h, w, ty0, rows, v);
-        multiply(u, v, m, c_in, c_out, tiles);
-        transform_output(m, bias, c_out, h, w, ty0, rows, out_image);
+    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_group, out_group, band| {
+        v.resize(16 * c_in * band.tiles, 0.0);
+        m.resize(16 * c_out * band.tiles, 0.0);
+        transform_input(x_group, c_in, h, w, band, v);
+        multiply(u, v, m, c_in, c_out, band.tiles);
+        transform_output(m, bias, c_out, h, w, band, out_group);
     });
 }
 
@@ -269,35 +316,35 @@ fn transform_weights(weight: Filters, c_in: usize, c_out: usize, u: &mut Vec<f32
     });
 }
 
-/// V[ξ][i][t] = (Bᵀ d B)_ξ for the 4×4 input tile d of tile t (tile rows ty0..ty0+rows).
-fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, ty0: usize, rows: usize, v: &mut [f32]) {
+/// V[ξ][i][t] = (Bᵀ d B)_ξ for the 4×4 input tile d of each tile t of the band.
+fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, v: &mut [f32]) {
     let tiles_x = w.div_ceil(2);
-    let tiles = rows * tiles_x;
+    let tiles = band.tiles;
     // Padded input rows: one zero column on the left, enough on the right for odd widths.
     let padded = 2 * tiles_x + 2;
     let v_ptr = SyncPtr(v.as_mut_ptr());
     (0..c_in).into_par_iter().for_each_init(
         || vec![0f32; 8 * padded],
         |scratch, i| {
-            let channel = &x[i * h * w..(i + 1) * h * w];
             let (input_rows, mixed) = scratch.split_at_mut(4 * padded);
-            for ty in 0..rows {
-                mix_tile_row(channel, h, w, ty0 + ty, input_rows, mixed);
+            band.for_each_row(tiles_x, |image, ty, first_tile| {
+                let channel = &x[(image * c_in + i) * h * w..][..h * w];
+                mix_tile_row(channel, h, w, ty, input_rows, mixed);
                 for a in 0..4 {
                     let u_row = &mixed[a * padded..(a + 1) * padded];
                     for b in 0..4 {
                         let xi = a * 4 + b;
-                        // SAFETY: [ξ][i][ty·tiles_x ..] is this channel's own row of V.
+                        // SAFETY: [ξ][i][first_tile ..] is this channel's own row of V.
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut(
-                                v_ptr.get().add((xi * c_in + i) * tiles + ty * tiles_x),
+                                v_ptr.get().add((xi * c_in + i) * tiles + first_tile),
                                 tiles_x,
                             )
                         };
                         columns_transform(u_row, dst, b);
                     }
                 }
-            }
+            });
         },
     );
 }
@@ -373,24 +420,15 @@ fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tile
 
 /// Y = Aᵀ M A + bias for every tile of the band, written into the NCHW output.
 #[allow(clippy::too_many_arguments)]
-fn transform_output(
-    m: &[f32],
-    bias: &[f32],
-    c_out: usize,
-    h: usize,
-    w: usize,
-    ty0: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
+fn transform_output(m: &[f32], bias: &[f32], c_out: usize, h: usize, w: usize, band: Band, out: &mut [f32]) {
     let tiles_x = w.div_ceil(2);
-    let tiles = rows * tiles_x;
+    let tiles = band.tiles;
     let out_ptr = SyncPtr(out.as_mut_ptr());
     (0..c_out).into_par_iter().for_each_init(
         || vec![0f32; 4 * 2 * tiles_x],
         |scratch, o| {
-            for ty in 0..rows {
-                let at = |xi: usize| &m[(xi * c_out + o) * tiles + ty * tiles_x..][..tiles_x];
+            band.for_each_row(tiles_x, |image, ty, first_tile| {
+                let at = |xi: usize| &m[(xi * c_out + o) * tiles + first_tile..][..tiles_x];
                 // Aᵀ down the rows of the tile: p[0][b] = m0b + m1b + m2b, p[1][b] = m1b − m2b − m3b.
                 let (top, bottom) = scratch.split_at_mut(4 * tiles_x);
                 for b in 0..4 {
@@ -404,12 +442,14 @@ fn transform_output(
                     );
                 }
                 for (half, p) in [&*top, &*bottom].into_iter().enumerate() {
-                    let y = 2 * (ty0 + ty) + half;
+                    let y = 2 * ty + half;
                     if y >= h {
                         continue;
                     }
                     // SAFETY: row y of channel o; each o writes only its own channel.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((o * h + y) * w), w) };
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.get().add(((image * c_out + o) * h + y) * w), w)
+                    };
                     output_columns(
                         &p[..tiles_x],
                         &p[tiles_x..2 * tiles_x],
@@ -419,7 +459,7 @@ fn transform_output(
                         dst,
                     );
                 }
-            }
+            });
         },
     );
 }
@@ -444,6 +484,60 @@ multiversion! {
         if let Some(last) = pairs.into_remainder().first_mut() {
             let t = p0.len() - 1;
             *last = p0[t] + p1[t] + p2[t] + bias;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    thread_local! {
+        /// Band size for this test thread, to exercise every way of cutting an image into bands.
+        pub(super) static BAND_BYTES_OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Whatever the bands — one tile row each, part of an image, whole images, several images
+    /// at once — every tile gets the same result (the reference for the result itself is the
+    /// definition, in conv2d's tests).
+    #[test]
+    fn banding_does_not_change_the_result() {
+        let (batch, c_in, c_out, h, w) = (3, 6, 5, 13, 10);
+        let x = values(batch * c_in * h * w, 1);
+        let weight = values(c_out * c_in * 9, 2);
+        // bf16 pairs by truncation (low half: the even element), as `Filters::filter` reads them.
+        let weight_pairs: Vec<u32> =
+            weight.chunks(2).map(|p| (p[1].to_bits() & 0xFFFF_0000) | (p[0].to_bits() >> 16)).collect();
+        let bias = values(c_out, 3);
+        let tiles_x = w.div_ceil(2);
+        let row_bytes = 64 * (c_in + c_out) * tiles_x;
+        let tiles_y = h.div_ceil(2);
+        for filters in [Filters::F32(&weight), Filters::Bf16Pairs(&weight_pairs)] {
+            let mut results = Vec::new();
+            for band_bytes in [1, 3 * row_bytes, tiles_y * row_bytes, 2 * tiles_y * row_bytes, usize::MAX / 4] {
+                BAND_BYTES_OVERRIDE.set(Some(band_bytes));
+                let mut out = vec![f32::NAN; batch * c_out * h * w];
+                conv3x3(&x, filters, &bias, batch, c_in, c_out, h, w, &mut out);
+                results.push(out);
+            }
+            BAND_BYTES_OVERRIDE.set(None);
+            for other in &results[1..] {
+                for (a, b) in results[0].iter().zip(other) {
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+                }
+            }
         }
     }
 }

@@ -101,6 +101,8 @@ impl Pipeline {
     pub fn new(model: StableDiffusion) -> Result<Self> {
         let tokenizers = Tokenizers::for_model(&model)?;
         let scheduler_config = model.info.scheduler.load()?;
+        // Loading freed its conversion buffers; do not hold them until the first generation ends.
+        crate::memory::release_free_memory();
         Ok(Self { model, tokenizers, scheduler_config })
     }
 
@@ -170,6 +172,8 @@ impl Pipeline {
 
         let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        // Steps free and allocate the same activations: keep them until the loop ends.
+        let _hold = crate::memory::HoldFreedMemory::new();
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
@@ -234,8 +238,9 @@ impl Pipeline {
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
         let latents = self.denoise(req, on_step)?;
-        let image = self.decode_latents(&latents)?;
-        to_rgb8(&image)
+        let image = self.decode_latents(&latents);
+        crate::memory::release_free_memory();
+        to_rgb8(&image?)
     }
 }
 
