@@ -355,9 +355,12 @@ mod tests {
             let tiled = conv2d_im2col(&x, &bias, &g, 1, &f32_product(&weight, &g));
             let mut results = vec![("default tiles", got), ("one-row tiles", tiled)];
             if k == 3 && stride == 1 && padding == 1 {
-                let mut out = vec![f32::NAN; batch * c_out * h * w];
-                winograd::conv3x3(&x, winograd::Filters::F32(&weight), &bias, batch, c_in, c_out, h, w, &mut out);
-                results.push(("winograd", out));
+                for (name, tile) in [("winograd F(2,3)", winograd::Tile::F2), ("winograd F(4,3)", winograd::Tile::F4)] {
+                    let mut out = vec![f32::NAN; batch * c_out * h * w];
+                    let dims = (batch, c_in, c_out, h, w);
+                    winograd::conv3x3_tiled(&x, winograd::Filters::F32(&weight), &bias, dims, tile, &mut out);
+                    results.push((name, out));
+                }
             }
             for (name, got) in results {
                 let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -1,13 +1,15 @@
-//! 3×3 stride-1 convolution by Winograd's F(2×2, 3×3): 4 multiplications per output instead
-//! of 9, for the U-Net's large-resolution convolutions.
+//! 3×3 stride-1 convolution by Winograd's method: F(2×2,3×3), 4 multiplications per output
+//! instead of 9, for the U-Net's convolutions from 16×16 up, and F(4×4,3×3), 2.25, for
+//! images of 64×64 and more (the U-Net's top level, the whole VAE decoder) in f32.
 //!
 //! On a CPU whose GEMM already runs at the FMA units' peak (the `gemm` crate does, with
 //! AVX-512), fewer multiplications is the only way left to make f32 convolutions faster. Each
-//! 2×2 output tile is computed from a 4×4 input tile: inputs and weights go to the Winograd
-//! domain (`V = Bᵀ d B`, `U = G g Gᵀ`), the 16 positions ξ become 16 independent GEMMs
-//! `M_ξ = U_ξ · V_ξ` over channels, and `Y = Aᵀ M A` brings the tiles back. This is the
-//! standard F(2,3) (Lavin & Gray, 2015); its rounding error is a few ulp of the activations,
-//! well inside what the conformance tests allow against diffusers.
+//! m×m output tile is computed from an (m+2)×(m+2) input tile: inputs and weights go to the
+//! Winograd domain (`V = Bᵀ d B`, `U = G g Gᵀ`), the (m+2)² positions ξ become independent
+//! GEMMs `M_ξ = U_ξ · V_ξ` over channels, and `Y = Aᵀ M A` brings the tiles back. These are the
+//! standard matrices (Lavin & Gray, 2015); the rounding error is a few ulp of the activations
+//! for F(2,3), somewhat more for F(4,3) (its points ±2 scale values by up to 8), well inside
+//! what the conformance tests allow against diffusers.
 //!
 //! The image is processed in bands of tile rows so the transformed buffers stay bounded
 //! (a 512×512 VAE activation would otherwise need four copies of itself in each domain);
@@ -68,6 +70,44 @@ impl Filters<'_> {
     }
 }
 
+/// The output tile: F(2×2,3×3) (4×4 input tiles, 16 GEMMs, 4 multiplications per output) or
+/// F(4×4,3×3) (6×6 input tiles, 36 GEMMs, 2.25 multiplications per output, with transformed
+/// weights 4× the size of the filters and a larger, still small, rounding error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    F2,
+    F4,
+}
+
+impl Tile {
+    /// Output tile side.
+    fn m(self) -> usize {
+        match self {
+            Self::F2 => 2,
+            Self::F4 => 4,
+        }
+    }
+
+    /// Input tile side.
+    fn t(self) -> usize {
+        self.m() + 2
+    }
+
+    /// Winograd-domain positions ξ: one GEMM each.
+    fn positions(self) -> usize {
+        self.t() * self.t()
+    }
+}
+
+/// Below this many output pixels f32 convolutions use F(2×2,3×3): F(4×4,3×3) transforms 2.25×
+/// as many weight values per call and runs GEMMs with a quarter of the columns, which smaller
+/// images do not earn back. Measured at batch 2 on 2 cores (`kernel_bench`,
+/// EASEL_BENCH_CONV=all), F(2,3) vs F(4,3): 320→320 at 64×64 51–55 vs 43 ms, 640→640 at 64×64
+/// 161–182 vs 153 ms; 640→640 at 32×32 46–51 vs 55 ms, 1280→1280 at 32×32 180 vs 259 ms.
+/// Whole runs at 512×512 (`easel bench`, A/B alternated): U-Net CFG step 9.26/9.60 vs
+/// 9.56/9.62 s, VAE decode (64×64 to 512×512, 128–512 channels) 10.1/8.0 vs 11.3/10.9 s.
+const F4_MIN_PIXELS: usize = 64 * 64;
+
 /// `out` (batch, c_out, h, w) = conv3×3(x, weight, padding 1) + bias, `out` pre-sized.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(
@@ -92,7 +132,20 @@ pub fn conv3x3(
             return;
         }
     }
-    SCRATCH.with_borrow_mut(|[u, v, m]| conv3x3_with(x, weight, bias, (batch, c_in, c_out, h, w), out, u, v, m));
+    let tile = if h * w >= F4_MIN_PIXELS { Tile::F4 } else { Tile::F2 };
+    conv3x3_tiled(x, weight, bias, (batch, c_in, c_out, h, w), tile, out);
+}
+
+/// [`conv3x3`] in f32 with the given output tile.
+pub(crate) fn conv3x3_tiled(
+    x: &[f32],
+    weight: Filters,
+    bias: &[f32],
+    dims: (usize, usize, usize, usize, usize),
+    tile: Tile,
+    out: &mut [f32],
+) {
+    SCRATCH.with_borrow_mut(|[u, v, m]| conv3x3_with(x, weight, bias, dims, tile, out, u, v, m));
 }
 
 /// [`conv3x3`] for the bf16 mode: the 16 GEMMs on the bf16 kernel, with the weights and the
@@ -129,7 +182,7 @@ fn conv3x3_bf16(
         }
     });
     v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
-    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_group, out_group, band| {
+    for_each_band(x, out, (batch, c_in, c_out, h, w), Tile::F2, |x_group, out_group, band| {
         let tiles = band.tiles;
         for panels in v.iter_mut() {
             panels.n = tiles;
@@ -145,7 +198,7 @@ fn conv3x3_bf16(
             // writes only its own c_out × tiles block of M.
             unsafe { bf16::gemm_into(c_out, u_xi, c_pairs, &v[xi], m_ptr.get().add(xi * c_out * tiles), tiles, false) };
         });
-        transform_output(m, bias, c_out, h, w, band, out_group);
+        transform_output(m, bias, c_out, h, w, band, Tile::F2, out_group);
     });
 }
 
@@ -178,14 +231,15 @@ fn for_each_band(
     x: &[f32],
     out: &mut [f32],
     (batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    tile: Tile,
     mut band: impl FnMut(&[f32], &mut [f32], Band),
 ) {
-    let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
+    let (tiles_y, tiles_x) = (h.div_ceil(tile.m()), w.div_ceil(tile.m()));
     #[cfg(test)]
     let band_bytes = tests::BAND_BYTES_OVERRIDE.get().unwrap_or(BAND_BYTES);
     #[cfg(not(test))]
     let band_bytes = BAND_BYTES;
-    let band_rows = (band_bytes / (64 * (c_in + c_out) * tiles_x).max(1)).max(1);
+    let band_rows = (band_bytes / (4 * tile.positions() * (c_in + c_out) * tiles_x).max(1)).max(1);
     let (x_size, out_size) = (c_in * h * w, c_out * h * w);
     if band_rows >= tiles_y {
         let per_band = (band_rows / tiles_y).clamp(1, batch);
@@ -251,7 +305,7 @@ fn transform_input_bf16(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, 
                     let channel = &x[(image * c_in + i) * h * w..][..h * w];
                     let (input_rows, rest) = channel_scratch.split_at_mut(4 * padded);
                     let (mixed, transformed) = rest.split_at_mut(4 * padded);
-                    mix_tile_row(channel, h, w, ty, input_rows, mixed);
+                    mix_tile_row(channel, h, w, ty, Tile::F2, input_rows, mixed);
                     for a in 0..4 {
                         for b in 0..4 {
                             let xi = a * 4 + b;
@@ -287,53 +341,84 @@ fn conv3x3_with(
     weight: Filters,
     bias: &[f32],
     (batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    tile: Tile,
     out: &mut [f32],
     u: &mut Vec<f32>,
     v: &mut Vec<f32>,
     m: &mut Vec<f32>,
 ) {
-    transform_weights(weight, c_in, c_out, u);
-    for_each_band(x, out, (batch, c_in, c_out, h, w), |x_group, out_group, band| {
-        v.resize(16 * c_in * band.tiles, 0.0);
-        m.resize(16 * c_out * band.tiles, 0.0);
-        transform_input(x_group, c_in, h, w, band, v);
-        multiply(u, v, m, c_in, c_out, band.tiles);
-        transform_output(m, bias, c_out, h, w, band, out_group);
+    transform_weights(weight, c_in, c_out, tile, u);
+    let positions = tile.positions();
+    for_each_band(x, out, (batch, c_in, c_out, h, w), tile, |x_group, out_group, band| {
+        v.resize(positions * c_in * band.tiles, 0.0);
+        m.resize(positions * c_out * band.tiles, 0.0);
+        transform_input(x_group, c_in, h, w, band, tile, v);
+        multiply(u, v, m, c_in, c_out, band.tiles, positions);
+        transform_output(m, bias, c_out, h, w, band, tile, out_group);
     });
 }
 
 /// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3), into `u` (resized).
-fn transform_weights(weight: Filters, c_in: usize, c_out: usize, u: &mut Vec<f32>) {
-    u.resize(16 * c_out * c_in, 0.0);
+fn transform_weights(weight: Filters, c_in: usize, c_out: usize, tile: Tile, u: &mut Vec<f32>) {
+    u.resize(tile.positions() * c_out * c_in, 0.0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
     (0..c_out).into_par_iter().for_each(|o| {
-        for i in 0..c_in {
-            for (xi, value) in filter_transform(&weight.filter(o * c_in + i)).into_iter().enumerate() {
-                // SAFETY: index < 16·c_out·c_in; each o writes only its own [ξ][o][·] rows.
+        let write = |i: usize, values: &[f32]| {
+            for (xi, &value) in values.iter().enumerate() {
+                // SAFETY: index < positions·c_out·c_in; each o writes only its own [ξ][o][·] rows.
                 unsafe { *u_ptr.get().add((xi * c_out + o) * c_in + i) = value };
+            }
+        };
+        for i in 0..c_in {
+            let g = weight.filter(o * c_in + i);
+            match tile {
+                Tile::F2 => write(i, &filter_transform(&g)),
+                Tile::F4 => write(i, &filter_transform_f4(&g)),
             }
         }
     });
 }
 
-/// V[ξ][i][t] = (Bᵀ d B)_ξ for the 4×4 input tile d of each tile t of the band.
-fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, v: &mut [f32]) {
-    let tiles_x = w.div_ceil(2);
+/// G g Gᵀ of one 3×3 filter for F(4×4,3×3), the 36 values in ξ order (Lavin & Gray's G).
+fn filter_transform_f4(g: &[f32; 9]) -> [f32; 36] {
+    // G applied to a column (g0, g1, g2) of the filter.
+    let g_times = |g0: f32, g1: f32, g2: f32| {
+        [
+            g0 / 4.0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2,
+        ]
+    };
+    let columns: [[f32; 6]; 3] = std::array::from_fn(|c| g_times(g[c], g[3 + c], g[6 + c]));
+    let mut u = [0f32; 36];
+    for a in 0..6 {
+        u[a * 6..a * 6 + 6].copy_from_slice(&g_times(columns[0][a], columns[1][a], columns[2][a]));
+    }
+    u
+}
+
+/// V[ξ][i][t] = (Bᵀ d B)_ξ for the input tile d of each tile t of the band.
+fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, tile: Tile, v: &mut [f32]) {
+    let (m, t) = (tile.m(), tile.t());
+    let tiles_x = w.div_ceil(m);
     let tiles = band.tiles;
-    // Padded input rows: one zero column on the left, enough on the right for odd widths.
-    let padded = 2 * tiles_x + 2;
+    // Padded input rows: one zero column on the left, enough on the right for ragged widths.
+    let padded = m * tiles_x + 2;
     let v_ptr = SyncPtr(v.as_mut_ptr());
     (0..c_in).into_par_iter().for_each_init(
-        || vec![0f32; 8 * padded],
+        || vec![0f32; 2 * t * padded],
         |scratch, i| {
-            let (input_rows, mixed) = scratch.split_at_mut(4 * padded);
+            let (input_rows, mixed) = scratch.split_at_mut(t * padded);
             band.for_each_row(tiles_x, |image, ty, first_tile| {
                 let channel = &x[(image * c_in + i) * h * w..][..h * w];
-                mix_tile_row(channel, h, w, ty, input_rows, mixed);
-                for a in 0..4 {
+                mix_tile_row(channel, h, w, ty, tile, input_rows, mixed);
+                for a in 0..t {
                     let u_row = &mixed[a * padded..(a + 1) * padded];
-                    for b in 0..4 {
-                        let xi = a * 4 + b;
+                    for b in 0..t {
+                        let xi = a * t + b;
                         // SAFETY: [ξ][i][first_tile ..] is this channel's own row of V.
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut(
@@ -341,7 +426,10 @@ fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, v: &m
                                 tiles_x,
                             )
                         };
-                        columns_transform(u_row, dst, b);
+                        match tile {
+                            Tile::F2 => columns_transform(u_row, dst, b),
+                            Tile::F4 => columns_transform_f4(u_row, dst, b),
+                        }
                     }
                 }
             });
@@ -349,18 +437,65 @@ fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, v: &m
     );
 }
 
-/// The 4 input rows of tile row `ty` (rows 2·ty − 1 … 2·ty + 2, zero outside the image, one zero
-/// column on the left) into `input_rows`, then Bᵀ down them into `mixed` (4 rows each).
-fn mix_tile_row(channel: &[f32], h: usize, w: usize, ty: usize, input_rows: &mut [f32], mixed: &mut [f32]) {
-    let padded = input_rows.len() / 4;
+/// The t input rows of tile row `ty` (rows m·ty − 1 … m·ty + m, zero outside the image, one
+/// zero column on the left) into `input_rows`, then Bᵀ down them into `mixed` (t rows each).
+fn mix_tile_row(channel: &[f32], h: usize, w: usize, ty: usize, tile: Tile, input_rows: &mut [f32], mixed: &mut [f32]) {
+    let padded = input_rows.len() / tile.t();
     for (r, row) in input_rows.chunks_exact_mut(padded).enumerate() {
-        let iy = (2 * ty + r) as isize - 1;
+        let iy = (tile.m() * ty + r) as isize - 1;
         row.fill(0.0);
         if iy >= 0 && (iy as usize) < h {
             row[1..1 + w].copy_from_slice(&channel[iy as usize * w..(iy as usize + 1) * w]);
         }
     }
-    rows_transform(input_rows, mixed, padded);
+    match tile {
+        Tile::F2 => rows_transform(input_rows, mixed, padded),
+        Tile::F4 => rows_transform_f4(input_rows, mixed, padded),
+    }
+}
+
+/// Bᵀ of F(4×4,3×3) applied to one 6-vector d.
+#[inline(always)]
+fn input_mix_f4(d: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d[0] - 5.0 * d[2] + d[4],
+        -4.0 * (d[1] + d[2]) + d[3] + d[4],
+        4.0 * (d[1] - d[2]) - d[3] + d[4],
+        2.0 * (d[3] - d[1]) - d[2] + d[4],
+        2.0 * (d[1] - d[3]) - d[2] + d[4],
+        4.0 * d[1] - 5.0 * d[3] + d[5],
+    ]
+}
+
+multiversion! {
+    /// Bᵀ (F(4×4,3×3)) applied down the 6 input rows, over every column at once.
+    fn rows_transform_f4(input: &[f32], mixed: &mut [f32], n: usize) {
+        let rows: [&[f32]; 6] = std::array::from_fn(|r| &input[r * n..(r + 1) * n]);
+        let (m0, rest) = mixed.split_at_mut(n);
+        let (m1, rest) = rest.split_at_mut(n);
+        let (m2, rest) = rest.split_at_mut(n);
+        let (m3, rest) = rest.split_at_mut(n);
+        let (m4, m5) = rest.split_at_mut(n);
+        for j in 0..n {
+            let out = input_mix_f4(std::array::from_fn(|r| rows[r][j]));
+            (m0[j], m1[j], m2[j], m3[j], m4[j], m5[j]) = (out[0], out[1], out[2], out[3], out[4], out[5]);
+        }
+    }
+}
+
+multiversion! {
+    /// Column b of B (F(4×4,3×3)) along one mixed row, one value per tile (tiles every 4 columns).
+    fn columns_transform_f4(row: &[f32], dst: &mut [f32], b: usize) {
+        let at = |t: usize, c: usize| row[4 * t + c];
+        match b {
+            0 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 4.0 * at(t, 0) - 5.0 * at(t, 2) + at(t, 4)),
+            1 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = -4.0 * (at(t, 1) + at(t, 2)) + at(t, 3) + at(t, 4)),
+            2 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 4.0 * (at(t, 1) - at(t, 2)) - at(t, 3) + at(t, 4)),
+            3 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 2.0 * (at(t, 3) - at(t, 1)) - at(t, 2) + at(t, 4)),
+            4 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 2.0 * (at(t, 1) - at(t, 3)) - at(t, 2) + at(t, 4)),
+            _ => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 4.0 * at(t, 1) - 5.0 * at(t, 3) + at(t, 5)),
+        }
+    }
 }
 
 multiversion! {
@@ -393,8 +528,8 @@ multiversion! {
     }
 }
 
-/// M_ξ = U_ξ · V_ξ for the 16 positions, as 16 independent single-threaded GEMMs on all cores.
-fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tiles: usize) {
+/// M_ξ = U_ξ · V_ξ for every position, as independent single-threaded GEMMs on all cores.
+fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tiles: usize, positions: usize) {
     let m_ptr = SyncPtr(m.as_mut_ptr());
     let gemm_one = |xi: usize| {
         let u_xi = &u[xi * c_out * c_in..(xi + 1) * c_out * c_in];
@@ -415,12 +550,24 @@ fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tile
             )
         }
     };
-    (0..16).into_par_iter().for_each(gemm_one);
+    (0..positions).into_par_iter().for_each(gemm_one);
 }
 
 /// Y = Aᵀ M A + bias for every tile of the band, written into the NCHW output.
 #[allow(clippy::too_many_arguments)]
-fn transform_output(m: &[f32], bias: &[f32], c_out: usize, h: usize, w: usize, band: Band, out: &mut [f32]) {
+fn transform_output(
+    m: &[f32],
+    bias: &[f32],
+    c_out: usize,
+    h: usize,
+    w: usize,
+    band: Band,
+    tile: Tile,
+    out: &mut [f32],
+) {
+    if tile == Tile::F4 {
+        return transform_output_f4(m, bias, c_out, h, w, band, out);
+    }
     let tiles_x = w.div_ceil(2);
     let tiles = band.tiles;
     let out_ptr = SyncPtr(out.as_mut_ptr());
@@ -488,6 +635,77 @@ multiversion! {
     }
 }
 
+/// [`transform_output`] for F(4×4,3×3): Y = Aᵀ M A + bias.
+fn transform_output_f4(m: &[f32], bias: &[f32], c_out: usize, h: usize, w: usize, band: Band, out: &mut [f32]) {
+    let tiles_x = w.div_ceil(4);
+    let tiles = band.tiles;
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    (0..c_out).into_par_iter().for_each_init(
+        // p[r][b][t]: Aᵀ down the tile's rows, for output row r and Winograd column b.
+        || vec![0f32; 4 * 6 * tiles_x],
+        |scratch, o| {
+            band.for_each_row(tiles_x, |image, ty, first_tile| {
+                let at = |xi: usize| &m[(xi * c_out + o) * tiles + first_tile..][..tiles_x];
+                for b in 0..6 {
+                    let mut rows =
+                        scratch.chunks_exact_mut(6 * tiles_x).map(|p| &mut p[b * tiles_x..(b + 1) * tiles_x]);
+                    let p: [&mut [f32]; 4] = std::array::from_fn(|_| rows.next().expect("4 output rows"));
+                    output_rows_f4(std::array::from_fn(|a| at(a * 6 + b)), p);
+                }
+                for (r, p) in scratch.chunks_exact(6 * tiles_x).enumerate() {
+                    let y = 4 * ty + r;
+                    if y >= h {
+                        continue;
+                    }
+                    // SAFETY: row y of channel o; each o writes only its own channel.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.get().add(((image * c_out + o) * h + y) * w), w)
+                    };
+                    output_columns_f4(std::array::from_fn(|b| &p[b * tiles_x..(b + 1) * tiles_x]), bias[o], dst);
+                }
+            });
+        },
+    );
+}
+
+/// Aᵀ of F(4×4,3×3) applied to one 6-vector.
+#[inline(always)]
+fn output_mix_f4(m: [f32; 6]) -> [f32; 4] {
+    let (sum12, diff12) = (m[1] + m[2], m[1] - m[2]);
+    let (sum34, diff34) = (m[3] + m[4], m[3] - m[4]);
+    [m[0] + sum12 + sum34, diff12 + 2.0 * diff34, sum12 + 4.0 * sum34, diff12 + 8.0 * diff34 + m[5]]
+}
+
+multiversion! {
+    fn output_rows_f4(m: [&[f32]; 6], p: [&mut [f32]; 4]) {
+        let [p0, p1, p2, p3] = p;
+        for t in 0..p0.len() {
+            let y = output_mix_f4(std::array::from_fn(|a| m[a][t]));
+            (p0[t], p1[t], p2[t], p3[t]) = (y[0], y[1], y[2], y[3]);
+        }
+    }
+}
+
+multiversion! {
+    /// Aᵀ along the columns: output columns 4t … 4t+3 of one image row.
+    fn output_columns_f4(p: [&[f32]; 6], bias: f32, dst: &mut [f32]) {
+        let mut quads = dst.chunks_exact_mut(4);
+        for (t, quad) in (&mut quads).enumerate() {
+            let y = output_mix_f4(std::array::from_fn(|b| p[b][t]));
+            for (d, v) in quad.iter_mut().zip(y) {
+                *d = v + bias;
+            }
+        }
+        let rest = quads.into_remainder();
+        if !rest.is_empty() {
+            let y = output_mix_f4(std::array::from_fn(|b| p[b][p[0].len() - 1]));
+            for (d, v) in rest.iter_mut().zip(y) {
+                *d = v + bias;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -521,15 +739,24 @@ mod tests {
         let weight_pairs: Vec<u32> =
             weight.chunks(2).map(|p| (p[1].to_bits() & 0xFFFF_0000) | (p[0].to_bits() >> 16)).collect();
         let bias = values(c_out, 3);
-        let tiles_x = w.div_ceil(2);
-        let row_bytes = 64 * (c_in + c_out) * tiles_x;
-        let tiles_y = h.div_ceil(2);
-        for filters in [Filters::F32(&weight), Filters::Bf16Pairs(&weight_pairs)] {
+        let cases = [
+            (Filters::F32(&weight), Some(Tile::F2)),
+            (Filters::F32(&weight), Some(Tile::F4)),
+            (Filters::Bf16Pairs(&weight_pairs), None),
+        ];
+        for (filters, tile) in cases {
+            let m = tile.map_or(2, Tile::m);
+            let tiles_x = w.div_ceil(m);
+            let row_bytes = 4 * (m + 2) * (m + 2) * (c_in + c_out) * tiles_x;
+            let tiles_y = h.div_ceil(m);
             let mut results = Vec::new();
             for band_bytes in [1, 3 * row_bytes, tiles_y * row_bytes, 2 * tiles_y * row_bytes, usize::MAX / 4] {
                 BAND_BYTES_OVERRIDE.set(Some(band_bytes));
                 let mut out = vec![f32::NAN; batch * c_out * h * w];
-                conv3x3(&x, filters, &bias, batch, c_in, c_out, h, w, &mut out);
+                match tile {
+                    Some(tile) => conv3x3_tiled(&x, filters, &bias, (batch, c_in, c_out, h, w), tile, &mut out),
+                    None => conv3x3(&x, filters, &bias, batch, c_in, c_out, h, w, &mut out),
+                }
                 results.push(out);
             }
             BAND_BYTES_OVERRIDE.set(None);
