@@ -22,10 +22,12 @@ use rayon::prelude::*;
 use super::simd_math::multiversion;
 use super::{matmul, Operand, SyncPtr};
 
-/// Bytes of transformed input + GEMM output per band. Large enough that at the U-Net's 16×16
-/// level both CFG images share one band: each GEMM then reads the transformed weights once
-/// for twice the columns.
-const BAND_BYTES: usize = 40 << 20;
+/// Bytes of transformed input + GEMM output per band of tile rows within one image.
+const BAND_BYTES: usize = 16 << 20;
+/// The same for a band of several whole images: larger, so that at the U-Net's 16×16 level
+/// both CFG images share one band and each GEMM reads the transformed weights once for twice
+/// the columns. (Not for large images: the VAE's peak memory would grow for no gain.)
+const GROUP_BYTES: usize = 40 << 20;
 
 thread_local! {
     /// The transformed weights, inputs and products, kept between calls on the calling thread:
@@ -226,7 +228,7 @@ impl Band {
 
 /// Calls `band(x_group, out_group, band)` for each band, with the input and output of the
 /// band's images; bands are sized so the transformed input and the products stay within
-/// [`BAND_BYTES`].
+/// [`BAND_BYTES`] (or [`GROUP_BYTES`] for several whole images).
 fn for_each_band(
     x: &[f32],
     out: &mut [f32],
@@ -236,13 +238,13 @@ fn for_each_band(
 ) {
     let (tiles_y, tiles_x) = (h.div_ceil(tile.m()), w.div_ceil(tile.m()));
     #[cfg(test)]
-    let band_bytes = tests::BAND_BYTES_OVERRIDE.get().unwrap_or(BAND_BYTES);
+    let (band_bytes, group_bytes) = tests::BAND_BYTES_OVERRIDE.get().map_or((BAND_BYTES, GROUP_BYTES), |b| (b, b));
     #[cfg(not(test))]
-    let band_bytes = BAND_BYTES;
-    let band_rows = (band_bytes / (4 * tile.positions() * (c_in + c_out) * tiles_x).max(1)).max(1);
+    let (band_bytes, group_bytes) = (BAND_BYTES, GROUP_BYTES);
+    let row_bytes = (4 * tile.positions() * (c_in + c_out) * tiles_x).max(1);
     let (x_size, out_size) = (c_in * h * w, c_out * h * w);
-    if band_rows >= tiles_y {
-        let per_band = (band_rows / tiles_y).clamp(1, batch);
+    if row_bytes * tiles_y <= group_bytes {
+        let per_band = (group_bytes / (row_bytes * tiles_y)).clamp(1, batch);
         let mut image = 0;
         while image < batch {
             let images = per_band.min(batch - image);
@@ -255,6 +257,7 @@ fn for_each_band(
         }
         return;
     }
+    let band_rows = (band_bytes / row_bytes).clamp(1, tiles_y);
     for image in 0..batch {
         let x_image = &x[image * x_size..(image + 1) * x_size];
         let out_image = &mut out[image * out_size..(image + 1) * out_size];
