@@ -278,6 +278,7 @@ fn im2col_rows(x: &[f32], g: &Geometry, image: usize, row0: usize, rows: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_values as values;
     use candle_core::{Device, Tensor};
 
     /// Straightforward reference: the definition of a convolution, in f64.
@@ -308,17 +309,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        // A small LCG: deterministic, no dependency, values in [-1, 1).
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
     }
 
     #[test]

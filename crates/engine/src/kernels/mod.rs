@@ -24,6 +24,18 @@ pub use conv2d::Conv2dOp;
 pub use geglu::GegluOp;
 pub use group_norm::GroupNormOp;
 
+/// Deterministic test inputs in [-1, 1) from a small LCG (no dependency).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// Drops the calling thread's kernel scratch buffers (see [`crate::memory`]).
 pub(crate) fn release_scratch() {
     winograd::release_scratch();

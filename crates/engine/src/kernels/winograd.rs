@@ -714,20 +714,11 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
+    use crate::kernels::test_values as values;
 
     thread_local! {
         /// Band size for this test thread, to exercise every way of cutting an image into bands.
         pub(super) static BAND_BYTES_OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
     }
 
     /// Whatever the bands — one tile row each, part of an image, whole images, several images
