@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// half their memory, faster, images close to but not identical with f32's.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub precision: String,
+    /// Widen f16 checkpoints to f32 once at load, as diffusers does, instead of keeping their
+    /// weights in f16 and widening per layer (same image either way; twice the weight memory).
+    #[arg(long)]
+    pub widen_f16_weights: bool,
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +134,10 @@ pub struct GenerateArgs {
     /// half their memory, faster, images close to but not identical with f32's.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub precision: String,
+    /// Widen f16 checkpoints to f32 once at load, as diffusers does, instead of keeping their
+    /// weights in f16 and widening per layer (same image either way; twice the weight memory).
+    #[arg(long)]
+    pub widen_f16_weights: bool,
     /// Use this VAE instead of the model's own: a diffusers `vae/` folder or a .safetensors file.
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -189,6 +197,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let options = easel_engine::models::LoadOptions {
         vae_override: args.vae.clone(),
         cpu_bf16: args.precision == "bf16",
+        keep_f16_weights: !args.widen_f16_weights,
         ..load_options(device)?
     };
     let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
@@ -255,8 +264,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         sampler: args.sampler.parse()?,
         rng: RngKind::Cpu,
     };
-    let options =
-        easel_engine::models::LoadOptions { cpu_bf16: args.precision == "bf16", ..load_options(args.device.parse()?)? };
+    let options = easel_engine::models::LoadOptions {
+        cpu_bf16: args.precision == "bf16",
+        keep_f16_weights: !args.widen_f16_weights,
+        ..load_options(args.device.parse()?)?
+    };
     let load_start = Instant::now();
     let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
     let load_s = load_start.elapsed().as_secs_f64();
@@ -280,6 +292,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         let mut json = serde_json::to_value(&report)?;
         json["model_load_s"] = serde_json::json!(load_s);
         json["precision"] = serde_json::json!(args.precision);
+        json["widen_f16_weights"] = serde_json::json!(args.widen_f16_weights);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -9,6 +9,7 @@
 mod common;
 
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use candle_core::Tensor;
 use common::*;
@@ -305,4 +306,59 @@ fn non_finite_latents_are_an_error_never_a_black_image() {
     let latents = Tensor::from_vec(vec![f32::NAN; 4 * 8 * 8], (1, 4, 8, 8), &candle_core::Device::Cpu).unwrap();
     let err = pipeline.decode_latents(&latents).expect_err("NaN latents must not decode");
     assert!(err.to_string().contains("NaN"), "{err}");
+}
+
+/// A copy of `from` (a diffusers folder or a single file) with every float tensor in f16, as
+/// most published checkpoints store them.
+fn f16_copy(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            f16_copy(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else if from.extension().is_some_and(|e| e == "safetensors") {
+        let tensors = candle_core::safetensors::load(from, &candle_core::Device::Cpu).unwrap();
+        let narrowed: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let t = if t.dtype().is_float() { t.to_dtype(candle_core::DType::F16).unwrap() } else { t };
+                (name, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&narrowed, to).unwrap();
+    } else {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+/// On the CPU an f16 checkpoint's convolution and linear weights stay f16 (half the weight
+/// memory) and are widened as each layer runs. Widening is exact, so the image must be the
+/// one of widening everything at load, as diffusers does — bit for bit, for every family, for
+/// diffusers folders and single files.
+#[test]
+fn f16_weights_kept_in_f16_give_the_image_of_widening_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cases = Vec::new();
+    for model in MODELS {
+        let to = dir.path().join(model);
+        f16_copy(&model_dir(model), &to);
+        cases.push((model, to));
+    }
+    let single = unpack_single_file("sd1-single", dir.path());
+    let single_f16 = dir.path().join("sd1-single-f16.safetensors");
+    f16_copy(&single, &single_f16);
+    cases.push(("sd1-tiny", single_f16));
+
+    for (model, path) in cases {
+        let req = request(&Reference::load(model), SamplerId::Euler);
+        let generate = |options: LoadOptions| {
+            let pipeline = Pipeline::load(&path, options).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            pipeline.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap().data
+        };
+        let kept = generate(LoadOptions::default());
+        let widened = generate(LoadOptions { keep_f16_weights: false, ..LoadOptions::default() });
+        assert_eq!(kept, widened, "{}: f16 weights kept gave another image", path.display());
+        assert!(kept.iter().any(|&v| v != kept[0]), "{}: a flat image", path.display());
+    }
 }

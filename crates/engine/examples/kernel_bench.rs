@@ -40,7 +40,8 @@ fn main() -> candle_core::Result<()> {
     for &(c_in, c_out, side) in if all { shapes } else { &shapes[..1] } {
         let x = Tensor::randn(0f32, 1.0, (2, c_in, side, side), &dev)?;
         let weight = Tensor::randn(0f32, 0.02, (c_out, c_in, 3, 3), &dev)?;
-        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+        // F16: weights kept as an f16 checkpoint stores them, widened in the weight transform.
+        for dtype in [candle_core::DType::F32, candle_core::DType::F16, candle_core::DType::BF16] {
             if dtype == candle_core::DType::BF16 && !easel_engine::kernels::bf16_supported() {
                 continue;
             }
@@ -62,6 +63,34 @@ fn main() -> candle_core::Result<()> {
                 "conv 2x{c_in}x{side}x{side} -> {c_out} 3x3 ({dtype:?} weights): {:.1} ms, {:.1} GFLOP/s (direct-equivalent)",
                 dt * 1e3,
                 2.0 * 2.0 * (c_in * c_out * 9 * side * side) as f64 / dt / 1e9
+            );
+        }
+    }
+
+    // Linear layers of the U-Net's transformer blocks at 512×512 with CFG (rows = 2 × tokens):
+    // f32 weights, and f16 ones kept as stored and widened per call.
+    for (rows, in_dim, out_dim) in [(8192, 320, 2560), (2048, 640, 5120), (512, 1280, 10240), (512, 5120, 1280)] {
+        let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev)?;
+        let weight = Tensor::randn(0f32, 0.02, (out_dim, in_dim), &dev)?;
+        for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+            let vb = candle_nn::VarBuilder::from_tensors(
+                [
+                    ("weight".to_string(), weight.to_dtype(dtype)?),
+                    ("bias".to_string(), Tensor::zeros(out_dim, dtype, &dev)?),
+                ]
+                .into_iter()
+                .collect(),
+                dtype,
+                &dev,
+            );
+            let linear = easel_engine::models::nn::linear(in_dim, out_dim, vb)?;
+            let dt = time(|| {
+                linear.forward(&x).unwrap();
+            });
+            println!(
+                "linear {rows}x{in_dim} -> {out_dim} ({dtype:?} weights): {:.1} ms, {:.1} GFLOP/s",
+                dt * 1e3,
+                2.0 * (rows * in_dim * out_dim) as f64 / dt / 1e9
             );
         }
     }

@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::half_weights::WeightData;
 use super::{contiguous_f32, matmul, threads, winograd, Operand, SyncPtr};
 
 /// Below this many output pixels the per-call weight transform of Winograd's method costs more
@@ -109,7 +110,7 @@ impl CustomOp3 for Conv2dOp {
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(x_storage, x_layout, self.name())?;
-        let weight = contiguous_f32(w_storage, w_layout, self.name())?;
+        let weight = WeightData::new(w_storage, w_layout, self.name())?;
         let bias = contiguous_f32(b_storage, b_layout, self.name())?;
         let (batch, c_in, h, w) = x_layout.shape().dims4()?;
         let (c_out, w_c_in, kh, kw) = w_layout.shape().dims4()?;
@@ -134,12 +135,17 @@ impl CustomOp3 for Conv2dOp {
     }
 }
 
-/// The f32 convolution: Winograd where it pays, else GEMMs over im2col tiles.
-pub(crate) fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], g: &Geometry) -> Vec<f32> {
+/// The f32 convolution: Winograd where it pays (widening f16 weights in its weight transform),
+/// else GEMMs over im2col tiles.
+pub(crate) fn conv2d(x: &[f32], weight: WeightData, bias: &[f32], g: &Geometry) -> Vec<f32> {
     if g.winograd(WINOGRAD_MIN_PIXELS_F32) {
-        return conv2d_winograd(x, winograd::Filters::F32(weight), bias, g);
+        let filters = match weight {
+            WeightData::F32(w) => winograd::Filters::F32(w),
+            WeightData::F16(w) => winograd::Filters::F16(w),
+        };
+        return conv2d_winograd(x, filters, bias, g);
     }
-    conv2d_im2col(x, bias, g, TILE_BYTES, &f32_product(weight, g))
+    weight.with_f32(|weight| conv2d_im2col(x, bias, g, TILE_BYTES, &f32_product(weight, g)))
 }
 
 /// The Winograd path (`g.winograd(…)` must hold) for f32 or bf16 filters.
@@ -311,22 +317,48 @@ mod tests {
         out
     }
 
+    /// (batch, c_in, h, w, c_out, k, stride, padding): 3×3 same, stride-2 down (padded and the
+    /// VAE encoder's unpadded form), 1×1, odd sizes, a single row, more tiles than rows, and
+    /// sizes that take the Winograd paths (F(2,3) and F(4,3)) through the op itself.
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+    const CASES: [Case; 8] = [
+        (2, 3, 9, 7, 5, 3, 1, 1),
+        (1, 4, 8, 8, 6, 3, 2, 1),
+        (1, 4, 9, 9, 3, 3, 2, 0),
+        (2, 6, 5, 11, 4, 1, 1, 0),
+        (1, 2, 1, 6, 3, 3, 1, 1),
+        (3, 33, 20, 24, 7, 3, 1, 1),
+        (1, 8, 33, 35, 5, 3, 1, 1),
+        (2, 16, 64, 64, 16, 3, 1, 1),
+    ];
+
+    #[test]
+    fn f16_weights_give_the_result_of_their_f32_widening_bit_for_bit() {
+        let dev = Device::Cpu;
+        for (batch, c_in, h, w, c_out, k, stride, padding) in CASES {
+            let op = Conv2dOp { stride, padding };
+            let xt = Tensor::from_slice(&values(batch * c_in * h * w, 1), (batch, c_in, h, w), &dev).unwrap();
+            let w16 = Tensor::from_slice(&values(c_out * c_in * k * k, 2), (c_out, c_in, k, k), &dev)
+                .unwrap()
+                .to_dtype(candle_core::DType::F16)
+                .unwrap();
+            let w32 = w16.to_dtype(candle_core::DType::F32).unwrap();
+            let bt = Tensor::from_slice(&values(c_out, 3), c_out, &dev).unwrap();
+            let run = |weight: &Tensor| {
+                xt.apply_op3_no_bwd(weight, &bt, &op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let (from_f16, from_f32) = (run(&w16), run(&w32));
+            assert!(
+                from_f16.iter().zip(&from_f32).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{:?}",
+                (batch, c_in, h, w, c_out, k, stride, padding)
+            );
+        }
+    }
+
     #[test]
     fn matches_the_definition_for_every_shape_the_models_use() {
-        // (batch, c_in, h, w, c_out, k, stride, padding): 3×3 same, stride-2 down (padded and
-        // the VAE encoder's unpadded form), 1×1, odd sizes, a single row, more tiles than rows.
-        let cases = [
-            (2, 3, 9, 7, 5, 3, 1, 1),
-            (1, 4, 8, 8, 6, 3, 2, 1),
-            (1, 4, 9, 9, 3, 3, 2, 0),
-            (2, 6, 5, 11, 4, 1, 1, 0),
-            (1, 2, 1, 6, 3, 3, 1, 1),
-            (3, 33, 20, 24, 7, 3, 1, 1),
-            // Large enough to take the Winograd path through the op itself; odd sizes.
-            (1, 8, 33, 35, 5, 3, 1, 1),
-            (2, 16, 64, 64, 16, 3, 1, 1),
-        ];
-        for (batch, c_in, h, w, c_out, k, stride, padding) in cases {
+        for (batch, c_in, h, w, c_out, k, stride, padding) in CASES {
             let x = values(batch * c_in * h * w, 1);
             let weight = values(c_out * c_in * k * k, 2);
             let bias = values(c_out, 3);

@@ -15,6 +15,7 @@ pub mod bf16_layers;
 pub mod conv2d;
 pub mod geglu;
 pub mod group_norm;
+pub mod half_weights;
 pub mod simd_math;
 pub mod winograd;
 
@@ -23,6 +24,7 @@ pub use bf16_layers::{Conv2dBf16Op, LinearBf16Op};
 pub use conv2d::Conv2dOp;
 pub use geglu::GegluOp;
 pub use group_norm::GroupNormOp;
+pub use half_weights::LinearOp;
 
 /// Deterministic test inputs in [-1, 1) from a small LCG (no dependency).
 #[cfg(test)]
@@ -39,6 +41,7 @@ pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
 /// Drops the calling thread's kernel scratch buffers (see [`crate::memory`]).
 pub(crate) fn release_scratch() {
     winograd::release_scratch();
+    half_weights::release_scratch();
 }
 
 use candle_core::backend::BackendStorage;

@@ -49,11 +49,13 @@ pub(crate) fn release_scratch() {
     });
 }
 
-/// The 3×3 filters, (c_out, c_in, 3, 3) row-major: f32, or the bf16 mode's bf16 pairs (widened
-/// exactly while transforming, so no f32 copy of the weights is made per call).
+/// The 3×3 filters, (c_out, c_in, 3, 3) row-major: f32, f16 as a checkpoint stored them, or the
+/// bf16 mode's bf16 pairs (the last two widened exactly while transforming, so no f32 copy of
+/// the weights is made per call).
 #[derive(Clone, Copy)]
 pub enum Filters<'a> {
     F32(&'a [f32]),
+    F16(&'a [half::f16]),
     Bf16Pairs(&'a [u32]),
 }
 
@@ -63,6 +65,11 @@ impl Filters<'_> {
     fn filter(&self, index: usize) -> [f32; 9] {
         match self {
             Self::F32(w) => std::array::from_fn(|e| w[index * 9 + e]),
+            Self::F16(w) => {
+                let mut filter = [0f32; 9];
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[index * 9..index * 9 + 9], &mut filter);
+                filter
+            }
             Self::Bf16Pairs(pairs) => std::array::from_fn(|e| {
                 let at = index * 9 + e;
                 let pair = pairs[at / 2];
@@ -365,15 +372,24 @@ fn conv3x3_with(
 fn transform_weights(weight: Filters, c_in: usize, c_out: usize, tile: Tile, u: &mut Vec<f32>) {
     u.resize(tile.positions() * c_out * c_in, 0.0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each(|o| {
+    (0..c_out).into_par_iter().for_each_init(Vec::new, |widened, o| {
         let write = |i: usize, values: &[f32]| {
             for (xi, &value) in values.iter().enumerate() {
                 // SAFETY: index < positions·c_out·c_in; each o writes only its own [ξ][o][·] rows.
                 unsafe { *u_ptr.get().add((xi * c_out + o) * c_in + i) = value };
             }
         };
+        // f16 filters are widened a whole output channel at a time (one vectorised pass).
+        let bank = o * c_in * 9..(o + 1) * c_in * 9;
+        if let Filters::F16(w) = weight {
+            widened.resize(bank.len(), 0.0);
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[bank], widened);
+        }
         for i in 0..c_in {
-            let g = weight.filter(o * c_in + i);
+            let g = match weight {
+                Filters::F16(_) => std::array::from_fn(|e| widened[i * 9 + e]),
+                _ => weight.filter(o * c_in + i),
+            };
             match tile {
                 Tile::F2 => write(i, &filter_transform(&g)),
                 Tile::F4 => write(i, &filter_transform_f4(&g)),

@@ -233,6 +233,16 @@ fn release_pages(data: &[u8]) {
 #[cfg(not(unix))]
 fn release_pages(_: &[u8]) {}
 
+/// `tensor` in the dtype a layer asked for. On the CPU nothing computes in f16, so a request
+/// for f16 there means "f16 weights kept as stored" (see `models::nn`): a tensor stored wider
+/// is served as f32, never narrowed.
+fn served_as(tensor: Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == DType::F16 && tensor.device().is_cpu() && tensor.dtype() != DType::F16 {
+        return tensor.to_dtype(DType::F32);
+    }
+    tensor.to_dtype(dtype)
+}
+
 /// A `VarBuilder` backend that serves diffusers names from a checkpoint stored under other
 /// names, converting as `resolve` says.
 pub struct RenamingBackend<F: Fn(&str) -> Option<Source> + Send + Sync> {
@@ -281,11 +291,11 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> SimpleBackend for RenamingBack
                 tensor.dims()
             );
         }
-        tensor.to_dtype(dtype)
+        served_as(tensor, dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        self.load(name, dev)?.to_dtype(dtype)
+        served_as(self.load(name, dev)?, dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -300,6 +310,21 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> SimpleBackend for RenamingBack
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_requests_on_the_cpu_keep_f16_and_never_narrow() {
+        let dev = Device::Cpu;
+        let exact = Tensor::new(&[1.000_1f32, -3.0e-8, 65_504.0], &dev).unwrap();
+        let served = served_as(exact.clone(), DType::F16).unwrap();
+        assert_eq!(served.dtype(), DType::F32, "an f32 tensor asked for as f16 on the CPU stays f32");
+        assert_eq!(served.to_vec1::<f32>().unwrap(), exact.to_vec1::<f32>().unwrap());
+        let half = exact.to_dtype(DType::F16).unwrap();
+        assert_eq!(served_as(half, DType::F16).unwrap().dtype(), DType::F16);
+        let bf16 = exact.to_dtype(DType::BF16).unwrap();
+        assert_eq!(served_as(bf16, DType::F16).unwrap().dtype(), DType::F32);
+        // Other requests convert as asked (the bf16 mode narrows on purpose).
+        assert_eq!(served_as(exact, DType::BF16).unwrap().dtype(), DType::BF16);
+    }
 
     #[test]
     fn unet_names_follow_diffusers_conversion() {

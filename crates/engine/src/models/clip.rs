@@ -137,7 +137,7 @@ impl ClipTextModel {
             other => candle_core::bail!("unsupported CLIP activation \"{other}\""),
         };
         let tm = vb.pp("text_model");
-        let emb = tm.pp("embeddings");
+        let emb = super::nn::unpacked(tm.pp("embeddings"));
         let token_embedding = candle_nn::embedding(config.vocab_size, config.hidden_size, emb.pp("token_embedding"))?;
         let position_embedding =
             emb.get((config.max_position_embeddings, config.hidden_size), "position_embedding.weight")?;

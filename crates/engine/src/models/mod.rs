@@ -304,20 +304,42 @@ pub struct LoadOptions {
     /// AVX-512-BF16, activations and accumulation in f32. Not exact; see the README for how far
     /// its images are from the f32 ones.
     pub cpu_bf16: bool,
+    /// On the CPU in f32, convolution and linear weights that the checkpoint stores in f16 stay
+    /// f16 in memory and are widened as each layer runs: the same numbers (widening is exact)
+    /// with half the weight memory. Off: widened once at load, as diffusers does.
+    pub keep_f16_weights: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, vae_dtype: DType::F32, vae_override: None, cpu_bf16: false }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+            vae_override: None,
+            cpu_bf16: false,
+            keep_f16_weights: true,
+        }
     }
 }
 
 impl LoadOptions {
+    /// The dtype to ask a component's `VarBuilder` for when it computes in `compute`: on the
+    /// CPU in f32 with [`Self::keep_f16_weights`], f16, which the loader serves as stored f16
+    /// weights or f32 (never narrowing) and the layers widen as they run (see `models::nn`).
+    pub fn weights_dtype(&self, compute: DType) -> DType {
+        if self.device.is_cpu() && compute == DType::F32 && self.keep_f16_weights {
+            DType::F16
+        } else {
+            compute
+        }
+    }
+
     /// The dtype the U-Net's weights are loaded in: bf16 in the CPU bf16 mode (its layers keep
     /// them packed; activations stay in `dtype`).
     pub fn unet_weights_dtype(&self) -> Result<DType> {
         if !self.cpu_bf16 {
-            return Ok(self.dtype);
+            return Ok(self.weights_dtype(self.dtype));
         }
         if !self.device.is_cpu() {
             return Err(Error::InvalidSetting("bf16 mode is for the CPU; GPUs already run in f16".into()));
@@ -403,7 +425,7 @@ impl StableDiffusion {
 
     pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
         let info = inspect_diffusers_folder(folder)?;
-        let (dtype, device) = (options.dtype, &options.device);
+        let (dtype, device) = (options.weights_dtype(options.dtype), &options.device);
         // Checked first: a refused bf16 mode should not cost a text-encoder load.
         let unet_dtype = options.unet_weights_dtype()?;
         let text_encoder = load_component(folder, "text_encoder", "model", dtype, device, |vb| {
@@ -431,7 +453,8 @@ pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
     if info.path.is_file() {
         return single_file::load_checkpoint_vae(info, options);
     }
-    load_component(&info.path, "vae", "diffusion_pytorch_model", options.vae_dtype, &options.device, |vb| {
+    let dtype = options.weights_dtype(options.vae_dtype);
+    load_component(&info.path, "vae", "diffusion_pytorch_model", dtype, &options.device, |vb| {
         VaeDecoder::new(vb, info.vae.clone())
     })
 }
@@ -443,7 +466,7 @@ pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> 
     if path.is_dir() {
         let config: VaeConfig = read_json(&path.join("config.json"))?;
         let files = component_weights(path, "diffusion_pytorch_model")?;
-        let vb = var_builder(&files, options.vae_dtype, &options.device)?;
+        let vb = var_builder(&files, options.weights_dtype(options.vae_dtype), &options.device)?;
         return VaeDecoder::new(vb, config)
             .map_err(|e| model_error(path, format!("weights do not match the config: {e}")));
     }

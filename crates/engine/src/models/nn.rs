@@ -27,15 +27,40 @@ fn bf16_bits(t: &Tensor) -> Result<Vec<u16>> {
     Ok(t.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect())
 }
 
-/// Where the layers that are not packed load their weights: in the CPU bf16 mode only the packed
-/// convolutions and linear layers keep bf16, everything else (norms, odd-sized layers) is f32
-/// like the activations.
-fn unpacked(vb: VarBuilder) -> VarBuilder {
-    if vb.dtype() == DType::BF16 && vb.device().is_cpu() {
+/// Where the parameters that stay f32 on the CPU load from. Two CPU load modes ask the
+/// `VarBuilder` for a narrower dtype than the f32 activations: the bf16 mode (its packed
+/// convolutions and linear layers keep bf16) and f16 weights kept as stored (see
+/// [`kernels::half_weights`]: convolution and linear weights stay f16, widened exactly as each
+/// layer runs). Everything else — biases, norms, embeddings, odd-sized layers — is f32 like
+/// the activations.
+pub(crate) fn unpacked(vb: VarBuilder) -> VarBuilder {
+    if matches!(vb.dtype(), DType::BF16 | DType::F16) && vb.device().is_cpu() {
         vb.set_dtype(DType::F32)
     } else {
         vb
     }
+}
+
+/// Where convolution and linear weights that are not packed load from: f16 kept as stored on
+/// the CPU, otherwise like every other parameter.
+fn weight_source(vb: VarBuilder) -> VarBuilder {
+    if vb.dtype() == DType::F16 && vb.device().is_cpu() {
+        vb
+    } else {
+        unpacked(vb)
+    }
+}
+
+/// `inner` with its weight and bias in `dtype`, for candle's own layers when a weight kept in
+/// f16 meets an input Easel's kernels do not take.
+fn widened_conv(inner: &candle_nn::Conv2d, dtype: DType) -> Result<candle_nn::Conv2d> {
+    let bias = inner.bias().map(|b| b.to_dtype(dtype)).transpose()?;
+    Ok(candle_nn::Conv2d::new(inner.weight().to_dtype(dtype)?, bias, *inner.config()))
+}
+
+/// Whether Easel's CPU kernels take this weight with f32 activations: f32, or f16 kept as stored.
+fn kernel_weight(weight: &Tensor) -> bool {
+    matches!(weight.dtype(), DType::F32 | DType::F16)
 }
 
 /// A 2-D convolution: Easel's own CPU kernel for f32 on the CPU, its bf16 kernel in the CPU
@@ -51,10 +76,11 @@ impl Module for Conv2d {
         match self {
             Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref()),
             Self::Candle { inner, stride, padding } => match inner.bias() {
-                Some(bias) if kernels::applies_to(xs) && inner.weight().dtype() == xs.dtype() => {
+                Some(bias) if kernels::applies_to(xs) && kernel_weight(inner.weight()) => {
                     let op = Conv2dOp { stride: *stride, padding: *padding };
                     xs.contiguous()?.apply_op3_no_bwd(&inner.weight().contiguous()?, bias, &op)
                 }
+                _ if inner.weight().dtype() != xs.dtype() => widened_conv(inner, xs.dtype())?.forward(xs),
                 _ => inner.forward(xs),
             },
         }
@@ -114,7 +140,10 @@ pub fn conv2d(
         let op = kernels::Conv2dBf16Op::new(&bits, bias.to_vec1()?, out_ch, in_ch, kernel, stride, padding);
         return Ok(Conv2d::Bf16(Arc::new(op)));
     }
-    Ok(Conv2d::Candle { inner: candle_nn::conv2d(in_ch, out_ch, kernel, cfg, unpacked(vb))?, stride, padding })
+    // The weight in the VarBuilder's dtype (f16 kept as stored on the CPU), the bias like the activations.
+    let weight = weight_source(vb.clone()).get((out_ch, in_ch, kernel, kernel), "weight")?;
+    let bias = unpacked(vb).get(out_ch, "bias")?;
+    Ok(Conv2d::Candle { inner: candle_nn::Conv2d::new(weight, Some(bias), cfg), stride, padding })
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
@@ -129,7 +158,8 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     candle_nn::layer_norm(size, eps, unpacked(vb))
 }
 
-/// A linear layer: candle-nn's, or in the CPU bf16 mode Easel's bf16 kernel with the weight
+/// A linear layer: Easel's kernel for f32 activations on the CPU (f32 weights or f16 kept as
+/// stored), candle-nn's elsewhere, or in the CPU bf16 mode Easel's bf16 kernel with the weight
 /// pre-packed once at load.
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -140,6 +170,17 @@ pub enum Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Candle(inner) if kernels::applies_to(xs) && kernel_weight(inner.weight()) => {
+                let (xs, weight) = (xs.contiguous()?, inner.weight().contiguous()?);
+                match inner.bias() {
+                    Some(bias) => xs.apply_op3_no_bwd(&weight, &bias.contiguous()?, &kernels::LinearOp),
+                    None => xs.apply_op2_no_bwd(&weight, &kernels::LinearOp),
+                }
+            }
+            Self::Candle(inner) if inner.weight().dtype() != xs.dtype() => {
+                let bias = inner.bias().map(|b| b.to_dtype(xs.dtype())).transpose()?;
+                candle_nn::Linear::new(inner.weight().to_dtype(xs.dtype())?, bias).forward(xs)
+            }
             Self::Candle(inner) => inner.forward(xs),
             Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref()),
         }
@@ -153,13 +194,10 @@ fn linear_maybe_bias(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuil
         let op = kernels::LinearBf16Op::new(&bf16_bits(&weight)?, bias, out_dim, in_dim);
         return Ok(Linear::Bf16(Arc::new(op)));
     }
-    let vb = unpacked(vb);
-    let inner = if with_bias {
-        candle_nn::linear(in_dim, out_dim, vb)?
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
-    };
-    Ok(Linear::Candle(inner))
+    // The weight in the VarBuilder's dtype (f16 kept as stored on the CPU), the bias like the activations.
+    let weight = weight_source(vb.clone()).get((out_dim, in_dim), "weight")?;
+    let bias = if with_bias { Some(unpacked(vb).get(out_dim, "bias")?) } else { None };
+    Ok(Linear::Candle(candle_nn::Linear::new(weight, bias)))
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -168,4 +206,64 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     linear_maybe_bias(in_dim, out_dim, false, vb)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::kernels::test_values;
+
+    /// One convolution (4 → 6, 3×3) and one linear layer (5 → 3), stored in f16.
+    fn stored_f16(dev: &Device) -> HashMap<String, Tensor> {
+        let tensor = |shape: &[usize], seed| {
+            let len = shape.iter().product();
+            Tensor::from_vec(test_values(len, seed), shape, dev).unwrap().to_dtype(DType::F16).unwrap()
+        };
+        HashMap::from([
+            ("conv.weight".to_string(), tensor(&[6, 4, 3, 3], 1)),
+            ("conv.bias".to_string(), tensor(&[6], 2)),
+            ("fc.weight".to_string(), tensor(&[3, 5], 3)),
+            ("fc.bias".to_string(), tensor(&[3], 4)),
+        ])
+    }
+
+    #[test]
+    fn f16_weights_stay_f16_on_the_cpu_and_give_the_output_of_widening_them() {
+        let dev = Device::Cpu;
+        let kept = VarBuilder::from_tensors(stored_f16(&dev), DType::F16, &dev);
+        let widened = VarBuilder::from_tensors(stored_f16(&dev), DType::F32, &dev);
+
+        let conv = conv2d(4, 6, 3, 1, 1, kept.pp("conv")).unwrap();
+        let Conv2d::Candle { inner, .. } = &conv else { panic!("not the f32 convolution") };
+        assert_eq!(inner.weight().dtype(), DType::F16);
+        assert_eq!(inner.bias().map(Tensor::dtype), Some(DType::F32));
+        let x = Tensor::from_vec(test_values(2 * 4 * 7 * 5, 5), (2, 4, 7, 5), &dev).unwrap();
+        let reference = conv2d(4, 6, 3, 1, 1, widened.pp("conv")).unwrap().forward(&x).unwrap();
+        let out = conv.forward(&x).unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits(&out), bits(&reference));
+
+        let fc = linear(5, 3, kept.pp("fc")).unwrap();
+        let Linear::Candle(inner) = &fc else { panic!("not the f32 linear layer") };
+        assert_eq!(inner.weight().dtype(), DType::F16);
+        let x = Tensor::from_vec(test_values(2 * 4 * 5, 6), (2, 4, 5), &dev).unwrap();
+        let reference = linear(5, 3, widened.pp("fc")).unwrap().forward(&x).unwrap();
+        assert_eq!(bits(&fc.forward(&x).unwrap()), bits(&reference));
+
+        // The norms and embeddings of such a model load in f32 like the activations.
+        let norm_vb = VarBuilder::from_tensors(
+            HashMap::from([
+                ("weight".to_string(), Tensor::ones(6, DType::F16, &dev).unwrap()),
+                ("bias".to_string(), Tensor::zeros(6, DType::F16, &dev).unwrap()),
+            ]),
+            DType::F16,
+            &dev,
+        );
+        assert_eq!(group_norm(2, 6, 1e-5, norm_vb).unwrap().weight.dtype(), DType::F32);
+    }
 }

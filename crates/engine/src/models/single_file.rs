@@ -324,7 +324,7 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
     let keys = open_keys(path)?;
     let info = inspect_keys(&keys)?;
     let names = keys.names;
-    let (dtype, device) = (options.dtype, options.device.clone());
+    let (dtype, device) = (options.weights_dtype(options.dtype), options.device.clone());
     // Checked first: a refused bf16 mode should not cost a text-encoder load.
     let unet_dtype = options.unet_weights_dtype()?;
     let wrap =
@@ -416,7 +416,7 @@ pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Resu
         vae_config(&keys, channels, layers, keys.dim(&format!("{prefix}decoder.conv_in.weight"), 1)?, family)?
     };
     let vb = if diffusers_names {
-        super::var_builder(&[path.to_path_buf()], options.vae_dtype, &options.device)?
+        super::var_builder(&[path.to_path_buf()], options.weights_dtype(options.vae_dtype), &options.device)?
     } else {
         ldm_vae_var_builder(path, prefix, config.block_out_channels.len(), options)?
     };
@@ -438,7 +438,7 @@ fn ldm_vae_var_builder(
             other => other,
         })
     })?;
-    Ok(VarBuilder::from_backend(vae_backend, options.vae_dtype, options.device.clone()))
+    Ok(VarBuilder::from_backend(vae_backend, options.weights_dtype(options.vae_dtype), options.device.clone()))
 }
 
 fn vae_config(keys: &Keys, channels: Vec<usize>, layers: usize, latent: usize, family: Family) -> Result<VaeConfig> {

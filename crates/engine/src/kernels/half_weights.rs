@@ -1,0 +1,226 @@
+//! Weights kept in f16, as most checkpoints store them, and widened to f32 as each layer runs.
+//!
+//! diffusers in f32 widens an f16 checkpoint once at load, so its weights take twice the file's
+//! size for as long as the model is loaded (4.3 GB instead of 2.1 GB for SD 1.5). Widening
+//! f16 → f32 is exact, so doing it per call gives the very same numbers; the 3×3 convolutions
+//! widen inside their Winograd weight transform (which reads every weight once per call anyway),
+//! the rest into a scratch buffer that is reused from call to call.
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
+use half::{f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, matmul, threads, Operand};
+
+thread_local! {
+    /// The last widened weight's buffer, reused: fresh buffers of tens of MB per layer would
+    /// cost the kernel's page zeroing on every call.
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Drops this thread's scratch buffer (see [`crate::memory`]).
+pub(crate) fn release_scratch() {
+    WIDENED.with_borrow_mut(|buffer| *buffer = Vec::new());
+}
+
+/// A layer's weight as an op receives it: f32, or f16 kept as stored.
+#[derive(Clone, Copy)]
+pub(crate) enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> WeightData<'a> {
+    /// The contents of a contiguous f32 or f16 weight.
+    pub(crate) fn new(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<Self> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{op}: weight is not contiguous")
+        };
+        match storage {
+            CpuStorage::F32(data) => Ok(Self::F32(&data[start..end])),
+            CpuStorage::F16(data) => Ok(Self::F16(&data[start..end])),
+            other => candle_core::bail!("{op}: expected an f32 or f16 weight, got {:?}", other.dtype()),
+        }
+    }
+
+    /// Runs `f` on the weight as f32: the data itself, or its widened copy in this thread's
+    /// scratch buffer.
+    pub(crate) fn with_f32<R>(self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            Self::F32(w) => f(w),
+            Self::F16(w) => WIDENED.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buffer) => {
+                    widen(w, &mut buffer);
+                    f(&buffer)
+                }
+                // Only if `f` itself widened another weight on this thread: a buffer of its own.
+                Err(_) => {
+                    let mut buffer = Vec::new();
+                    widen(w, &mut buffer);
+                    f(&buffer)
+                }
+            }),
+        }
+    }
+}
+
+/// `dst` = `src` widened to f32, on every core (F16C where the CPU has it).
+pub(crate) fn widen(src: &[f16], dst: &mut Vec<f32>) {
+    const CHUNK: usize = 1 << 15;
+    dst.resize(src.len(), 0.0);
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| s.convert_to_f32_slice(d));
+}
+
+/// `x · Wᵀ (+ b)` over the last axis of x, f32 activations, the weight (out × in) f32 or f16.
+/// Through [`candle_core::Tensor::apply_op2_no_bwd`] without a bias, `apply_op3_no_bwd` with one.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearOp;
+
+impl LinearOp {
+    fn run(
+        &self,
+        xs: (&CpuStorage, &Layout),
+        weight: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "easel-linear";
+        let x = contiguous_f32(xs.0, xs.1, name)?;
+        let w = WeightData::new(weight.0, weight.1, name)?;
+        let (out_dim, in_dim) = weight.1.shape().dims2()?;
+        let mut dims = xs.1.shape().dims().to_vec();
+        if dims.last() != Some(&in_dim) {
+            candle_core::bail!("{name}: input {dims:?}, weight ({out_dim}, {in_dim})");
+        }
+        let rows = x.len() / in_dim.max(1);
+        let mut out = match bias {
+            Some((storage, layout)) => {
+                let bias = contiguous_f32(storage, layout, name)?;
+                if bias.len() != out_dim {
+                    candle_core::bail!("{name}: bias of {} for {out_dim} outputs", bias.len());
+                }
+                bias.repeat(rows)
+            }
+            None => vec![0f32; rows * out_dim],
+        };
+        let accumulate = bias.is_some();
+        w.with_f32(|w| {
+            // SAFETY: `out` is rows × out_dim, x is rows × in_dim, w is out_dim × in_dim (checked).
+            unsafe {
+                matmul(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    out.as_mut_ptr(),
+                    out_dim,
+                    accumulate,
+                    Operand::rows(x, in_dim),
+                    Operand::transposed(w, in_dim),
+                    1.0,
+                    threads(),
+                )
+            }
+        });
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "easel-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "easel-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::kernels::test_values;
+
+    /// Weights that f16 holds exactly, so the f32 and f16 runs see the same numbers.
+    fn f16_exact(len: usize, seed: u32) -> Vec<f32> {
+        test_values(len, seed).into_iter().map(|v| f16::from_f32(v).to_f32()).collect()
+    }
+
+    #[test]
+    fn widening_is_exact_on_every_chunk() {
+        let values: Vec<f16> = (0..100_003u32).map(|i| f16::from_bits((i % 0x7c00) as u16)).collect();
+        let mut widened = vec![1.0; 7];
+        widen(&values, &mut widened);
+        assert_eq!(widened.len(), values.len());
+        assert!(values.iter().zip(&widened).all(|(h, w)| h.to_f32().to_bits() == w.to_bits()));
+    }
+
+    #[test]
+    fn linear_matches_the_definition_and_f16_weights_give_the_f32_result() {
+        let dev = Device::Cpu;
+        let (rows, in_dim, out_dim) = (37, 70, 45);
+        let x = test_values(rows * in_dim, 1);
+        let w = f16_exact(out_dim * in_dim, 2);
+        let b = test_values(out_dim, 3);
+        let xs = Tensor::from_vec(x.clone(), (1, rows, in_dim), &dev).unwrap();
+        let w32 = Tensor::from_vec(w.clone(), (out_dim, in_dim), &dev).unwrap();
+        let w16 = w32.to_dtype(DType::F16).unwrap();
+        let bias = Tensor::from_vec(b.clone(), out_dim, &dev).unwrap();
+
+        let with_f32 = xs.apply_op3_no_bwd(&w32, &bias, &LinearOp).unwrap();
+        let with_f16 = xs.apply_op3_no_bwd(&w16, &bias, &LinearOp).unwrap();
+        assert_eq!(with_f32.dims(), [1, rows, out_dim]);
+        let (a, h) = (with_f32.flatten_all().unwrap().to_vec1::<f32>().unwrap(), with_f16.flatten_all().unwrap());
+        assert_eq!(a, h.to_vec1::<f32>().unwrap(), "f16 weights must give the f32 result bit for bit");
+        for r in 0..rows {
+            for o in 0..out_dim {
+                let exact: f64 =
+                    b[o] as f64 + (0..in_dim).map(|i| x[r * in_dim + i] as f64 * w[o * in_dim + i] as f64).sum::<f64>();
+                assert!(
+                    (a[r * out_dim + o] as f64 - exact).abs() < 1e-4,
+                    "({r},{o}): {} vs {exact}",
+                    a[r * out_dim + o]
+                );
+            }
+        }
+
+        let no_bias = xs.apply_op2_no_bwd(&w16, &LinearOp).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (with, without)) in a.iter().zip(&no_bias).enumerate() {
+            assert!((with - without - b[i % out_dim]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let xs = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 9), DType::F16, &dev).unwrap();
+        assert!(xs.apply_op2_no_bwd(&w, &LinearOp).is_err());
+        let w = Tensor::zeros((4, 8), DType::BF16, &dev).unwrap();
+        assert!(xs.apply_op2_no_bwd(&w, &LinearOp).is_err());
+    }
+}
