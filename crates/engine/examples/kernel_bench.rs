@@ -70,7 +70,7 @@ fn main() -> candle_core::Result<()> {
     // Linear layers of the U-Net's transformer blocks at 512×512 with CFG (rows = 2 × tokens):
     // f32 weights, and f16 ones kept as stored and widened per call.
     for (rows, in_dim, out_dim) in [(8192, 320, 2560), (2048, 640, 5120), (512, 1280, 10240), (512, 5120, 1280)] {
-        let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, rows / 2, in_dim), &dev)?;
         let weight = Tensor::randn(0f32, 0.02, (out_dim, in_dim), &dev)?;
         for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
             let vb = candle_nn::VarBuilder::from_tensors(
@@ -83,6 +83,14 @@ fn main() -> candle_core::Result<()> {
                 dtype,
                 &dev,
             );
+            if dtype == candle_core::DType::F32 {
+                // candle-nn's own linear layer on the same weights, for comparison.
+                let candle = candle_nn::Linear::new(weight.clone(), Some(Tensor::zeros(out_dim, dtype, &dev)?));
+                let dt = time(|| {
+                    candle.forward(&x).unwrap();
+                });
+                println!("linear {rows}x{in_dim} -> {out_dim} (candle-nn): {:.1} ms", dt * 1e3);
+            }
             let linear = easel_engine::models::nn::linear(in_dim, out_dim, vb)?;
             let dt = time(|| {
                 linear.forward(&x).unwrap();
