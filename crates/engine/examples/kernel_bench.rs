@@ -14,6 +14,19 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
     start.elapsed().as_secs_f64() / runs as f64
 }
 
+/// A layer's `VarBuilder`: `weight` and a zero bias of `outputs`, stored and requested in `dtype`.
+fn layer_weights(
+    weight: &Tensor,
+    outputs: usize,
+    dtype: candle_core::DType,
+) -> candle_core::Result<candle_nn::VarBuilder<'static>> {
+    let tensors = [
+        ("weight".to_string(), weight.to_dtype(dtype)?),
+        ("bias".to_string(), Tensor::zeros(outputs, dtype, weight.device())?),
+    ];
+    Ok(candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), dtype, weight.device()))
+}
+
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     for (m, k, n) in [(320, 2880, 4096), (1280, 11520, 256), (4096, 320, 320), (640, 5760, 1024)] {
@@ -45,16 +58,7 @@ fn main() -> candle_core::Result<()> {
             if dtype == candle_core::DType::BF16 && !easel_engine::kernels::bf16_supported() {
                 continue;
             }
-            let vb = candle_nn::VarBuilder::from_tensors(
-                [
-                    ("weight".to_string(), weight.to_dtype(dtype)?),
-                    ("bias".to_string(), Tensor::zeros(c_out, dtype, &dev)?),
-                ]
-                .into_iter()
-                .collect(),
-                dtype,
-                &dev,
-            );
+            let vb = layer_weights(&weight, c_out, dtype)?;
             let conv = easel_engine::models::nn::conv2d(c_in, c_out, 3, 1, 1, vb)?;
             let dt = time(|| {
                 conv.forward(&x).unwrap();
@@ -73,16 +77,7 @@ fn main() -> candle_core::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2, rows / 2, in_dim), &dev)?;
         let weight = Tensor::randn(0f32, 0.02, (out_dim, in_dim), &dev)?;
         for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
-            let vb = candle_nn::VarBuilder::from_tensors(
-                [
-                    ("weight".to_string(), weight.to_dtype(dtype)?),
-                    ("bias".to_string(), Tensor::zeros(out_dim, dtype, &dev)?),
-                ]
-                .into_iter()
-                .collect(),
-                dtype,
-                &dev,
-            );
+            let vb = layer_weights(&weight, out_dim, dtype)?;
             if dtype == candle_core::DType::F32 {
                 // candle-nn's own linear layer on the same weights, for comparison.
                 let candle = candle_nn::Linear::new(weight.clone(), Some(Tensor::zeros(out_dim, dtype, &dev)?));
