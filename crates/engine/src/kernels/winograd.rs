@@ -60,23 +60,32 @@ pub enum Filters<'a> {
 }
 
 impl Filters<'_> {
-    /// Filter number `index` (= o·c_in + i).
-    #[inline(always)]
-    fn filter(&self, index: usize) -> [f32; 9] {
+    /// The c_in filters of output channel `o` (c_in·9 values) as f32: f32 filters as they are,
+    /// the others widened into `buf` in one pass.
+    fn output_channel<'b>(&'b self, o: usize, c_in: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        let range = o * c_in * 9..(o + 1) * c_in * 9;
         match self {
-            Self::F32(w) => std::array::from_fn(|e| w[index * 9 + e]),
+            Self::F32(w) => &w[range],
             Self::F16(w) => {
-                let mut filter = [0f32; 9];
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[index * 9..index * 9 + 9], &mut filter);
-                filter
+                buf.resize(range.len(), 0.0);
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[range], buf);
+                buf
             }
-            Self::Bf16Pairs(pairs) => std::array::from_fn(|e| {
-                let at = index * 9 + e;
-                let pair = pairs[at / 2];
-                f32::from_bits(if at.is_multiple_of(2) { pair << 16 } else { pair & 0xFFFF_0000 })
-            }),
+            Self::Bf16Pairs(pairs) => {
+                buf.clear();
+                buf.extend(range.map(|at| {
+                    let pair = pairs[at / 2];
+                    f32::from_bits(if at.is_multiple_of(2) { pair << 16 } else { pair & 0xFFFF_0000 })
+                }));
+                buf
+            }
         }
     }
+}
+
+/// Filter `i` of an output channel's filters (see [`Filters::output_channel`]).
+fn filter_of(channel: &[f32], i: usize) -> [f32; 9] {
+    std::array::from_fn(|e| channel[i * 9 + e])
 }
 
 /// The output tile: F(2×2,3×3) (4×4 input tiles, 16 GEMMs, 4 multiplications per output) or
@@ -178,12 +187,11 @@ fn conv3x3_bf16(
     // U[ξ][o][i/2]: pairs of adjacent input channels, the bf16 GEMM's row operand.
     u.resize(16 * c_out * c_pairs, 0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each(|o| {
+    (0..c_out).into_par_iter().for_each_init(Vec::new, |buf, o| {
+        let channel = weight.output_channel(o, c_in, buf);
         for ip in 0..c_pairs {
-            let (lo, hi) = (
-                filter_transform(&weight.filter(o * c_in + 2 * ip)),
-                filter_transform(&weight.filter(o * c_in + 2 * ip + 1)),
-            );
+            let (lo, hi) =
+                (filter_transform(&filter_of(channel, 2 * ip)), filter_transform(&filter_of(channel, 2 * ip + 1)));
             for xi in 0..16 {
                 // SAFETY: index < 16·c_out·c_pairs; each o writes only its own [ξ][o][·] rows.
                 unsafe { *u_ptr.get().add((xi * c_out + o) * c_pairs + ip) = bf16::pair(lo[xi], hi[xi]) };
@@ -372,24 +380,16 @@ fn conv3x3_with(
 fn transform_weights(weight: Filters, c_in: usize, c_out: usize, tile: Tile, u: &mut Vec<f32>) {
     u.resize(tile.positions() * c_out * c_in, 0.0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each_init(Vec::new, |widened, o| {
+    (0..c_out).into_par_iter().for_each_init(Vec::new, |buf, o| {
         let write = |i: usize, values: &[f32]| {
             for (xi, &value) in values.iter().enumerate() {
                 // SAFETY: index < positions·c_out·c_in; each o writes only its own [ξ][o][·] rows.
                 unsafe { *u_ptr.get().add((xi * c_out + o) * c_in + i) = value };
             }
         };
-        // f16 filters are widened a whole output channel at a time (one vectorised pass).
-        let bank = o * c_in * 9..(o + 1) * c_in * 9;
-        if let Filters::F16(w) = weight {
-            widened.resize(bank.len(), 0.0);
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[bank], widened);
-        }
+        let channel = weight.output_channel(o, c_in, buf);
         for i in 0..c_in {
-            let g = match weight {
-                Filters::F16(_) => std::array::from_fn(|e| widened[i * 9 + e]),
-                _ => weight.filter(o * c_in + i),
-            };
+            let g = filter_of(channel, i);
             match tile {
                 Tile::F2 => write(i, &filter_transform(&g)),
                 Tile::F4 => write(i, &filter_transform_f4(&g)),
@@ -745,7 +745,7 @@ mod tests {
         let (batch, c_in, c_out, h, w) = (3, 6, 5, 13, 10);
         let x = values(batch * c_in * h * w, 1);
         let weight = values(c_out * c_in * 9, 2);
-        // bf16 pairs by truncation (low half: the even element), as `Filters::filter` reads them.
+        // bf16 pairs by truncation (low half: the even element), as `Filters::output_channel` reads them.
         let weight_pairs: Vec<u32> =
             weight.chunks(2).map(|p| (p[1].to_bits() & 0xFFFF_0000) | (p[0].to_bits() >> 16)).collect();
         let bias = values(c_out, 3);
