@@ -83,11 +83,6 @@ impl Filters<'_> {
     }
 }
 
-/// Filter `i` of an output channel's filters (see [`Filters::output_channel`]).
-fn filter_of(channel: &[f32], i: usize) -> [f32; 9] {
-    std::array::from_fn(|e| channel[i * 9 + e])
-}
-
 /// The output tile: F(2×2,3×3) (4×4 input tiles, 16 GEMMs, 4 multiplications per output) or
 /// F(4×4,3×3) (6×6 input tiles, 36 GEMMs, 2.25 multiplications per output, with transformed
 /// weights 4× the size of the filters and a larger, still small, rounding error).
@@ -187,17 +182,20 @@ fn conv3x3_bf16(
     // U[ξ][o][i/2]: pairs of adjacent input channels, the bf16 GEMM's row operand.
     u.resize(16 * c_out * c_pairs, 0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each_init(Vec::new, |buf, o| {
-        let channel = weight.output_channel(o, c_in, buf);
-        for ip in 0..c_pairs {
-            let (lo, hi) =
-                (filter_transform(&filter_of(channel, 2 * ip)), filter_transform(&filter_of(channel, 2 * ip + 1)));
-            for xi in 0..16 {
-                // SAFETY: index < 16·c_out·c_pairs; each o writes only its own [ξ][o][·] rows.
-                unsafe { *u_ptr.get().add((xi * c_out + o) * c_pairs + ip) = bf16::pair(lo[xi], hi[xi]) };
+    (0..c_out).into_par_iter().for_each_init(
+        || (Vec::new(), vec![0f32; 16 * c_in]),
+        |(buf, transformed), o| {
+            transform_channel(weight.output_channel(o, c_in, buf), Tile::F2, transformed);
+            for (xi, row) in transformed.chunks_exact(c_in).enumerate() {
+                // SAFETY: [ξ][o][..c_pairs] is output channel o's own row of U.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_pairs), c_pairs) };
+                for (pair, values) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                    *pair = bf16::pair(values[0], values[1]);
+                }
             }
-        }
-    });
+        },
+    );
     v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
     for_each_band(x, out, (batch, c_in, c_out, h, w), Tile::F2, |x_group, out_group, band| {
         let tiles = band.tiles;
@@ -285,24 +283,6 @@ fn for_each_band(
     }
 }
 
-/// G g Gᵀ of one 3×3 filter, the 16 values in ξ order.
-fn filter_transform(g: &[f32; 9]) -> [f32; 16] {
-    let mut gg = [[0f32; 3]; 4];
-    for c in 0..3 {
-        let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-        gg[0][c] = g0;
-        gg[1][c] = 0.5 * (g0 + g1 + g2);
-        gg[2][c] = 0.5 * (g0 - g1 + g2);
-        gg[3][c] = g2;
-    }
-    let mut u = [0f32; 16];
-    for (a, row) in gg.iter().enumerate() {
-        let (r0, r1, r2) = (row[0], row[1], row[2]);
-        u[a * 4..a * 4 + 4].copy_from_slice(&[r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2]);
-    }
-    u
-}
-
 /// [`transform_input`] into the bf16 GEMM's panels: V_ξ with tiles as columns (64 per panel)
 /// and pairs of adjacent input channels along k; parallel over channel pairs.
 #[cfg(target_arch = "x86_64")]
@@ -378,45 +358,92 @@ fn conv3x3_with(
 
 /// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3), into `u` (resized).
 fn transform_weights(weight: Filters, c_in: usize, c_out: usize, tile: Tile, u: &mut Vec<f32>) {
-    u.resize(tile.positions() * c_out * c_in, 0.0);
+    let positions = tile.positions();
+    u.resize(positions * c_out * c_in, 0.0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each_init(Vec::new, |buf, o| {
-        let write = |i: usize, values: &[f32]| {
-            for (xi, &value) in values.iter().enumerate() {
-                // SAFETY: index < positions·c_out·c_in; each o writes only its own [ξ][o][·] rows.
-                unsafe { *u_ptr.get().add((xi * c_out + o) * c_in + i) = value };
+    (0..c_out).into_par_iter().for_each_init(
+        || (Vec::new(), vec![0f32; positions * c_in]),
+        |(buf, transformed), o| {
+            transform_channel(weight.output_channel(o, c_in, buf), tile, transformed);
+            for (xi, row) in transformed.chunks_exact(c_in).enumerate() {
+                // SAFETY: [ξ][o][..c_in] is output channel o's own row of U.
+                let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_in), c_in) };
+                dst.copy_from_slice(row);
             }
-        };
-        let channel = weight.output_channel(o, c_in, buf);
-        for i in 0..c_in {
-            let g = filter_of(channel, i);
-            match tile {
-                Tile::F2 => write(i, &filter_transform(&g)),
-                Tile::F4 => write(i, &filter_transform_f4(&g)),
-            }
-        }
-    });
+        },
+    );
 }
 
-/// G g Gᵀ of one 3×3 filter for F(4×4,3×3), the 36 values in ξ order (Lavin & Gray's G).
-fn filter_transform_f4(g: &[f32; 9]) -> [f32; 36] {
-    // G applied to a column (g0, g1, g2) of the filter.
-    let g_times = |g0: f32, g1: f32, g2: f32| {
-        [
-            g0 / 4.0,
-            -(g0 + g1 + g2) / 6.0,
-            -(g0 - g1 + g2) / 6.0,
-            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
-            g2,
-        ]
-    };
-    let columns: [[f32; 6]; 3] = std::array::from_fn(|c| g_times(g[c], g[3 + c], g[6 + c]));
-    let mut u = [0f32; 36];
-    for a in 0..6 {
-        u[a * 6..a * 6 + 6].copy_from_slice(&g_times(columns[0][a], columns[1][a], columns[2][a]));
+/// Filters transformed per vector: the filters are read transposed, one filter per lane, so
+/// every step of G g Gᵀ is one vector operation on this many filters.
+const FILTER_LANES: usize = 16;
+
+type Lanes = [f32; FILTER_LANES];
+
+#[inline(always)]
+fn lanes(f: impl Fn(usize) -> f32) -> Lanes {
+    std::array::from_fn(f)
+}
+
+multiversion! {
+    /// (G g Gᵀ)_ξ of one output channel's filters (c_in·9 values, see
+    /// [`Filters::output_channel`]) into `transformed`, laid out [ξ][i].
+    ///
+    /// Written per lane block rather than per filter because this runs on every weight of every
+    /// 3×3 convolution on every call (the transformed weights are 1.8–4× the filters' size, too
+    /// much memory to keep): one filter at a time it was ~9% of a U-Net step. The arithmetic is
+    /// the same, in the same order, as the one-filter definition (tests check bit equality).
+    fn transform_channel(channel: &[f32], tile: Tile, transformed: &mut [f32]) {
+        let c_in = channel.len() / 9;
+        let mut i0 = 0;
+        while i0 < c_in {
+            let n = FILTER_LANES.min(c_in - i0);
+            // g[e][l]: element e (row-major 3×3) of filter i0 + l.
+            let mut g = [[0f32; FILTER_LANES]; 9];
+            for l in 0..n {
+                for (e, ge) in g.iter_mut().enumerate() {
+                    ge[l] = channel[(i0 + l) * 9 + e];
+                }
+            }
+            let mut store = |xi: usize, values: &Lanes| {
+                transformed[xi * c_in + i0..xi * c_in + i0 + n].copy_from_slice(&values[..n]);
+            };
+            match tile {
+                Tile::F2 => {
+                    // G applied to a column (g0, g1, g2): (g0, ½(g0+g1+g2), ½(g0−g1+g2), g2).
+                    let g_times = |g0: &Lanes, g1: &Lanes, g2: &Lanes| {
+                        [*g0, lanes(|l| 0.5 * (g0[l] + g1[l] + g2[l])), lanes(|l| 0.5 * (g0[l] - g1[l] + g2[l])), *g2]
+                    };
+                    let columns: [[Lanes; 4]; 3] = std::array::from_fn(|c| g_times(&g[c], &g[3 + c], &g[6 + c]));
+                    let [c0, c1, c2] = &columns;
+                    for (a, ((r0, r1), r2)) in c0.iter().zip(c1).zip(c2).enumerate() {
+                        let row = g_times(r0, r1, r2);
+                        row.iter().enumerate().for_each(|(b, values)| store(a * 4 + b, values));
+                    }
+                }
+                Tile::F4 => {
+                    // Lavin & Gray's G for F(4×4,3×3), applied to a column.
+                    let g_times = |g0: &Lanes, g1: &Lanes, g2: &Lanes| {
+                        [
+                            lanes(|l| g0[l] / 4.0),
+                            lanes(|l| -(g0[l] + g1[l] + g2[l]) / 6.0),
+                            lanes(|l| -(g0[l] - g1[l] + g2[l]) / 6.0),
+                            lanes(|l| g0[l] / 24.0 + g1[l] / 12.0 + g2[l] / 6.0),
+                            lanes(|l| g0[l] / 24.0 - g1[l] / 12.0 + g2[l] / 6.0),
+                            *g2,
+                        ]
+                    };
+                    let columns: [[Lanes; 6]; 3] = std::array::from_fn(|c| g_times(&g[c], &g[3 + c], &g[6 + c]));
+                    let [c0, c1, c2] = &columns;
+                    for (a, ((r0, r1), r2)) in c0.iter().zip(c1).zip(c2).enumerate() {
+                        let row = g_times(r0, r1, r2);
+                        row.iter().enumerate().for_each(|(b, values)| store(a * 6 + b, values));
+                    }
+                }
+            }
+            i0 += n;
+        }
     }
-    u
 }
 
 /// V[ξ][i][t] = (Bᵀ d B)_ξ for the input tile d of each tile t of the band.
@@ -735,6 +762,72 @@ mod tests {
     thread_local! {
         /// Band size for this test thread, to exercise every way of cutting an image into bands.
         pub(super) static BAND_BYTES_OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// G g Gᵀ of one 3×3 filter, the 16 values in ξ order: the definition, one filter at a time.
+    fn filter_transform(g: &[f32; 9]) -> [f32; 16] {
+        let mut gg = [[0f32; 3]; 4];
+        for c in 0..3 {
+            let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+            gg[0][c] = g0;
+            gg[1][c] = 0.5 * (g0 + g1 + g2);
+            gg[2][c] = 0.5 * (g0 - g1 + g2);
+            gg[3][c] = g2;
+        }
+        let mut u = [0f32; 16];
+        for (a, row) in gg.iter().enumerate() {
+            let (r0, r1, r2) = (row[0], row[1], row[2]);
+            u[a * 4..a * 4 + 4].copy_from_slice(&[r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2]);
+        }
+        u
+    }
+
+    /// G g Gᵀ of one 3×3 filter for F(4×4,3×3), the 36 values in ξ order (Lavin & Gray's G).
+    fn filter_transform_f4(g: &[f32; 9]) -> [f32; 36] {
+        // G applied to a column (g0, g1, g2) of the filter.
+        let g_times = |g0: f32, g1: f32, g2: f32| {
+            [
+                g0 / 4.0,
+                -(g0 + g1 + g2) / 6.0,
+                -(g0 - g1 + g2) / 6.0,
+                g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+                g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+                g2,
+            ]
+        };
+        let columns: [[f32; 6]; 3] = std::array::from_fn(|c| g_times(g[c], g[3 + c], g[6 + c]));
+        let mut u = [0f32; 36];
+        for a in 0..6 {
+            u[a * 6..a * 6 + 6].copy_from_slice(&g_times(columns[0][a], columns[1][a], columns[2][a]));
+        }
+        u
+    }
+
+    /// The lane-blocked transform is the one-filter definition, bit for bit, for every filter of
+    /// a channel count that leaves a partial block.
+    #[test]
+    fn weight_transform_is_the_per_filter_definition_bit_for_bit() {
+        let c_in = 2 * FILTER_LANES + 5;
+        let channel = values(c_in * 9, 7);
+        for tile in [Tile::F2, Tile::F4] {
+            let positions = tile.positions();
+            let mut transformed = vec![f32::NAN; positions * c_in];
+            transform_channel(&channel, tile, &mut transformed);
+            for i in 0..c_in {
+                let g: [f32; 9] = std::array::from_fn(|e| channel[i * 9 + e]);
+                let expected = match tile {
+                    Tile::F2 => filter_transform(&g).to_vec(),
+                    Tile::F4 => filter_transform_f4(&g).to_vec(),
+                };
+                for (xi, value) in expected.iter().enumerate() {
+                    assert_eq!(
+                        transformed[xi * c_in + i].to_bits(),
+                        value.to_bits(),
+                        "{tile:?} filter {i} position {xi}"
+                    );
+                }
+            }
+        }
     }
 
     /// Whatever the bands — one tile row each, part of an image, whole images, several images
