@@ -1,6 +1,6 @@
 //! 3×3 stride-1 convolution by Winograd's method: F(2×2,3×3), 4 multiplications per output
 //! instead of 9, for the U-Net's convolutions from 16×16 up, and F(4×4,3×3), 2.25, for
-//! images of 64×64 and more (the U-Net's top level, the whole VAE decoder) in f32.
+//! images of 32×32 and more (the U-Net's two upper levels, the whole VAE decoder) in f32.
 //!
 //! On a CPU whose GEMM already runs at the FMA units' peak (the `gemm` crate does, with
 //! AVX-512), fewer multiplications is the only way left to make f32 convolutions faster. Each
@@ -113,13 +113,13 @@ impl Tile {
 }
 
 /// Below this many output pixels f32 convolutions use F(2×2,3×3): F(4×4,3×3) transforms 2.25×
-/// as many weight values per call and runs GEMMs with a quarter of the columns, which smaller
-/// images do not earn back. Measured at batch 2 on 2 cores (`kernel_bench`,
-/// EASEL_BENCH_CONV=all), F(2,3) vs F(4,3): 320→320 at 64×64 51–55 vs 43 ms, 640→640 at 64×64
-/// 161–182 vs 153 ms; 640→640 at 32×32 46–51 vs 55 ms, 1280→1280 at 32×32 180 vs 259 ms.
-/// Whole runs at 512×512 (`easel bench`, A/B alternated): U-Net CFG step 9.26/9.60 vs
-/// 9.56/9.62 s, VAE decode (64×64 to 512×512, 128–512 channels) 10.1/8.0 vs 11.3/10.9 s.
-const F4_MIN_PIXELS: usize = 64 * 64;
+/// as many weight values per call and runs GEMMs with a quarter of the columns, which the
+/// 16×16 level does not earn back. Measured at batch 2 on 2 cores (`kernel_bench`,
+/// EASEL_BENCH_CONV=all, twice each), F(2,3) vs F(4,3): 640→640 at 32×32 42 vs 32–34 ms,
+/// 1280→1280 at 32×32 156–168 vs 118 ms; 1280→1280 at 16×16 52 vs 62–65 ms, 2560→1280 at
+/// 16×16 105 vs 108–110 ms. (Before the weight transform was vectorised F(4,3) lost at 32×32
+/// too: 180 vs 259 ms for 1280→1280.)
+const F4_MIN_PIXELS: usize = 32 * 32;
 
 /// `out` (batch, c_out, h, w) = conv3×3(x, weight, padding 1) + bias, `out` pre-sized.
 #[allow(clippy::too_many_arguments)]
