@@ -380,9 +380,38 @@ const FILTER_LANES: usize = 16;
 
 type Lanes = [f32; FILTER_LANES];
 
+/// The value of `f` for every lane (a plain loop: `array::from_fn` is not always inlined, and
+/// out of line it runs without the caller's vector features).
 #[inline(always)]
 fn lanes(f: impl Fn(usize) -> f32) -> Lanes {
-    std::array::from_fn(f)
+    let mut out = [0f32; FILTER_LANES];
+    for (l, value) in out.iter_mut().enumerate() {
+        *value = f(l);
+    }
+    out
+}
+
+/// G of F(2×2,3×3) applied to a column (g0, g1, g2): (g0, ½(g0+g1+g2), ½(g0−g1+g2), g2).
+#[inline(always)]
+fn g_times_f2(g0: &Lanes, g1: &Lanes, g2: &Lanes) -> [Lanes; 4] {
+    [*g0, lanes(|l| 0.5 * (g0[l] + g1[l] + g2[l])), lanes(|l| 0.5 * (g0[l] - g1[l] + g2[l])), *g2]
+}
+
+/// Lavin & Gray's G for F(4×4,3×3) applied to a column, with reciprocals multiplied rather
+/// than divided by (vector division is several times slower, and this is most of the work).
+#[inline(always)]
+fn g_times_f4(g0: &Lanes, g1: &Lanes, g2: &Lanes) -> [Lanes; 6] {
+    const SIXTH: f32 = 1.0 / 6.0;
+    const TWELFTH: f32 = 1.0 / 12.0;
+    const TWENTY_FOURTH: f32 = 1.0 / 24.0;
+    [
+        lanes(|l| g0[l] * 0.25),
+        lanes(|l| -(g0[l] + g1[l] + g2[l]) * SIXTH),
+        lanes(|l| -(g0[l] - g1[l] + g2[l]) * SIXTH),
+        lanes(|l| g0[l] * TWENTY_FOURTH + g1[l] * TWELFTH + g2[l] * SIXTH),
+        lanes(|l| g0[l] * TWENTY_FOURTH - g1[l] * TWELFTH + g2[l] * SIXTH),
+        *g2,
+    ]
 }
 
 multiversion! {
@@ -408,35 +437,21 @@ multiversion! {
             let mut store = |xi: usize, values: &Lanes| {
                 transformed[xi * c_in + i0..xi * c_in + i0 + n].copy_from_slice(&values[..n]);
             };
+            // G down the filter's three columns, then along each resulting row.
             match tile {
                 Tile::F2 => {
-                    // G applied to a column (g0, g1, g2): (g0, ½(g0+g1+g2), ½(g0−g1+g2), g2).
-                    let g_times = |g0: &Lanes, g1: &Lanes, g2: &Lanes| {
-                        [*g0, lanes(|l| 0.5 * (g0[l] + g1[l] + g2[l])), lanes(|l| 0.5 * (g0[l] - g1[l] + g2[l])), *g2]
-                    };
-                    let columns: [[Lanes; 4]; 3] = std::array::from_fn(|c| g_times(&g[c], &g[3 + c], &g[6 + c]));
-                    let [c0, c1, c2] = &columns;
-                    for (a, ((r0, r1), r2)) in c0.iter().zip(c1).zip(c2).enumerate() {
-                        let row = g_times(r0, r1, r2);
+                    let [c0, c1, c2] =
+                        [g_times_f2(&g[0], &g[3], &g[6]), g_times_f2(&g[1], &g[4], &g[7]), g_times_f2(&g[2], &g[5], &g[8])];
+                    for (a, ((r0, r1), r2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+                        let row = g_times_f2(r0, r1, r2);
                         row.iter().enumerate().for_each(|(b, values)| store(a * 4 + b, values));
                     }
                 }
                 Tile::F4 => {
-                    // Lavin & Gray's G for F(4×4,3×3), applied to a column.
-                    let g_times = |g0: &Lanes, g1: &Lanes, g2: &Lanes| {
-                        [
-                            lanes(|l| g0[l] / 4.0),
-                            lanes(|l| -(g0[l] + g1[l] + g2[l]) / 6.0),
-                            lanes(|l| -(g0[l] - g1[l] + g2[l]) / 6.0),
-                            lanes(|l| g0[l] / 24.0 + g1[l] / 12.0 + g2[l] / 6.0),
-                            lanes(|l| g0[l] / 24.0 - g1[l] / 12.0 + g2[l] / 6.0),
-                            *g2,
-                        ]
-                    };
-                    let columns: [[Lanes; 6]; 3] = std::array::from_fn(|c| g_times(&g[c], &g[3 + c], &g[6 + c]));
-                    let [c0, c1, c2] = &columns;
-                    for (a, ((r0, r1), r2)) in c0.iter().zip(c1).zip(c2).enumerate() {
-                        let row = g_times(r0, r1, r2);
+                    let [c0, c1, c2] =
+                        [g_times_f4(&g[0], &g[3], &g[6]), g_times_f4(&g[1], &g[4], &g[7]), g_times_f4(&g[2], &g[5], &g[8])];
+                    for (a, ((r0, r1), r2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+                        let row = g_times_f4(r0, r1, r2);
                         row.iter().enumerate().for_each(|(b, values)| store(a * 6 + b, values));
                     }
                 }
@@ -785,13 +800,15 @@ mod tests {
     /// G g Gᵀ of one 3×3 filter for F(4×4,3×3), the 36 values in ξ order (Lavin & Gray's G).
     fn filter_transform_f4(g: &[f32; 9]) -> [f32; 36] {
         // G applied to a column (g0, g1, g2) of the filter.
+        // (Division by 4, 6, 12 and 24 as multiplication by the rounded reciprocals.)
+        let (sixth, twelfth, twenty_fourth) = (1.0 / 6.0, 1.0 / 12.0, 1.0 / 24.0);
         let g_times = |g0: f32, g1: f32, g2: f32| {
             [
-                g0 / 4.0,
-                -(g0 + g1 + g2) / 6.0,
-                -(g0 - g1 + g2) / 6.0,
-                g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-                g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+                g0 * 0.25,
+                -(g0 + g1 + g2) * sixth,
+                -(g0 - g1 + g2) * sixth,
+                g0 * twenty_fourth + g1 * twelfth + g2 * sixth,
+                g0 * twenty_fourth - g1 * twelfth + g2 * sixth,
                 g2,
             ]
         };
