@@ -182,20 +182,13 @@ fn conv3x3_bf16(
     // U[ξ][o][i/2]: pairs of adjacent input channels, the bf16 GEMM's row operand.
     u.resize(16 * c_out * c_pairs, 0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each_init(
-        || (Vec::new(), vec![0f32; 16 * c_in]),
-        |(buf, transformed), o| {
-            transform_channel(weight.output_channel(o, c_in, buf), Tile::F2, transformed);
-            for (xi, row) in transformed.chunks_exact(c_in).enumerate() {
-                // SAFETY: [ξ][o][..c_pairs] is output channel o's own row of U.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_pairs), c_pairs) };
-                for (pair, values) in dst.iter_mut().zip(row.chunks_exact(2)) {
-                    *pair = bf16::pair(values[0], values[1]);
-                }
-            }
-        },
-    );
+    for_each_transformed_row(weight, c_in, c_out, Tile::F2, |xi, o, row| {
+        // SAFETY: [ξ][o][..c_pairs] is output channel o's own row of U.
+        let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_pairs), c_pairs) };
+        for (pair, values) in dst.iter_mut().zip(row.chunks_exact(2)) {
+            *pair = bf16::pair(values[0], values[1]);
+        }
+    });
     v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
     for_each_band(x, out, (batch, c_in, c_out, h, w), Tile::F2, |x_group, out_group, band| {
         let tiles = band.tiles;
@@ -361,14 +354,28 @@ fn transform_weights(weight: Filters, c_in: usize, c_out: usize, tile: Tile, u: 
     let positions = tile.positions();
     u.resize(positions * c_out * c_in, 0.0);
     let u_ptr = SyncPtr(u.as_mut_ptr());
+    for_each_transformed_row(weight, c_in, c_out, tile, |xi, o, row| {
+        // SAFETY: [ξ][o][..c_in] is output channel o's own row of U.
+        let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_in), c_in) };
+        dst.copy_from_slice(row);
+    });
+}
+
+/// Transforms every output channel's filters, in parallel over output channels, and hands each
+/// position's row of c_in transformed values to `write(ξ, o, row)`.
+fn for_each_transformed_row(
+    weight: Filters,
+    c_in: usize,
+    c_out: usize,
+    tile: Tile,
+    write: impl Fn(usize, usize, &[f32]) + Sync,
+) {
     (0..c_out).into_par_iter().for_each_init(
-        || (Vec::new(), vec![0f32; positions * c_in]),
+        || (Vec::new(), vec![0f32; tile.positions() * c_in]),
         |(buf, transformed), o| {
             transform_channel(weight.output_channel(o, c_in, buf), tile, transformed);
             for (xi, row) in transformed.chunks_exact(c_in).enumerate() {
-                // SAFETY: [ξ][o][..c_in] is output channel o's own row of U.
-                let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_in), c_in) };
-                dst.copy_from_slice(row);
+                write(xi, o, row);
             }
         },
     );
@@ -414,6 +421,20 @@ fn g_times_f4(g0: &Lanes, g1: &Lanes, g2: &Lanes) -> [Lanes; 6] {
     ]
 }
 
+/// G g Gᵀ of a block of filters (`g[e]`: element e of each): G down the filters' three columns,
+/// then along each resulting row; `store(ξ, values)` receives each position's values.
+#[inline(always)]
+fn g_g_gt<const T: usize>(
+    g: &[Lanes; 9],
+    g_times: impl Fn(&Lanes, &Lanes, &Lanes) -> [Lanes; T],
+    store: &mut impl FnMut(usize, &Lanes),
+) {
+    let [c0, c1, c2] = [g_times(&g[0], &g[3], &g[6]), g_times(&g[1], &g[4], &g[7]), g_times(&g[2], &g[5], &g[8])];
+    for (a, ((r0, r1), r2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+        g_times(r0, r1, r2).iter().enumerate().for_each(|(b, values)| store(a * T + b, values));
+    }
+}
+
 multiversion! {
     /// (G g Gᵀ)_ξ of one output channel's filters (c_in·9 values, see
     /// [`Filters::output_channel`]) into `transformed`, laid out [ξ][i].
@@ -437,24 +458,9 @@ multiversion! {
             let mut store = |xi: usize, values: &Lanes| {
                 transformed[xi * c_in + i0..xi * c_in + i0 + n].copy_from_slice(&values[..n]);
             };
-            // G down the filter's three columns, then along each resulting row.
             match tile {
-                Tile::F2 => {
-                    let [c0, c1, c2] =
-                        [g_times_f2(&g[0], &g[3], &g[6]), g_times_f2(&g[1], &g[4], &g[7]), g_times_f2(&g[2], &g[5], &g[8])];
-                    for (a, ((r0, r1), r2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-                        let row = g_times_f2(r0, r1, r2);
-                        row.iter().enumerate().for_each(|(b, values)| store(a * 4 + b, values));
-                    }
-                }
-                Tile::F4 => {
-                    let [c0, c1, c2] =
-                        [g_times_f4(&g[0], &g[3], &g[6]), g_times_f4(&g[1], &g[4], &g[7]), g_times_f4(&g[2], &g[5], &g[8])];
-                    for (a, ((r0, r1), r2)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
-                        let row = g_times_f4(r0, r1, r2);
-                        row.iter().enumerate().for_each(|(b, values)| store(a * 6 + b, values));
-                    }
-                }
+                Tile::F2 => g_g_gt(&g, g_times_f2, &mut store),
+                Tile::F4 => g_g_gt(&g, g_times_f4, &mut store),
             }
             i0 += n;
         }
