@@ -43,14 +43,21 @@ pub fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
+/// Rows of f32 values (`rows` × `k`, k even, row stride `stride`) as bf16 pairs, row-major.
+pub fn pairs_from_f32(xs: &[f32], rows: usize, k: usize, stride: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(rows * k / 2, 0);
+    for (r, dst) in out.chunks_exact_mut(k / 2).enumerate() {
+        pairs_into(&xs[r * stride..r * stride + k], dst);
+    }
+}
+
 multiversion! {
-    /// Rows of f32 values (`rows` × `k`, k even, row stride `stride`) as bf16 pairs, row-major.
-    pub fn pairs_from_f32(xs: &[f32], rows: usize, k: usize, stride: usize, out: &mut Vec<u32>) {
-        out.clear();
-        out.reserve(rows * k / 2);
-        for r in 0..rows {
-            let row = &xs[r * stride..r * stride + k];
-            out.extend(row.chunks_exact(2).map(|p| pair(p[0], p[1])));
+    /// `values` (even length) as bf16 pairs into `out`, compiled for the CPU's vector units
+    /// (the weight transform's and the linear layers' inputs, on every call).
+    pub fn pairs_into(values: &[f32], out: &mut [u32]) {
+        for (dst, p) in out.iter_mut().zip(values.chunks_exact(2)) {
+            *dst = pair(p[0], p[1]);
         }
     }
 }

@@ -72,13 +72,33 @@ impl Filters<'_> {
                 buf
             }
             Self::Bf16Pairs(pairs) => {
-                buf.clear();
-                buf.extend(range.map(|at| {
-                    let pair = pairs[at / 2];
-                    f32::from_bits(if at.is_multiple_of(2) { pair << 16 } else { pair & 0xFFFF_0000 })
-                }));
+                buf.resize(range.len(), 0.0);
+                widen_bf16_pairs(pairs, range.start, buf);
                 buf
             }
+        }
+    }
+}
+
+multiversion! {
+    /// Elements `first .. first + out.len()` of a bf16-pair array, widened (exactly) to f32:
+    /// a plain loop over whole pairs so that it vectorises (the weight transform's input).
+    fn widen_bf16_pairs(pairs: &[u32], first: usize, out: &mut [f32]) {
+        let widen = |pair: u32, high: bool| f32::from_bits(if high { pair & 0xFFFF_0000 } else { pair << 16 });
+        let mut out = out;
+        let mut at = first;
+        if !at.is_multiple_of(2) && !out.is_empty() {
+            out[0] = widen(pairs[at / 2], true);
+            out = &mut out[1..];
+            at += 1;
+        }
+        let whole = out.len() / 2;
+        for (dst, &pair) in out.chunks_exact_mut(2).zip(&pairs[at / 2..at / 2 + whole]) {
+            dst[0] = widen(pair, false);
+            dst[1] = widen(pair, true);
+        }
+        if out.len() % 2 == 1 {
+            out[out.len() - 1] = widen(pairs[at / 2 + whole], false);
         }
     }
 }
@@ -185,9 +205,7 @@ fn conv3x3_bf16(
     for_each_transformed_row(weight, c_in, c_out, Tile::F2, |xi, o, row| {
         // SAFETY: [ξ][o][..c_pairs] is output channel o's own row of U.
         let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_pairs), c_pairs) };
-        for (pair, values) in dst.iter_mut().zip(row.chunks_exact(2)) {
-            *pair = bf16::pair(values[0], values[1]);
-        }
+        bf16::pairs_into(row, dst);
     });
     v.resize_with(16, || Panels { data: Vec::new(), n: 0, k_pairs: 0 });
     for_each_band(x, out, (batch, c_in, c_out, h, w), Tile::F2, |x_group, out_group, band| {
@@ -848,6 +866,30 @@ mod tests {
                         value.to_bits(),
                         "{tile:?} filter {i} position {xi}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The vectorised widening reads every element of a bf16-pair array exactly, from even and
+    /// odd starting points, for even and odd lengths (odd channel counts give both).
+    #[test]
+    fn bf16_pairs_widen_element_by_element() {
+        let elements = values(41, 4);
+        let pairs: Vec<u32> = elements
+            .chunks(2)
+            .map(|p| (p.get(1).map_or(0, |x| x.to_bits() & 0xFFFF_0000)) | (p[0].to_bits() >> 16))
+            .collect();
+        let element = |at: usize| {
+            let pair = pairs[at / 2];
+            f32::from_bits(if at.is_multiple_of(2) { pair << 16 } else { pair & 0xFFFF_0000 })
+        };
+        for first in 0..5 {
+            for len in [0, 1, 2, 7, 18, 36] {
+                let mut out = vec![f32::NAN; len];
+                widen_bf16_pairs(&pairs, first, &mut out);
+                for (i, got) in out.iter().enumerate() {
+                    assert_eq!(got.to_bits(), element(first + i).to_bits(), "first {first}, len {len}, element {i}");
                 }
             }
         }
