@@ -27,6 +27,19 @@ fn layer_weights(
     Ok(candle_nn::VarBuilder::from_tensors(tensors.into_iter().collect(), dtype, weight.device()))
 }
 
+/// The weight dtypes to measure: f32, f16 when `with_f16`, and bf16 where the CPU has the bf16 mode.
+fn weight_dtypes(with_f16: bool) -> Vec<candle_core::DType> {
+    use candle_core::DType;
+    let mut dtypes = vec![DType::F32];
+    if with_f16 {
+        dtypes.push(DType::F16);
+    }
+    if easel_engine::kernels::bf16_supported() {
+        dtypes.push(DType::BF16);
+    }
+    dtypes
+}
+
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     for (m, k, n) in [(320, 2880, 4096), (1280, 11520, 256), (4096, 320, 320), (640, 5760, 1024)] {
@@ -54,10 +67,7 @@ fn main() -> candle_core::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2, c_in, side, side), &dev)?;
         let weight = Tensor::randn(0f32, 0.02, (c_out, c_in, 3, 3), &dev)?;
         // F16: weights kept as an f16 checkpoint stores them, widened in the weight transform.
-        for dtype in [candle_core::DType::F32, candle_core::DType::F16, candle_core::DType::BF16] {
-            if dtype == candle_core::DType::BF16 && !easel_engine::kernels::bf16_supported() {
-                continue;
-            }
+        for dtype in weight_dtypes(true) {
             let vb = layer_weights(&weight, c_out, dtype)?;
             let conv = easel_engine::models::nn::conv2d(c_in, c_out, 3, 1, 1, vb)?;
             let dt = time(|| {
@@ -71,12 +81,31 @@ fn main() -> candle_core::Result<()> {
         }
     }
 
+    // The U-Net's 1×1 shortcut convolutions and stride-2 downsamplers at the lowest levels.
+    let others: &[(usize, usize, usize, usize, usize)] =
+        &[(2560, 1280, 8, 1, 1), (2560, 1280, 16, 1, 1), (1280, 1280, 16, 3, 2), (640, 640, 32, 3, 2)];
+    for &(c_in, c_out, side, k, stride) in if all { others } else { &[] } {
+        let x = Tensor::randn(0f32, 1.0, (2, c_in, side, side), &dev)?;
+        let weight = Tensor::randn(0f32, 0.02, (c_out, c_in, k, k), &dev)?;
+        for dtype in weight_dtypes(false) {
+            let vb = layer_weights(&weight, c_out, dtype)?;
+            let conv = easel_engine::models::nn::conv2d(c_in, c_out, k, stride, k / 2, vb)?;
+            let dt = time(|| {
+                conv.forward(&x).unwrap();
+            });
+            println!(
+                "conv 2x{c_in}x{side}x{side} -> {c_out} {k}x{k} stride {stride} ({dtype:?} weights): {:.1} ms",
+                dt * 1e3
+            );
+        }
+    }
+
     // Linear layers of the U-Net's transformer blocks at 512×512 with CFG (rows = 2 × tokens):
-    // f32 weights, and f16 ones kept as stored and widened per call.
+    // f32 weights, f16 ones kept as stored and widened per call, and the bf16 mode's.
     for (rows, in_dim, out_dim) in [(8192, 320, 2560), (2048, 640, 5120), (512, 1280, 10240), (512, 5120, 1280)] {
         let x = Tensor::randn(0f32, 1.0, (2, rows / 2, in_dim), &dev)?;
         let weight = Tensor::randn(0f32, 0.02, (out_dim, in_dim), &dev)?;
-        for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+        for dtype in weight_dtypes(true) {
             let vb = layer_weights(&weight, out_dim, dtype)?;
             if dtype == candle_core::DType::F32 {
                 // candle-nn's own linear layer on the same weights, for comparison.

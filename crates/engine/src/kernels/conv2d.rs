@@ -30,6 +30,18 @@ pub(crate) const WINOGRAD_MIN_PIXELS_BF16: usize = 16 * 16;
 /// Upper bound on one tile's im2col block (bytes); small enough for several to stay in cache.
 const TILE_BYTES: usize = 4 << 20;
 
+/// Images of at most this many output pixels are convolved together, all images' columns in
+/// one GEMM: at the U-Net's 8×8 level the weights (up to 118 MB in f32) dwarf the im2col
+/// block, and a GEMM per tile of 24–64 columns streamed them once per tile and filled half
+/// of the bf16 kernel's 64-column panels. Measured (`kernel_bench`, EASEL_BENCH_CONV=all,
+/// batch 2, 2 cores, three alternated runs), per tile vs joined: 2560→1280 3×3 at 8×8 bf16
+/// 38/39/37 vs 24/23/23 ms, f32 49/48/52 vs 39/42/51 ms; the stride-2 1280→1280 to 8×8 bf16
+/// 13/16/14 vs 10/10/10 ms. Not for 1×1 convolutions: they already run one GEMM per image
+/// on the input as it lies, and the copy made them slower (2560→1280 at 8×8 f32 4.1 vs 4.6 ms).
+const JOIN_MAX_PIXELS: usize = 16 * 16;
+/// ... as long as the joined im2col block stays within this many bytes.
+const JOIN_MAX_BYTES: usize = 64 << 20;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2dOp {
     pub stride: usize,
@@ -145,7 +157,7 @@ pub(crate) fn conv2d(x: &[f32], weight: WeightData, bias: &[f32], g: &Geometry) 
         };
         return conv2d_winograd(x, filters, bias, g);
     }
-    weight.with_f32(|weight| conv2d_im2col(x, bias, g, TILE_BYTES, &f32_product(weight, g)))
+    weight.with_f32(|weight| conv2d_im2col(x, bias, g, TILE_BYTES, true, &f32_product(weight, g)))
 }
 
 /// The Winograd path (`g.winograd(…)` must hold) for f32 or bf16 filters.
@@ -180,11 +192,22 @@ pub(crate) fn conv2d_bf16(x: &[f32], weight_pairs: &[u32], bias: &[f32], g: &Geo
         // SAFETY: layers are built in bf16 only when `bf16::supported()`; disjoint `dst` blocks.
         unsafe { gemm(g.c_out, weight_pairs, lda, &panels, dst, dst_rs, threads > 1) }
     };
-    conv2d_im2col(x, bias, g, TILE_BYTES, &product)
+    conv2d_im2col(x, bias, g, TILE_BYTES, true, &product)
 }
 
-fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, product: &Product) -> Vec<f32> {
+/// The im2col path: small images joined into one GEMM when `join` (see [`JOIN_MAX_PIXELS`]),
+/// else tiles of at most `tile_bytes` of im2col each.
+fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, join: bool, product: &Product) -> Vec<f32> {
     let pixels = g.h_out * g.w_out;
+    let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
+    if join
+        && !pointwise
+        && g.batch > 1
+        && pixels <= JOIN_MAX_PIXELS
+        && 4 * g.patch_len() * g.batch * pixels <= JOIN_MAX_BYTES
+    {
+        return conv2d_joined(x, bias, g, product);
+    }
     let mut out = Vec::with_capacity(g.batch * g.c_out * pixels);
     for _ in 0..g.batch {
         for &b in bias {
@@ -193,7 +216,7 @@ fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, produ
     }
     let out_ptr = SyncPtr(out.as_mut_ptr());
 
-    if g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0 {
+    if pointwise {
         for image in 0..g.batch {
             let src = &x[image * g.c_in * pixels..(image + 1) * g.c_in * pixels];
             // `out` holds batch·c_out·pixels floats; this image's block is c_out × pixels.
@@ -232,48 +255,91 @@ fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, produ
     out
 }
 
+/// All images at once: one im2col block of (c_in·kh·kw) × (batch·pixels), image after image
+/// along the columns, built in parallel over channels; one GEMM over all the columns into
+/// (c_out × batch·pixels); then each image's c_out × pixels block copied into NCHW order.
+fn conv2d_joined(x: &[f32], bias: &[f32], g: &Geometry, product: &Product) -> Vec<f32> {
+    let pixels = g.h_out * g.w_out;
+    let columns = g.batch * pixels;
+    let plane = g.h * g.w;
+    let per_channel = g.kh * g.kw * columns;
+    let mut col = vec![0f32; g.patch_len() * columns];
+    col.par_chunks_mut(per_channel).enumerate().for_each(|(c, dst)| {
+        for image in 0..g.batch {
+            let channel = &x[(image * g.c_in + c) * plane..][..plane];
+            im2col_channel(channel, g, 0, g.h_out, dst, columns, image * pixels);
+        }
+    });
+    let mut joined = Vec::with_capacity(g.c_out * columns);
+    for &b in bias {
+        joined.extend(std::iter::repeat_n(b, columns));
+    }
+    product(joined.as_mut_ptr(), columns, &col, columns, columns, threads());
+    let mut out = vec![0f32; g.batch * g.c_out * pixels];
+    for (image, out_image) in out.chunks_exact_mut(g.c_out * pixels).enumerate() {
+        for (o, dst) in out_image.chunks_exact_mut(pixels).enumerate() {
+            dst.copy_from_slice(&joined[o * columns + image * pixels..][..pixels]);
+        }
+    }
+    out
+}
+
 /// Fills `col` ((c_in·kh·kw) × (rows·w_out), row-major) with the input patches of output rows
 /// `row0..row0 + rows` of one image. Row order (channel, ky, kx) is the weight's own layout.
 fn im2col_rows(x: &[f32], g: &Geometry, image: usize, row0: usize, rows: usize, col: &mut [f32]) {
     let n = rows * g.w_out;
     let plane = g.h * g.w;
     let image_x = &x[image * g.c_in * plane..(image + 1) * g.c_in * plane];
+    for (c, dst) in col.chunks_exact_mut(g.kh * g.kw * n).take(g.c_in).enumerate() {
+        im2col_channel(&image_x[c * plane..(c + 1) * plane], g, row0, rows, dst, n, 0);
+    }
+}
+
+/// One input channel's kh·kw rows of an im2col block: output rows `row0..row0 + rows`, written
+/// at columns `offset..offset + rows·w_out` of rows `col_stride` apart.
+fn im2col_channel(
+    channel: &[f32],
+    g: &Geometry,
+    row0: usize,
+    rows: usize,
+    col: &mut [f32],
+    col_stride: usize,
+    offset: usize,
+) {
+    let n = rows * g.w_out;
     let pad = g.padding as isize;
-    for c in 0..g.c_in {
-        let channel = &image_x[c * plane..(c + 1) * plane];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row_index = (c * g.kh + ky) * g.kw + kx;
-                let dst_row = &mut col[row_index * n..(row_index + 1) * n];
-                for (r, dst) in dst_row.chunks_exact_mut(g.w_out).enumerate() {
-                    let iy = ((row0 + r) * g.stride + ky) as isize - pad;
-                    if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &channel[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    // Output columns whose input column ix = ox·stride + kx − pad lies inside.
-                    let shift = kx as isize - pad;
-                    let first = if shift < 0 { ((-shift) as usize).div_ceil(g.stride) } else { 0 };
-                    let last = if (g.w as isize - shift) <= 0 {
-                        0
-                    } else {
-                        ((g.w as isize - shift) as usize).div_ceil(g.stride).min(g.w_out)
-                    };
-                    if first >= last {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    dst[..first].fill(0.0);
-                    dst[last..].fill(0.0);
-                    let start = (first * g.stride) as isize + shift;
-                    if g.stride == 1 {
-                        let start = start as usize;
-                        dst[first..last].copy_from_slice(&src[start..start + (last - first)]);
-                    } else {
-                        for (o, d) in dst[first..last].iter_mut().enumerate() {
-                            *d = src[start as usize + o * g.stride];
-                        }
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let row_index = ky * g.kw + kx;
+            let dst_row = &mut col[row_index * col_stride + offset..][..n];
+            for (r, dst) in dst_row.chunks_exact_mut(g.w_out).enumerate() {
+                let iy = ((row0 + r) * g.stride + ky) as isize - pad;
+                if iy < 0 || iy >= g.h as isize {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let src = &channel[iy as usize * g.w..(iy as usize + 1) * g.w];
+                // Output columns whose input column ix = ox·stride + kx − pad lies inside.
+                let shift = kx as isize - pad;
+                let first = if shift < 0 { ((-shift) as usize).div_ceil(g.stride) } else { 0 };
+                let last = if (g.w as isize - shift) <= 0 {
+                    0
+                } else {
+                    ((g.w as isize - shift) as usize).div_ceil(g.stride).min(g.w_out)
+                };
+                if first >= last {
+                    dst.fill(0.0);
+                    continue;
+                }
+                dst[..first].fill(0.0);
+                dst[last..].fill(0.0);
+                let start = (first * g.stride) as isize + shift;
+                if g.stride == 1 {
+                    let start = start as usize;
+                    dst[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                } else {
+                    for (o, d) in dst[first..last].iter_mut().enumerate() {
+                        *d = src[start as usize + o * g.stride];
                     }
                 }
             }
@@ -374,8 +440,9 @@ mod tests {
             let want = naive(&x, &weight, &bias, &g);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // One-row tiles: many tiles, so the parallel path runs too.
-            let tiled = conv2d_im2col(&x, &bias, &g, 1, &f32_product(&weight, &g));
-            let mut results = vec![("default tiles", got), ("one-row tiles", tiled)];
+            let tiled = conv2d_im2col(&x, &bias, &g, 1, false, &f32_product(&weight, &g));
+            let joined = conv2d_joined(&x, &bias, &g, &f32_product(&weight, &g));
+            let mut results = vec![("default", got), ("one-row tiles", tiled), ("images joined", joined)];
             if k == 3 && stride == 1 && padding == 1 {
                 for (name, tile) in [("winograd F(2,3)", winograd::Tile::F2), ("winograd F(4,3)", winograd::Tile::F4)] {
                     let mut out = vec![f32::NAN; batch * c_out * h * w];
