@@ -12,6 +12,11 @@ What is timed, in both: text encoding of prompt + negative prompt; one U-Net cal
 batch of 2 (classifier-free guidance) and of 1; one VAE decode; one whole generation
 (`--steps` Euler steps, CFG 7, decode included). Medians of `--runs` after warm-up runs.
 Peak memory is the process's peak resident set (ru_maxrss / VmHWM) after all of that.
+
+On a shared machine whose speed drifts by 10–20% over minutes, one Easel run and one diffusers
+run a few minutes apart give a ratio about that uncertain. `--rounds N` runs the pair N times,
+alternating which goes first, and reports each round's ratio and their median (paired ratios:
+each compares two runs made back to back).
 """
 import argparse
 import json
@@ -140,6 +145,7 @@ def main():
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="Easel/diffusers pairs, alternating which runs first")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="diffusers' dtype (float32 on the CPU, float16 on a GPU)")
@@ -152,22 +158,46 @@ def main():
     if a.only == "diffusers":
         print(json.dumps(diffusers_bench(a)))
         return
-    # diffusers in a child process so its peak memory is not Easel's and vice versa.
-    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", "diffusers"],
-                           check=True, capture_output=True, text=True)
-    ref = json.loads(child.stdout.strip().splitlines()[-1])
-    ours = easel_bench(a)
 
+    def reference():
+        # diffusers in a child process so its peak memory is not Easel's and vice versa.
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", "diffusers"],
+                               check=True, capture_output=True, text=True)
+        return json.loads(child.stdout.strip().splitlines()[-1])
+
+    rounds = []
+    for r in range(a.rounds):
+        if r % 2 == 0:
+            ref = reference()
+            ours = easel_bench(a)
+        else:
+            ours = easel_bench(a)
+            ref = reference()
+        rounds.append({"easel": ours, "diffusers": ref})
+        print(f"round {r + 1}/{a.rounds}: U-Net CFG {ours['unet_step_cfg_s']:.2f} vs {ref['unet_step_cfg_s']:.2f} s",
+              file=sys.stderr)
+
+    def median_of(who, key):
+        values = [r[who][key] for r in rounds if r[who].get(key) is not None]
+        return statistics.median(values) if values else None
+
+    ref = rounds[0]["diffusers"]
     print(f"\n{a.width}x{a.height}, {a.steps} steps, {a.threads} threads, device {a.device}; {ref['impl']} ({a.dtype})")
-    print(f"{'':28}{'Easel':>10}{'diffusers':>11}{'ratio':>8}")
+    many = len(rounds) > 1
+    print(f"{'':28}{'Easel':>10}{'diffusers':>11}{'ratio':>8}" + ("   each round" if many else ""))
     for label, key, unit in ROWS:
-        e, d = ours.get(key), ref.get(key)
+        e, d = median_of("easel", key), median_of("diffusers", key)
         scale = 1e9 if unit == "GB" else 1
         fmt = lambda v: f"{v / scale:8.2f} {unit}" if v is not None else f"{'—':>10}"
-        ratio = f"{e / d:7.2f}×" if e is not None and d else ""
-        print(f"{label:28}{fmt(e)}{fmt(d):>11}{ratio:>8}")
+        paired = [r["easel"][key] / r["diffusers"][key] for r in rounds
+                  if r["easel"].get(key) is not None and r["diffusers"].get(key)]
+        ratio = f"{statistics.median(paired):7.2f}×" if paired else ""
+        each = "   " + " ".join(f"{p:.2f}" for p in paired) if many and paired else ""
+        print(f"{label:28}{fmt(e)}{fmt(d):>11}{ratio:>8}{each}")
+    if many:
+        print("(times: medians over rounds; ratio: the median of the rounds' paired ratios)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"easel": ours, "diffusers": ref, "args": vars(a)}, indent=2))
+        Path(a.json).write_text(json.dumps({"rounds": rounds, "args": vars(a)}, indent=2))
 
 
 if __name__ == "__main__":
