@@ -30,10 +30,10 @@ pub(crate) const WINOGRAD_MIN_PIXELS_BF16: usize = 16 * 16;
 /// Upper bound on one tile's im2col block (bytes); small enough for several to stay in cache.
 const TILE_BYTES: usize = 4 << 20;
 
-/// Images of at most this many output pixels are convolved together, all images' columns in
-/// one GEMM: at the U-Net's 8×8 level the weights (up to 118 MB in f32) dwarf the im2col
-/// block, and a GEMM per tile of 24–64 columns streamed them once per tile and filled half
-/// of the bf16 kernel's 64-column panels. Measured (`kernel_bench`, EASEL_BENCH_CONV=all,
+/// Images of at most this many output pixels are convolved in one GEMM over all their columns
+/// (all images, no tiles): at the U-Net's 8×8 level the weights (up to 118 MB in f32) dwarf
+/// the im2col block, and a GEMM per tile of 24–64 columns streamed them once per tile and
+/// filled half of the bf16 kernel's 64-column panels. Measured (`kernel_bench`, EASEL_BENCH_CONV=all,
 /// batch 2, 2 cores, three alternated runs), per tile vs joined: 2560→1280 3×3 at 8×8 bf16
 /// 38/39/37 vs 24/23/23 ms, f32 49/48/52 vs 39/42/51 ms; the stride-2 1280→1280 to 8×8 bf16
 /// 13/16/14 vs 10/10/10 ms. Not for 1×1 convolutions: they already run one GEMM per image
@@ -200,12 +200,7 @@ pub(crate) fn conv2d_bf16(x: &[f32], weight_pairs: &[u32], bias: &[f32], g: &Geo
 fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, join: bool, product: &Product) -> Vec<f32> {
     let pixels = g.h_out * g.w_out;
     let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
-    if join
-        && !pointwise
-        && g.batch > 1
-        && pixels <= JOIN_MAX_PIXELS
-        && 4 * g.patch_len() * g.batch * pixels <= JOIN_MAX_BYTES
-    {
+    if join && !pointwise && pixels <= JOIN_MAX_PIXELS && 4 * g.patch_len() * g.batch * pixels <= JOIN_MAX_BYTES {
         return conv2d_joined(x, bias, g, product);
     }
     let mut out = Vec::with_capacity(g.batch * g.c_out * pixels);
