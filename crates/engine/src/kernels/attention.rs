@@ -61,6 +61,11 @@ impl CustomOp3 for AttentionOp {
             let out = attention_bf16(q, k, v, dims, self.scale);
             return Ok((CpuStorage::F32(out), Shape::from((heads, n_q, d_v))));
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let out = attention_transposed(q, k, v, dims, self.scale);
+            return Ok((CpuStorage::F32(out), Shape::from((heads, n_q, d_v))));
+        }
         let out = attention(q, k, v, dims, self.scale);
         Ok((CpuStorage::F32(out), Shape::from((heads, n_q, d_v))))
     }
@@ -137,6 +142,160 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32
         }
     });
     out
+}
+
+/// [`attention`] on transposed scores, f32 throughout, for AVX-512 CPUs: the layout of
+/// [`attention_bf16`] with f32 panels. Per head vᵀ is made once; per block of 64 queries, a
+/// panel of scale·qᵀ (d × 64), sᵀ = k·(scale·qᵀ) (keys × 64), column maxima, e^(s − max) in
+/// place — which leaves sᵀ as the panel operand of the next product — and outᵀ = vᵀ·pᵀ.
+/// Why not the `gemm` crate here: it packs both operands on every call, so each 64-query block
+/// repacked its head's whole k and v (640 KB each at 4096 tokens, 1024 blocks per U-Net layer
+/// at 512×512 with CFG); here nothing is packed but the 10 KB q panel.
+#[cfg(target_arch = "x86_64")]
+fn attention_transposed(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
+    const PANEL: usize = panel_f32::PANEL;
+    let Dims { heads, n_q, n_k, d, d_v } = dims;
+    let mut out = vec![0f32; heads * n_q * d_v];
+    if n_q == 0 || d_v == 0 {
+        return out;
+    }
+    let values_t: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let v_head = &v[h * n_k * d_v..(h + 1) * n_k * d_v];
+            let mut t = vec![0f32; d_v * n_k];
+            for (key, row) in v_head.chunks_exact(d_v).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    t[c * n_k + key] = x;
+                }
+            }
+            t
+        })
+        .collect();
+    let blocks_per_head = n_q.div_ceil(PANEL);
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    struct Scratch {
+        q_panel: Vec<f32>,
+        scores_t: Vec<f32>,
+        out_t: Vec<f32>,
+    }
+    let new_scratch = || Scratch { q_panel: Vec::new(), scores_t: Vec::new(), out_t: Vec::new() };
+    (0..heads * blocks_per_head).into_par_iter().for_each_init(new_scratch, |s, task| {
+        let head = task / blocks_per_head;
+        let row0 = (task % blocks_per_head) * PANEL;
+        let rows = PANEL.min(n_q - row0);
+        // Columns past `rows` are zero: their scores are 0, finite, and never read.
+        s.q_panel.clear();
+        s.q_panel.resize(d * PANEL, 0.0);
+        for (r, query) in q[(head * n_q + row0) * d..(head * n_q + row0 + rows) * d].chunks_exact(d).enumerate() {
+            for (c, &x) in query.iter().enumerate() {
+                s.q_panel[c * PANEL + r] = x * scale;
+            }
+        }
+        s.scores_t.resize(n_k * PANEL, 0.0);
+        let k_head = &k[head * n_k * d..(head + 1) * n_k * d];
+        // SAFETY: AVX-512F was detected by the caller; the slices hold the extents given.
+        unsafe { panel_f32::gemm(n_k, d, k_head, d, &s.q_panel, &mut s.scores_t) };
+        let max = column_max(&s.scores_t);
+        let mut sums = [0f32; PANEL];
+        exp_columns_in_place(&mut s.scores_t, &max, &mut sums);
+        s.out_t.resize(d_v * PANEL, 0.0);
+        // SAFETY: as above; vᵀ is d_v × n_k, the probabilities n_k × 64.
+        unsafe { panel_f32::gemm(d_v, n_k, &values_t[head], n_k, &s.scores_t, &mut s.out_t) };
+        // SAFETY: each task writes only its own `rows × d_v` block of `out`.
+        let out_rows =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((head * n_q + row0) * d_v), rows * d_v) };
+        for (r, row) in out_rows.chunks_exact_mut(d_v).enumerate() {
+            let inv = 1.0 / sums[r];
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = s.out_t[c * PANEL + r] * inv;
+            }
+        }
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+multiversion! {
+    /// e^(s − max) in place down each of the 64 columns of `scores_t`, added to the column sums.
+    fn exp_columns_in_place(scores_t: &mut [f32], max: &[f32; 64], sums: &mut [f32; 64]) {
+        for row in scores_t.chunks_exact_mut(64) {
+            for c in 0..64 {
+                let e = exp(row[c] - max[c]);
+                row[c] = e;
+                sums[c] += e;
+            }
+        }
+    }
+}
+
+/// `C = A · B` in f32 for a B exactly one 64-column panel wide (row-major, k × 64) and C of
+/// m × 64: the two products of [`attention_transposed`], whose operands are laid out so that
+/// neither needs packing. The micro-kernel keeps a 6 × 64 block of C in 24 registers, as the
+/// `gemm` crate's does.
+#[cfg(target_arch = "x86_64")]
+mod panel_f32 {
+    use std::arch::x86_64::*;
+
+    pub const PANEL: usize = 64;
+    const MR: usize = 6;
+    /// Rows of B per cache block (64 KB of B).
+    const KC: usize = 256;
+
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` holds m rows of k values at stride `lda`, `b` k × 64
+    /// values and `c` m × 64.
+    pub unsafe fn gemm(m: usize, k: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32]) {
+        debug_assert!(m == 0 || a.len() >= (m - 1) * lda + k);
+        debug_assert!(b.len() >= k * PANEL && c.len() >= m * PANEL);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            let mut r = 0;
+            while r < m {
+                let mr = MR.min(m - r);
+                let a_ptr = a.as_ptr().add(r * lda + k0);
+                let b_ptr = b.as_ptr().add(k0 * PANEL);
+                let c_ptr = c.as_mut_ptr().add(r * PANEL);
+                let add = k0 > 0;
+                match mr {
+                    6 => micro::<6>(kc, a_ptr, lda, b_ptr, c_ptr, add),
+                    5 => micro::<5>(kc, a_ptr, lda, b_ptr, c_ptr, add),
+                    4 => micro::<4>(kc, a_ptr, lda, b_ptr, c_ptr, add),
+                    3 => micro::<3>(kc, a_ptr, lda, b_ptr, c_ptr, add),
+                    2 => micro::<2>(kc, a_ptr, lda, b_ptr, c_ptr, add),
+                    _ => micro::<1>(kc, a_ptr, lda, b_ptr, c_ptr, add),
+                }
+                r += mr;
+            }
+            k0 += kc;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro<const R: usize>(kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, add: bool) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for p in 0..kc {
+            let bp = b.add(p * PANEL);
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            let b2 = _mm512_loadu_ps(bp.add(32));
+            let b3 = _mm512_loadu_ps(bp.add(48));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.add(i * lda + p));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+                row[2] = _mm512_fmadd_ps(ai, b2, row[2]);
+                row[3] = _mm512_fmadd_ps(ai, b3, row[3]);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (q, v) in row.iter().enumerate() {
+                let cp = c.add(i * PANEL + q * 16);
+                _mm512_storeu_ps(cp, if add { _mm512_add_ps(_mm512_loadu_ps(cp), *v) } else { *v });
+            }
+        }
+    }
 }
 
 /// [`attention`] with bf16 products (see [`AttentionOp::bf16`]); `d` and `n_k` even.
@@ -310,8 +469,22 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let got = q.apply_op3_no_bwd(&k, &v, &AttentionOp { scale: scale as f32, bf16: false }).unwrap();
             let want = reference(&q, &k, &v, scale);
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "{:?}: max abs diff {diff}", (heads, n_q, n_k, d, d_v));
+
+            // Each f32 path directly (the op picks one by the CPU's features).
+            let slice = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (qs, ks, vs, want) = (slice(&q), slice(&k), slice(&v), slice(&want));
+            let dims = Dims { heads, n_q, n_k, d, d_v };
+            let mut paths = vec![("portable", attention(&qs, &ks, &vs, dims, scale as f32))];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                paths.push(("transposed", attention_transposed(&qs, &ks, &vs, dims, scale as f32)));
+            }
+            for (name, got) in paths {
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{name} {:?}: max abs diff {diff}", (heads, n_q, n_k, d, d_v));
+            }
         }
     }
 
