@@ -203,16 +203,26 @@ fn attention_transposed(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32)
         // SAFETY: as above; vᵀ is d_v × n_k, the probabilities n_k × 64.
         unsafe { panel_f32::gemm(d_v, n_k, &values_t[head], n_k, &s.scores_t, &mut s.out_t) };
         // SAFETY: each task writes only its own `rows × d_v` block of `out`.
-        let out_rows =
-            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((head * n_q + row0) * d_v), rows * d_v) };
-        for (r, row) in out_rows.chunks_exact_mut(d_v).enumerate() {
-            let inv = 1.0 / sums[r];
-            for (c, x) in row.iter_mut().enumerate() {
-                *x = s.out_t[c * PANEL + r] * inv;
-            }
-        }
+        unsafe { store_block(out_ptr, (head * n_q + row0) * d_v, rows, d_v, &s.out_t, &sums) };
     });
     out
+}
+
+/// Writes one block of 64 queries' output rows, `rows` × d_v from `first` on, from outᵀ
+/// (d_v × 64), each row divided by its softmax sum.
+///
+/// # Safety
+/// `out` must be valid for `first .. first + rows·d_v`, and no one else may touch that range
+/// meanwhile.
+#[cfg(target_arch = "x86_64")]
+unsafe fn store_block(out: SyncPtr<f32>, first: usize, rows: usize, d_v: usize, out_t: &[f32], sums: &[f32; 64]) {
+    let out_rows = std::slice::from_raw_parts_mut(out.get().add(first), rows * d_v);
+    for (r, row) in out_rows.chunks_exact_mut(d_v).enumerate() {
+        let inv = 1.0 / sums[r];
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = out_t[c * 64 + r] * inv;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -373,14 +383,7 @@ fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Ve
         // SAFETY: as above; out_t is d_v × PANEL, values_t[head] d_v × n_k/2 pairs.
         unsafe { bf16::gemm_into(d_v, &values_t[head], k_pairs, &s.probs_t, s.out_t.as_mut_ptr(), PANEL, false) };
         // SAFETY: each task writes only its own `rows × d_v` block of `out`.
-        let out_rows =
-            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((head * n_q + row0) * d_v), rows * d_v) };
-        for (r, row) in out_rows.chunks_exact_mut(d_v).enumerate() {
-            let inv = 1.0 / sums[r];
-            for (c, x) in row.iter_mut().enumerate() {
-                *x = s.out_t[c * PANEL + r] * inv;
-            }
-        }
+        unsafe { store_block(out_ptr, (head * n_q + row0) * d_v, rows, d_v, &s.out_t, &sums) };
     });
     out
 }
