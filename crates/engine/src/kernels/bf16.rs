@@ -46,6 +46,9 @@ pub fn pair(lo: f32, hi: f32) -> u32 {
 /// Rows of f32 values (`rows` × `k`, k even, row stride `stride`) as bf16 pairs, row-major.
 pub fn pairs_from_f32(xs: &[f32], rows: usize, k: usize, stride: usize, out: &mut Vec<u32>) {
     out.clear();
+    if k < 2 {
+        return;
+    }
     out.resize(rows * k / 2, 0);
     for (r, dst) in out.chunks_exact_mut(k / 2).enumerate() {
         pairs_into(&xs[r * stride..r * stride + k], dst);
