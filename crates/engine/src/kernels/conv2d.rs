@@ -200,7 +200,8 @@ pub(crate) fn conv2d_bf16(x: &[f32], weight_pairs: &[u32], bias: &[f32], g: &Geo
 fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, join: bool, product: &Product) -> Vec<f32> {
     let pixels = g.h_out * g.w_out;
     let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
-    if join && !pointwise && pixels <= JOIN_MAX_PIXELS && 4 * g.patch_len() * g.batch * pixels <= JOIN_MAX_BYTES {
+    let joined_bytes = 4 * g.patch_len() * g.batch * pixels;
+    if join && !pointwise && pixels <= JOIN_MAX_PIXELS && joined_bytes > 0 && joined_bytes <= JOIN_MAX_BYTES {
         return conv2d_joined(x, bias, g, product);
     }
     let mut out = Vec::with_capacity(g.batch * g.c_out * pixels);
