@@ -61,8 +61,9 @@ impl CustomOp3 for AttentionOp {
             let out = attention_bf16(q, k, v, dims, self.scale);
             return Ok((CpuStorage::F32(out), Shape::from((heads, n_q, d_v))));
         }
+        // (A zero head dimension stays on the portable path: the q panel is built per channel.)
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if d > 0 && std::arch::is_x86_feature_detected!("avx512f") {
             let out = attention_transposed(q, k, v, dims, self.scale);
             return Ok((CpuStorage::F32(out), Shape::from((heads, n_q, d_v))));
         }
