@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// weights in f16 and widening per layer (same image either way; twice the weight memory).
     #[arg(long)]
     pub widen_f16_weights: bool,
+    /// Copy convolution and linear weights out of the model file at load instead of reading
+    /// them in place from its memory mapping (same image either way; a slower load).
+    #[arg(long)]
+    pub copy_weights: bool,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +142,10 @@ pub struct GenerateArgs {
     /// weights in f16 and widening per layer (same image either way; twice the weight memory).
     #[arg(long)]
     pub widen_f16_weights: bool,
+    /// Copy convolution and linear weights out of the model file at load instead of reading
+    /// them in place from its memory mapping (same image either way; a slower load).
+    #[arg(long)]
+    pub copy_weights: bool,
     /// Use this VAE instead of the model's own: a diffusers `vae/` folder or a .safetensors file.
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -198,6 +206,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         vae_override: args.vae.clone(),
         cpu_bf16: args.precision == "bf16",
         keep_f16_weights: !args.widen_f16_weights,
+        map_weights: !args.copy_weights,
         ..load_options(device)?
     };
     let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
@@ -267,6 +276,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let options = easel_engine::models::LoadOptions {
         cpu_bf16: args.precision == "bf16",
         keep_f16_weights: !args.widen_f16_weights,
+        map_weights: !args.copy_weights,
         ..load_options(args.device.parse()?)?
     };
     let load_start = Instant::now();
@@ -278,7 +288,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("size, steps      {}x{}, {} steps of {}", report.width, report.height, report.steps, report.sampler);
     println!("threads          {}", report.threads);
     println!("precision        {}", args.precision);
-    println!("model load       {load_s:8.2} s");
+    let in_place = pipeline.model().weights_in_place;
+    println!("model load       {load_s:8.2} s   ({:.2} GB of weights read in place)", in_place as f64 / 1e9);
     println!("text encoding    {:8.2} s", report.text_encoding_s);
     println!("U-Net step, CFG  {:8.2} s   (batch 2)", report.unet_step_cfg_s);
     println!("U-Net step       {:8.2} s   (batch 1)", report.unet_step_no_cfg_s);
@@ -293,6 +304,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         json["model_load_s"] = serde_json::json!(load_s);
         json["precision"] = serde_json::json!(args.precision);
         json["widen_f16_weights"] = serde_json::json!(args.widen_f16_weights);
+        json["copy_weights"] = serde_json::json!(args.copy_weights);
+        json["weights_in_place_bytes"] = serde_json::json!(in_place);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -362,3 +362,34 @@ fn f16_weights_kept_in_f16_give_the_image_of_widening_at_load() {
         assert!(kept.iter().any(|&v| v != kept[0]), "{}: a flat image", path.display());
     }
 }
+
+/// On the CPU, convolution and linear weights are read in place from the memory-mapped files
+/// instead of copied out at load. The image must be the one of copying them, bit for bit, for
+/// every family, for diffusers folders, f16 files and single files (whose renamed, reshaped and
+/// fused q/k/v tensors are read in place too).
+#[test]
+fn weights_read_in_place_give_the_image_of_copying_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cases: Vec<(&str, std::path::PathBuf)> = MODELS.iter().map(|&m| (m, model_dir(m))).collect();
+    for (single, like) in [("sd1-single", "sd1-tiny"), ("sd2v-single", "sd2v-tiny"), ("sdxl-single", "sdxl-tiny")] {
+        cases.push((like, unpack_single_file(single, dir.path())));
+    }
+    let f16_folder = dir.path().join("sd1-tiny-f16");
+    f16_copy(&model_dir("sd1-tiny"), &f16_folder);
+    cases.push(("sd1-tiny", f16_folder));
+
+    for (model, path) in cases {
+        let req = request(&Reference::load(model), SamplerId::Euler);
+        let generate = |options: LoadOptions| {
+            let pipeline = Pipeline::load(&path, options).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let in_place = pipeline.model().weights_in_place;
+            (in_place, pipeline.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap().data)
+        };
+        let (in_place, mapped) = generate(LoadOptions::default());
+        let (none, copied) = generate(LoadOptions { map_weights: false, ..LoadOptions::default() });
+        assert!(in_place > 0, "{}: no weight was read in place", path.display());
+        assert_eq!(none, 0, "{}: weights read in place although copying was asked for", path.display());
+        assert_eq!(mapped, copied, "{}: weights read in place gave another image", path.display());
+        assert!(mapped.iter().any(|&v| v != mapped[0]), "{}: a flat image", path.display());
+    }
+}

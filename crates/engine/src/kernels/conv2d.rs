@@ -121,30 +121,43 @@ impl CustomOp3 for Conv2dOp {
         b_storage: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(x_storage, x_layout, self.name())?;
         let weight = WeightData::new(w_storage, w_layout, self.name())?;
         let bias = contiguous_f32(b_storage, b_layout, self.name())?;
-        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, w_c_in, kh, kw) = w_layout.shape().dims4()?;
-        if w_c_in != c_in || bias.len() != c_out {
-            candle_core::bail!(
-                "easel-conv2d: input {:?}, weight {:?}, bias {}",
-                x_layout.shape(),
-                w_layout.shape(),
-                bias.len()
-            );
-        }
-        let (stride, padding) = (self.stride.max(1), self.padding);
-        if h + 2 * padding < kh || w + 2 * padding < kw {
-            candle_core::bail!("easel-conv2d: kernel {kh}×{kw} larger than the padded {h}×{w} input");
-        }
-        if kh != kw {
-            candle_core::bail!("easel-conv2d: only square kernels, got {kh}×{kw}");
-        }
-        let geometry = Geometry::new(batch, c_in, h, w, c_out, kh, stride, padding);
-        let out = conv2d(x, weight, bias, &geometry);
-        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, geometry.h_out, geometry.w_out))))
+        let x = (x_storage, x_layout);
+        conv2d_forward(x, weight, w_layout.shape().dims(), bias, self.stride, self.padding)
     }
+}
+
+/// The f32 convolution of a contiguous NCHW input with a weight of `weight_dims`
+/// (out, in, kh, kw) however the caller holds it: a candle tensor ([`Conv2dOp`]) or the
+/// memory-mapped checkpoint (`models::mapped`).
+pub(crate) fn conv2d_forward(
+    (x_storage, x_layout): (&CpuStorage, &Layout),
+    weight: WeightData,
+    weight_dims: &[usize],
+    bias: &[f32],
+    stride: usize,
+    padding: usize,
+) -> Result<(CpuStorage, Shape)> {
+    let name = "easel-conv2d";
+    let x = contiguous_f32(x_storage, x_layout, name)?;
+    let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+    let &[c_out, w_c_in, kh, kw] = weight_dims else {
+        candle_core::bail!("{name}: weight of shape {weight_dims:?}, expected 4 dimensions")
+    };
+    if w_c_in != c_in || bias.len() != c_out || weight.len() != c_out * c_in * kh * kw {
+        candle_core::bail!("{name}: input {:?}, weight {weight_dims:?}, bias {}", x_layout.shape(), bias.len());
+    }
+    let stride = stride.max(1);
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        candle_core::bail!("{name}: kernel {kh}×{kw} larger than the padded {h}×{w} input");
+    }
+    if kh != kw {
+        candle_core::bail!("{name}: only square kernels, got {kh}×{kw}");
+    }
+    let geometry = Geometry::new(batch, c_in, h, w, c_out, kh, stride, padding);
+    let out = conv2d(x, weight, bias, &geometry);
+    Ok((CpuStorage::F32(out), Shape::from((batch, c_out, geometry.h_out, geometry.w_out))))
 }
 
 /// The f32 convolution: Winograd where it pays (widening f16 weights in its weight transform),

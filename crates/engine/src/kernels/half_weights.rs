@@ -46,6 +46,14 @@ impl<'a> WeightData<'a> {
         }
     }
 
+    /// Number of elements.
+    pub(crate) fn len(self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::F16(w) => w.len(),
+        }
+    }
+
     /// Runs `f` on the weight as f32: the data itself, or its widened copy in this thread's
     /// scratch buffer.
     pub(crate) fn with_f32<R>(self, f: impl FnOnce(&[f32]) -> R) -> R {
@@ -87,47 +95,61 @@ impl LinearOp {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let name = "easel-linear";
-        let x = contiguous_f32(xs.0, xs.1, name)?;
         let w = WeightData::new(weight.0, weight.1, name)?;
-        let (out_dim, in_dim) = weight.1.shape().dims2()?;
-        let mut dims = xs.1.shape().dims().to_vec();
-        if dims.last() != Some(&in_dim) {
-            candle_core::bail!("{name}: input {dims:?}, weight ({out_dim}, {in_dim})");
-        }
-        let rows = x.len() / in_dim.max(1);
-        let mut out = match bias {
-            Some((storage, layout)) => {
-                let bias = contiguous_f32(storage, layout, name)?;
-                if bias.len() != out_dim {
-                    candle_core::bail!("{name}: bias of {} for {out_dim} outputs", bias.len());
-                }
-                bias.repeat(rows)
-            }
-            None => vec![0f32; rows * out_dim],
-        };
-        let accumulate = bias.is_some();
-        w.with_f32(|w| {
-            // SAFETY: `out` is rows × out_dim, x is rows × in_dim, w is out_dim × in_dim (checked).
-            unsafe {
-                matmul(
-                    rows,
-                    out_dim,
-                    in_dim,
-                    out.as_mut_ptr(),
-                    out_dim,
-                    accumulate,
-                    Operand::rows(x, in_dim),
-                    Operand::transposed(w, in_dim),
-                    1.0,
-                    threads(),
-                )
-            }
-        });
-        if let Some(last) = dims.last_mut() {
-            *last = out_dim;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        let bias = bias.map(|(storage, layout)| contiguous_f32(storage, layout, name)).transpose()?;
+        linear_forward(xs, w, weight.1.shape().dims(), bias)
     }
+}
+
+/// `x · Wᵀ (+ b)` for a weight of `weight_dims` (out, in) however the caller holds it: a candle
+/// tensor ([`LinearOp`]) or the memory-mapped checkpoint (`models::mapped`).
+pub(crate) fn linear_forward(
+    (x_storage, x_layout): (&CpuStorage, &Layout),
+    w: WeightData,
+    weight_dims: &[usize],
+    bias: Option<&[f32]>,
+) -> Result<(CpuStorage, Shape)> {
+    let name = "easel-linear";
+    let x = contiguous_f32(x_storage, x_layout, name)?;
+    let mut dims = x_layout.shape().dims().to_vec();
+    let &[out_dim, in_dim] = weight_dims else {
+        candle_core::bail!("{name}: weight of shape {weight_dims:?}, expected 2 dimensions")
+    };
+    if dims.last() != Some(&in_dim) || w.len() != out_dim * in_dim {
+        candle_core::bail!("{name}: input {dims:?}, weight ({out_dim}, {in_dim})");
+    }
+    let rows = x.len() / in_dim.max(1);
+    let mut out = match bias {
+        Some(bias) => {
+            if bias.len() != out_dim {
+                candle_core::bail!("{name}: bias of {} for {out_dim} outputs", bias.len());
+            }
+            bias.repeat(rows)
+        }
+        None => vec![0f32; rows * out_dim],
+    };
+    let accumulate = bias.is_some();
+    w.with_f32(|w| {
+        // SAFETY: `out` is rows × out_dim, x is rows × in_dim, w is out_dim × in_dim (checked).
+        unsafe {
+            matmul(
+                rows,
+                out_dim,
+                in_dim,
+                out.as_mut_ptr(),
+                out_dim,
+                accumulate,
+                Operand::rows(x, in_dim),
+                Operand::transposed(w, in_dim),
+                1.0,
+                threads(),
+            )
+        }
+    });
+    if let Some(last) = dims.last_mut() {
+        *last = out_dim;
+    }
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
 }
 
 impl CustomOp2 for LinearOp {

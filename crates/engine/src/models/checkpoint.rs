@@ -7,6 +7,8 @@
 //! `single_file_utils.py` (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
 //! convert_open_clip_checkpoint).
 
+use std::sync::Arc;
+
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -243,16 +245,20 @@ fn served_as(tensor: Tensor, dtype: DType) -> Result<Tensor> {
     tensor.to_dtype(dtype)
 }
 
-/// A `VarBuilder` backend that serves diffusers names from a checkpoint stored under other
-/// names, converting as `resolve` says.
-pub struct RenamingBackend<F: Fn(&str) -> Option<Source> + Send + Sync> {
+/// How a diffusers name is found in a checkpoint (`None`: not there).
+pub type Resolve = dyn Fn(&str) -> Option<Source> + Send + Sync;
+
+/// A checkpoint's memory-mapped files and how diffusers names resolve in them. Shared by the
+/// `VarBuilder` backend (which copies tensors out) and the layers that read their weights
+/// straight from the mapping (see [`super::mapped`]).
+pub struct Checkpoint {
     tensors: MmapedSafetensors,
-    resolve: F,
+    resolve: Box<Resolve>,
 }
 
-impl<F: Fn(&str) -> Option<Source> + Send + Sync> RenamingBackend<F> {
-    pub fn new(tensors: MmapedSafetensors, resolve: F) -> Self {
-        Self { tensors, resolve }
+impl Checkpoint {
+    pub fn new(tensors: MmapedSafetensors, resolve: impl Fn(&str) -> Option<Source> + Send + Sync + 'static) -> Self {
+        Self { tensors, resolve: Box::new(resolve) }
     }
 
     fn has(&self, name: &str) -> bool {
@@ -280,11 +286,38 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> RenamingBackend<F> {
             }
         }
     }
+
+    /// The stored bytes behind a diffusers name and their dtype, where they lie in the file as
+    /// one row-major block of `shape`: a plain tensor, a 1×1 convolution read as a linear
+    /// weight, or one third of a fused q/k/v weight. `None` for anything else (a transpose),
+    /// a missing name or a different element count; the caller then copies as usual.
+    pub(crate) fn stored_bytes(&self, name: &str, shape: &Shape) -> Option<(&[u8], DType)> {
+        let (stored, part) = match (self.resolve)(name)? {
+            Source::Plain(s) | Source::Conv1x1AsLinear(s) => (s, None),
+            Source::QkvPart { name, index } => (name, Some(index)),
+            Source::Transposed(_) => return None,
+        };
+        let view = self.tensors.get(&stored).ok()?;
+        let dtype = DType::try_from(view.dtype()).ok()?;
+        let data = view.data();
+        let bytes = match part {
+            None => data,
+            Some(index) => {
+                let third = data.len() / 3;
+                data.get(index * third..(index + 1) * third)?
+            }
+        };
+        (bytes.len() == shape.elem_count() * dtype.size_in_bytes()).then_some((bytes, dtype))
+    }
 }
 
-impl<F: Fn(&str) -> Option<Source> + Send + Sync> SimpleBackend for RenamingBackend<F> {
+/// A `VarBuilder` backend that serves diffusers names from a checkpoint stored under other
+/// names, converting as its `resolve` says, and copying each tensor out of the mapping.
+pub struct RenamingBackend(pub Arc<Checkpoint>);
+
+impl SimpleBackend for RenamingBackend {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let tensor = self.load(name, dev)?;
+        let tensor = self.0.load(name, dev)?;
         if tensor.shape() != &s {
             candle_core::bail!(
                 "shape mismatch for {name}: the checkpoint has {:?}, the architecture needs {s:?}",
@@ -295,13 +328,13 @@ impl<F: Fn(&str) -> Option<Source> + Send + Sync> SimpleBackend for RenamingBack
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        served_as(self.load(name, dev)?, dtype)
+        served_as(self.0.load(name, dev)?, dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        match (self.resolve)(name) {
-            Some(Source::Plain(s) | Source::Conv1x1AsLinear(s) | Source::Transposed(s)) => self.has(&s),
-            Some(Source::QkvPart { name, .. }) => self.has(&name),
+        match (self.0.resolve)(name) {
+            Some(Source::Plain(s) | Source::Conv1x1AsLinear(s) | Source::Transposed(s)) => self.0.has(&s),
+            Some(Source::QkvPart { name, .. }) => self.0.has(&name),
             None => false,
         }
     }

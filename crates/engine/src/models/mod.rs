@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod hash;
 pub mod library;
+pub mod mapped;
 pub mod nn;
 pub mod resnet;
 pub mod safetensors_check;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use mapped::ModelWeights;
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
@@ -277,8 +279,8 @@ pub fn component_weights(component_dir: &Path, stem: &str) -> Result<Vec<PathBuf
     Err(model_error(component_dir, format!("no {stem}.safetensors or {stem}.fp16.safetensors{hint}")))
 }
 
-/// Validates the files, then memory-maps them into a `VarBuilder`.
-pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// Validates the files, then memory-maps them for a model constructor.
+pub fn model_weights(files: &[PathBuf], dtype: DType, device: &Device) -> Result<ModelWeights> {
     for file in files {
         safetensors_check::validate_safetensors(file)?;
     }
@@ -286,9 +288,9 @@ pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<V
     // writes model files while they are mapped.
     let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
         .map_err(|e| model_error(files.first().map(PathBuf::as_path).unwrap_or(Path::new("")), e.to_string()))?;
-    // Names are already diffusers names; the backend is for its page release while loading.
-    let backend = checkpoint::RenamingBackend::new(tensors, |name| Some(checkpoint::Source::Plain(name.to_string())));
-    Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+    // Names are already diffusers names.
+    let checkpoint = checkpoint::Checkpoint::new(tensors, |name| Some(checkpoint::Source::Plain(name.to_string())));
+    Ok(ModelWeights::new(checkpoint, dtype, device))
 }
 
 /// How to place the model: device and the dtype of its weights and activations.
@@ -308,6 +310,10 @@ pub struct LoadOptions {
     /// f16 in memory and are widened as each layer runs: the same numbers (widening is exact)
     /// with half the weight memory. Off: widened once at load, as diffusers does.
     pub keep_f16_weights: bool,
+    /// On the CPU, convolution and linear weights are read in place from the memory-mapped
+    /// file instead of copied out at load (see [`mapped`]): the same numbers, a load without
+    /// the copy. Off: copied, as before (for comparisons).
+    pub map_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -319,6 +325,7 @@ impl Default for LoadOptions {
             vae_override: None,
             cpu_bf16: false,
             keep_f16_weights: true,
+            map_weights: true,
         }
     }
 }
@@ -362,6 +369,8 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     pub vae: VaeDecoder,
     pub options: LoadOptions,
+    /// Bytes of weights read in place from the mapped files rather than copied at load.
+    pub weights_in_place: u64,
 }
 
 fn load_component<T>(
@@ -369,13 +378,15 @@ fn load_component<T>(
     component: &str,
     stem: &str,
     dtype: DType,
-    device: &Device,
+    options: &LoadOptions,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T> {
     let dir = folder.join(component);
     let files = component_weights(&dir, stem)?;
-    let vb = var_builder(&files, dtype, device)?;
-    build(vb).map_err(|e| model_error(&dir, format!("weights do not match the config: {e}")))
+    let weights = model_weights(&files, dtype, &options.device)?;
+    weights
+        .build(options.map_weights, build)
+        .map_err(|e| model_error(&dir, format!("weights do not match the config: {e}")))
 }
 
 /// Reads what a model path holds without loading weights: a diffusers folder or a single file.
@@ -400,6 +411,7 @@ pub fn inspect_model(path: &Path) -> Result<ModelInfo> {
 impl StableDiffusion {
     /// Loads a diffusers folder or a single-file checkpoint.
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
+        let in_place_before = mapped::in_place_bytes_on_this_thread();
         let override_path = options.vae_override.clone();
         let mut model = if path.is_file() {
             single_file::load_single_file(path, options)?
@@ -420,28 +432,29 @@ impl StableDiffusion {
             }
             model.info.vae = config;
         }
+        model.weights_in_place = mapped::in_place_bytes_on_this_thread() - in_place_before;
         Ok(model)
     }
 
     pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
         let info = inspect_diffusers_folder(folder)?;
-        let (dtype, device) = (options.weights_dtype(options.dtype), &options.device);
+        let dtype = options.weights_dtype(options.dtype);
         // Checked first: a refused bf16 mode should not cost a text-encoder load.
         let unet_dtype = options.unet_weights_dtype()?;
-        let text_encoder = load_component(folder, "text_encoder", "model", dtype, device, |vb| {
+        let text_encoder = load_component(folder, "text_encoder", "model", dtype, &options, |vb| {
             ClipTextModel::new(vb, info.text_encoder.clone(), false)
         })?;
         let text_encoder_2 = match &info.text_encoder_2 {
-            Some(cfg) => Some(load_component(folder, "text_encoder_2", "model", dtype, device, |vb| {
+            Some(cfg) => Some(load_component(folder, "text_encoder_2", "model", dtype, &options, |vb| {
                 ClipTextModel::new(vb, cfg.clone(), true)
             })?),
             None => None,
         };
-        let unet = load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, device, |vb| {
+        let unet = load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, &options, |vb| {
             UNet2DConditionModel::new(vb, info.unet.clone())
         })?;
         let vae = load_vae(&info, &options)?;
-        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options })
+        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place: 0 })
     }
 }
 
@@ -454,7 +467,7 @@ pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
         return single_file::load_checkpoint_vae(info, options);
     }
     let dtype = options.weights_dtype(options.vae_dtype);
-    load_component(&info.path, "vae", "diffusion_pytorch_model", dtype, &options.device, |vb| {
+    load_component(&info.path, "vae", "diffusion_pytorch_model", dtype, options, |vb| {
         VaeDecoder::new(vb, info.vae.clone())
     })
 }
@@ -466,8 +479,9 @@ pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> 
     if path.is_dir() {
         let config: VaeConfig = read_json(&path.join("config.json"))?;
         let files = component_weights(path, "diffusion_pytorch_model")?;
-        let vb = var_builder(&files, options.weights_dtype(options.vae_dtype), &options.device)?;
-        return VaeDecoder::new(vb, config)
+        let weights = model_weights(&files, options.weights_dtype(options.vae_dtype), &options.device)?;
+        return weights
+            .build(options.map_weights, |vb| VaeDecoder::new(vb, config))
             .map_err(|e| model_error(path, format!("weights do not match the config: {e}")));
     }
     if !path.is_file() {

@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 pub use candle_nn::LayerNorm;
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use super::mapped::{self, MappedConv2d, MappedLinear};
 use crate::kernels::{self, Conv2dOp, GroupNormOp};
 
 /// Whether a layer built from `vb` keeps its weights in Easel's packed bf16 form: the CPU bf16
@@ -63,26 +64,42 @@ fn kernel_weight(weight: &Tensor) -> bool {
     matches!(weight.dtype(), DType::F32 | DType::F16)
 }
 
-/// A 2-D convolution: Easel's own CPU kernel for f32 on the CPU, its bf16 kernel in the CPU
-/// bf16 mode, and candle's convolution everywhere else (GPU, f16).
+/// A 2-D convolution: Easel's own CPU kernel for f32 on the CPU (its weight read in place from
+/// the mapped checkpoint where it can be, see [`mapped`]), its bf16 kernel in the CPU bf16
+/// mode, and candle's convolution everywhere else (GPU, f16).
 #[derive(Debug, Clone)]
 pub enum Conv2d {
     Candle { inner: candle_nn::Conv2d, stride: usize, padding: usize },
+    Mapped { op: Arc<MappedConv2d>, bias: Tensor },
     Bf16(Arc<kernels::Conv2dBf16Op>),
+}
+
+impl Conv2d {
+    fn candle_forward(inner: &candle_nn::Conv2d, stride: usize, padding: usize, xs: &Tensor) -> Result<Tensor> {
+        match inner.bias() {
+            Some(bias) if kernels::applies_to(xs) && kernel_weight(inner.weight()) => {
+                let op = Conv2dOp { stride, padding };
+                xs.contiguous()?.apply_op3_no_bwd(&inner.weight().contiguous()?, bias, &op)
+            }
+            _ if inner.weight().dtype() != xs.dtype() => widened_conv(inner, xs.dtype())?.forward(xs),
+            _ => inner.forward(xs),
+        }
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref()),
-            Self::Candle { inner, stride, padding } => match inner.bias() {
-                Some(bias) if kernels::applies_to(xs) && kernel_weight(inner.weight()) => {
-                    let op = Conv2dOp { stride: *stride, padding: *padding };
-                    xs.contiguous()?.apply_op3_no_bwd(&inner.weight().contiguous()?, bias, &op)
-                }
-                _ if inner.weight().dtype() != xs.dtype() => widened_conv(inner, xs.dtype())?.forward(xs),
-                _ => inner.forward(xs),
-            },
+            Self::Candle { inner, stride, padding } => Self::candle_forward(inner, *stride, *padding, xs),
+            Self::Mapped { op, bias } if kernels::applies_to(xs) => {
+                xs.contiguous()?.apply_op2_no_bwd(bias, op.as_ref())
+            }
+            Self::Mapped { op, bias } => {
+                let cfg = Conv2dConfig { padding: op.padding, stride: op.stride, ..Default::default() };
+                let inner = candle_nn::Conv2d::new(op.weight.to_tensor()?, Some(bias.clone()), cfg);
+                Self::candle_forward(&inner, op.stride, op.padding, xs)
+            }
         }
     }
 }
@@ -141,8 +158,12 @@ pub fn conv2d(
         return Ok(Conv2d::Bf16(Arc::new(op)));
     }
     // The weight in the VarBuilder's dtype (f16 kept as stored on the CPU), the bias like the activations.
-    let weight = weight_source(vb.clone()).get((out_ch, in_ch, kernel, kernel), "weight")?;
+    let weight_vb = weight_source(vb.clone());
     let bias = unpacked(vb).get(out_ch, "bias")?;
+    if let Some(weight) = mapped::lookup(&weight_vb, "weight", (out_ch, in_ch, kernel, kernel)) {
+        return Ok(Conv2d::Mapped { op: Arc::new(MappedConv2d { weight, stride, padding }), bias });
+    }
+    let weight = weight_vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
     Ok(Conv2d::Candle { inner: candle_nn::Conv2d::new(weight, Some(bias), cfg), stride, padding })
 }
 
@@ -159,17 +180,25 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 }
 
 /// A linear layer: Easel's kernel for f32 activations on the CPU (f32 weights or f16 kept as
-/// stored), candle-nn's elsewhere, or in the CPU bf16 mode Easel's bf16 kernel with the weight
-/// pre-packed once at load.
+/// stored, read in place from the mapped checkpoint where they can be), candle-nn's elsewhere,
+/// or in the CPU bf16 mode Easel's bf16 kernel with the weight pre-packed once at load.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Candle(candle_nn::Linear),
+    Mapped { op: Arc<MappedLinear>, bias: Option<Tensor> },
     Bf16(Arc<kernels::LinearBf16Op>),
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Mapped { op, bias } if kernels::applies_to(xs) => match bias {
+                Some(bias) => xs.contiguous()?.apply_op2_no_bwd(bias, op.as_ref()),
+                None => xs.contiguous()?.apply_op1_no_bwd(op.as_ref()),
+            },
+            Self::Mapped { op, bias } => {
+                Self::Candle(candle_nn::Linear::new(op.weight.to_tensor()?, bias.clone())).forward(xs)
+            }
             Self::Candle(inner) if kernels::applies_to(xs) && kernel_weight(inner.weight()) => {
                 let (xs, weight) = (xs.contiguous()?, inner.weight().contiguous()?);
                 match inner.bias() {
@@ -195,8 +224,12 @@ fn linear_maybe_bias(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuil
         return Ok(Linear::Bf16(Arc::new(op)));
     }
     // The weight in the VarBuilder's dtype (f16 kept as stored on the CPU), the bias like the activations.
-    let weight = weight_source(vb.clone()).get((out_dim, in_dim), "weight")?;
+    let weight_vb = weight_source(vb.clone());
     let bias = if with_bias { Some(unpacked(vb).get(out_dim, "bias")?) } else { None };
+    if let Some(weight) = mapped::lookup(&weight_vb, "weight", (out_dim, in_dim)) {
+        return Ok(Linear::Mapped { op: Arc::new(MappedLinear { weight }), bias });
+    }
+    let weight = weight_vb.get((out_dim, in_dim), "weight")?;
     Ok(Linear::Candle(candle_nn::Linear::new(weight, bias)))
 }
 

@@ -7,11 +7,12 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device};
 use serde_json::json;
 
-use super::checkpoint::{ldm_unet_name, ldm_vae_source, open_clip_source, RenamingBackend, Source};
+use super::checkpoint::{ldm_unet_name, ldm_vae_source, open_clip_source, Checkpoint, Source};
 use super::clip::{ClipTextConfig, ClipTextModel};
+use super::mapped::ModelWeights;
 use super::safetensors_check::validate_safetensors;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{VaeConfig, VaeDecoder};
@@ -312,11 +313,14 @@ fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
     })
 }
 
-fn backend(
+/// The file's tensors under diffusers names, as `resolve` finds them.
+fn weights(
     path: &Path,
     resolve: impl Fn(&str) -> Option<Source> + Send + Sync + 'static,
-) -> Result<Box<dyn candle_nn::var_builder::SimpleBackend>> {
-    Ok(Box::new(RenamingBackend::new(map_validated(path)?, resolve)))
+    dtype: DType,
+    device: &Device,
+) -> Result<ModelWeights> {
+    Ok(ModelWeights::new(Checkpoint::new(map_validated(path)?, resolve), dtype, device))
 }
 
 /// Loads a single-file checkpoint, renaming its tensors while loading.
@@ -332,22 +336,26 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
 
     let layers = info.unet.layers_per_block_count();
     let unet_names = names.clone();
-    let unet_backend = backend(path, move |name| {
-        let ldm = ldm_unet_name(name, layers)?;
-        let full = format!("{UNET}{ldm}");
-        if full.contains(".?.") {
-            // The upsampler follows the attention when the block has one.
-            let after_attention = full.replace(".?.", ".2.");
-            let full = if unet_names.contains(&after_attention) { after_attention } else { full.replace(".?.", ".1.") };
-            return Some(Source::Plain(full));
-        }
-        Some(Source::Plain(full))
-    })?;
-    let unet = UNet2DConditionModel::new(
-        VarBuilder::from_backend(unet_backend, unet_dtype, device.clone()),
-        info.unet.clone(),
-    )
-    .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
+    let unet_weights = weights(
+        path,
+        move |name| {
+            let ldm = ldm_unet_name(name, layers)?;
+            let full = format!("{UNET}{ldm}");
+            if full.contains(".?.") {
+                // The upsampler follows the attention when the block has one.
+                let after_attention = full.replace(".?.", ".2.");
+                let full =
+                    if unet_names.contains(&after_attention) { after_attention } else { full.replace(".?.", ".1.") };
+                return Some(Source::Plain(full));
+            }
+            Some(Source::Plain(full))
+        },
+        unet_dtype,
+        &device,
+    )?;
+    let unet = unet_weights
+        .build(options.map_weights, |vb| UNet2DConditionModel::new(vb, info.unet.clone()))
+        .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
 
     let vae = super::load_vae(&info, &options)?;
 
@@ -363,28 +371,33 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         }
     };
     let (te1, te2) = match info.family {
-        Family::Sd1 => (backend(path, prefixed(SD1_CLIP))?, None),
-        Family::Sd2 => (backend(path, open_clip(SD2_CLIP))?, None),
-        Family::Sdxl => (backend(path, prefixed(SDXL_CLIP_L))?, Some(backend(path, open_clip(SDXL_CLIP_G))?)),
+        Family::Sd1 => (weights(path, prefixed(SD1_CLIP), dtype, &device)?, None),
+        Family::Sd2 => (weights(path, open_clip(SD2_CLIP), dtype, &device)?, None),
+        Family::Sdxl => (
+            weights(path, prefixed(SDXL_CLIP_L), dtype, &device)?,
+            Some(weights(path, open_clip(SDXL_CLIP_G), dtype, &device)?),
+        ),
     };
-    let text_encoder =
-        ClipTextModel::new(VarBuilder::from_backend(te1, dtype, device.clone()), info.text_encoder.clone(), false)
-            .map_err(|e| wrap("the text encoder does not match its inferred shape", e))?;
+    let map = options.map_weights;
+    let text_encoder = te1
+        .build(map, |vb| ClipTextModel::new(vb, info.text_encoder.clone(), false))
+        .map_err(|e| wrap("the text encoder does not match its inferred shape", e))?;
     let text_encoder_2 = match (te2, &info.text_encoder_2) {
-        (Some(backend), Some(config)) => Some(
-            ClipTextModel::new(VarBuilder::from_backend(backend, dtype, device.clone()), config.clone(), true)
+        (Some(weights), Some(config)) => Some(
+            weights
+                .build(map, |vb| ClipTextModel::new(vb, config.clone(), true))
                 .map_err(|e| wrap("the second text encoder does not match its inferred shape", e))?,
         ),
         _ => None,
     };
-    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options })
+    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place: 0 })
 }
 
 /// The VAE inside a single-file checkpoint (also used to redo a decode in f32).
 pub fn load_checkpoint_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
     let path = info.path.as_path();
-    let vb = ldm_vae_var_builder(path, VAE, info.vae.block_out_channels.len(), options)?;
-    VaeDecoder::new(vb, info.vae.clone()).map_err(|e| Error::Model {
+    let weights = ldm_vae_weights(path, VAE, info.vae.block_out_channels.len(), options)?;
+    weights.build(options.map_weights, |vb| VaeDecoder::new(vb, info.vae.clone())).map_err(|e| Error::Model {
         path: path.to_path_buf(),
         message: format!("the VAE does not match its inferred shape: {e}"),
     })
@@ -415,30 +428,27 @@ pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Resu
         let layers = keys.count(|j| format!("{prefix}decoder.up.0.block.{j}.")).saturating_sub(1);
         vae_config(&keys, channels, layers, keys.dim(&format!("{prefix}decoder.conv_in.weight"), 1)?, family)?
     };
-    let vb = if diffusers_names {
-        super::var_builder(&[path.to_path_buf()], options.weights_dtype(options.vae_dtype), &options.device)?
+    let weights = if diffusers_names {
+        super::model_weights(&[path.to_path_buf()], options.weights_dtype(options.vae_dtype), &options.device)?
     } else {
-        ldm_vae_var_builder(path, prefix, config.block_out_channels.len(), options)?
+        ldm_vae_weights(path, prefix, config.block_out_channels.len(), options)?
     };
-    VaeDecoder::new(vb, config).map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {e}")))
+    weights
+        .build(options.map_weights, |vb| VaeDecoder::new(vb, config))
+        .map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {e}")))
 }
 
 /// A VAE in the original naming under `prefix` (`first_stage_model.` in checkpoints, none in
 /// standalone files), served under diffusers' names.
-fn ldm_vae_var_builder(
-    path: &Path,
-    prefix: &'static str,
-    levels: usize,
-    options: &LoadOptions,
-) -> Result<VarBuilder<'static>> {
-    let vae_backend = backend(path, move |name| {
+fn ldm_vae_weights(path: &Path, prefix: &'static str, levels: usize, options: &LoadOptions) -> Result<ModelWeights> {
+    let resolve = move |name: &str| {
         Some(match ldm_vae_source(name, levels)? {
             Source::Plain(s) => Source::Plain(format!("{prefix}{s}")),
             Source::Conv1x1AsLinear(s) => Source::Conv1x1AsLinear(format!("{prefix}{s}")),
             other => other,
         })
-    })?;
-    Ok(VarBuilder::from_backend(vae_backend, options.weights_dtype(options.vae_dtype), options.device.clone()))
+    };
+    weights(path, resolve, options.weights_dtype(options.vae_dtype), &options.device)
 }
 
 fn vae_config(keys: &Keys, channels: Vec<usize>, layers: usize, latent: usize, family: Family) -> Result<VaeConfig> {
