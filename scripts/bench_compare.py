@@ -11,7 +11,9 @@ The model is a diffusers folder; for CPU numbers use the full-size random-weight
 What is timed, in both: text encoding of prompt + negative prompt; one U-Net call at t=500 on a
 batch of 2 (classifier-free guidance) and of 1; one VAE decode; one whole generation
 (`--steps` Euler steps, CFG 7, decode included). Medians of `--runs` after warm-up runs.
-Peak memory is the process's peak resident set (ru_maxrss / VmHWM) after all of that.
+Peak memory is the process's peak resident set (ru_maxrss / VmHWM) after all of that; both map
+the weights from the files, so it counts their pages. "Private memory" is the peak of the rest
+(RssAnon, sampled every 10 ms): the memory each program allocates itself.
 
 On a shared machine whose speed drifts by 10–20% over minutes, one Easel run and one diffusers
 run a few minutes apart give a ratio about that uncertain. `--rounds N` runs the pair N times,
@@ -32,6 +34,38 @@ from pathlib import Path
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 
 
+class PrivateMemorySampler:
+    """Peak RssAnon of this process, sampled every 10 ms on a thread (Linux)."""
+
+    def __init__(self):
+        import threading
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def rss_anon():
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.rss_anon())
+            self.stop.wait(0.01)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, self.rss_anon()) or None
+
+
 def diffusers_bench(a):
     import torch
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
@@ -45,6 +79,7 @@ def diffusers_bench(a):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     start = time.perf_counter()
+    private = PrivateMemorySampler()
     pipe = DiffusionPipeline.from_pretrained(a.model, torch_dtype=dtype)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -112,6 +147,7 @@ def diffusers_bench(a):
         "vae_decode_s": vae_s,
         "end_to_end_s": e2e_s,
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_private_memory_bytes": private.finish(),
     }
 
 
@@ -135,6 +171,7 @@ ROWS = [
     ("latent preview (per step)", "preview_s", "s"),
     ("end to end", "end_to_end_s", "s"),
     ("peak memory", "peak_memory_bytes", "GB"),
+    ("private memory (RssAnon)", "peak_private_memory_bytes", "GB"),
 ]
 
 

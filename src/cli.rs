@@ -299,6 +299,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     if let Some(bytes) = report.peak_memory_bytes {
         println!("peak RAM         {:8.2} GB   (process, not GPU memory)", bytes as f64 / 1e9);
     }
+    if let Some(bytes) = report.peak_private_memory_bytes {
+        println!("  of it private  {:8.2} GB   (peak RssAnon: all but the mapped model files)", bytes as f64 / 1e9);
+    }
     if let Some(path) = &args.json {
         let mut json = serde_json::to_value(&report)?;
         json["model_load_s"] = serde_json::json!(load_s);

@@ -209,6 +209,13 @@ fn bench_reports_every_part_as_json() {
         assert!(seconds > 0.0 && seconds.is_finite(), "{key} = {seconds}");
     }
     assert_eq!(report["family"], "SDXL");
+    // The tiny model's convolution and linear weights are read in place from its files.
+    assert!(report["weights_in_place_bytes"].as_u64().unwrap() > 0);
+    if cfg!(target_os = "linux") {
+        let peak = report["peak_memory_bytes"].as_u64().unwrap();
+        let private = report["peak_private_memory_bytes"].as_u64().unwrap();
+        assert!(private > 0 && private <= peak, "private {private} of peak {peak}");
+    }
 }
 
 #[test]

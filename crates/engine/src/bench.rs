@@ -32,6 +32,9 @@ pub struct BenchReport {
     pub end_to_end_s: f64,
     /// Peak resident host memory (RAM) of the process so far — not GPU memory (Linux; `None` elsewhere).
     pub peak_memory_bytes: Option<u64>,
+    /// Peak of the private part of it (RssAnon: everything but mapped files such as the model's
+    /// weights), sampled every 10 ms while measuring (Linux; `None` elsewhere).
+    pub peak_private_memory_bytes: Option<u64>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -49,18 +52,54 @@ fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(times))
 }
 
-/// Peak resident set size of this process, from /proc/self/status (VmHWM).
-pub fn peak_memory_bytes() -> Option<u64> {
+/// A field of /proc/self/status in bytes (Linux).
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Peak resident set size of this process, from /proc/self/status (VmHWM).
+pub fn peak_memory_bytes() -> Option<u64> {
+    status_bytes("VmHWM")
+}
+
+/// Samples the process's private resident memory (RssAnon) on a thread of its own. The kernel
+/// keeps a peak only for the whole resident set, which also counts the pages of mapped files —
+/// both Easel and diffusers map the weights — so the private part's peak is sampled.
+struct PrivateMemorySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl PrivateMemorySampler {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = status_bytes("RssAnon")?;
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                peak = peak.max(status_bytes("RssAnon").unwrap_or(0));
+            }
+            Some(peak)
+        });
+        Self { stop, thread }
+    }
+
+    fn peak(self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok().flatten()
+    }
 }
 
 /// Times text encoding, one U-Net step with and without CFG batching, the VAE decode and a
 /// whole generation of `request`, each the median of `runs` runs (the whole generation: one).
 pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Result<BenchReport> {
     request.validate(pipeline.info())?;
+    let sampler = PrivateMemorySampler::start();
     let sd = pipeline.model();
     let info = pipeline.info();
     let device = &sd.options.device;
@@ -138,5 +177,6 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
         preview_s,
         end_to_end_s,
         peak_memory_bytes: peak_memory_bytes(),
+        peak_private_memory_bytes: sampler.peak(),
     })
 }
