@@ -311,6 +311,23 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Reads every page of the mapped files once, in file order, so that the page cache holds
+    /// them before the first step needs them. A hint to the kernel would not do:
+    /// `MADV_WILLNEED` reads ahead only a few MB (8 MB measured on this project's VM).
+    pub(crate) fn touch_pages(&self) {
+        const PAGE: usize = 4096;
+        let mut blocks: Vec<&[u8]> = self.tensors.tensors().into_iter().map(|(_, view)| view.data()).collect();
+        blocks.sort_by_key(|data| data.as_ptr() as usize);
+        for data in blocks {
+            for offset in (0..data.len()).step_by(PAGE) {
+                // SAFETY: `offset` lies inside `data`; a volatile read so the touch is not optimised away.
+                unsafe { std::ptr::read_volatile(data.as_ptr().add(offset)) };
+            }
+        }
+    }
+}
+
 /// A `VarBuilder` backend that serves diffusers names from a checkpoint stored under other
 /// names, converting as its `resolve` says, and copying each tensor out of the mapping.
 pub struct RenamingBackend(pub Arc<Checkpoint>);

@@ -67,8 +67,15 @@ impl ModelWeights {
                 BUILDING.with_borrow_mut(|current| *current = self.0.take());
             }
         }
-        let _restore = Restore(BUILDING.with_borrow_mut(|current| current.replace(self.checkpoint)));
-        build(self.vb)
+        let checkpoint = self.checkpoint.clone();
+        let restore = Restore(BUILDING.with_borrow_mut(|current| current.replace(self.checkpoint)));
+        let model = build(self.vb)?;
+        drop(restore);
+        // The pages come in from disk in the background, in file order, while the artist
+        // types or the text encoder runs, instead of one fault at a time inside the first step.
+        // Nothing depends on it finishing; it holds the mapping until it does.
+        let _ = std::thread::Builder::new().name("easel-page-in".into()).spawn(move || checkpoint.touch_pages());
+        Ok(model)
     }
 }
 
@@ -355,6 +362,19 @@ mod tests {
         close(&k.forward(&x4).unwrap(), &reference(fused.narrow(0, 4, 4).unwrap()).forward(&x4).unwrap());
         close(&out.forward(&x5).unwrap(), &reference(conv1x1.reshape((3, 5)).unwrap()).forward(&x5).unwrap());
         close(&proj.forward(&x3).unwrap(), &reference(transposed.t().unwrap()).forward(&x3).unwrap());
+    }
+
+    #[test]
+    fn paging_in_reads_every_tensor_including_empty_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weights.safetensors");
+        let tensors = HashMap::from([
+            ("empty".to_string(), Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap()),
+            ("big".to_string(), tensor(&[3, 4099], 1, DType::F32)),
+            ("half".to_string(), tensor(&[7], 2, DType::F16)),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        map(&path, plain).touch_pages();
     }
 
     /// A safetensors file written by hand, tensors in the given order: older writers did not
