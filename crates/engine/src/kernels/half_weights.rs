@@ -214,6 +214,19 @@ mod tests {
         test_values(len, seed).into_iter().map(|v| f16::from_f32(v).to_f32()).collect()
     }
 
+    /// `out` (rows × out) is `x (rows × in) · wᵀ + b` to within f32 rounding, by an f64 definition.
+    fn assert_is_linear(out: &[f32], x: &[f32], w: &[f32], b: &[f32]) {
+        let (out_dim, in_dim) = (b.len(), w.len() / b.len());
+        for (r, row) in x.chunks(in_dim).enumerate() {
+            for o in 0..out_dim {
+                let weights = &w[o * in_dim..(o + 1) * in_dim];
+                let exact = b[o] as f64 + row.iter().zip(weights).map(|(&x, &w)| x as f64 * w as f64).sum::<f64>();
+                let got = out[r * out_dim + o] as f64;
+                assert!((got - exact).abs() < 1e-4, "({r},{o}): {got} vs {exact}");
+            }
+        }
+    }
+
     #[test]
     fn widening_is_exact_on_every_chunk() {
         let values: Vec<f16> = (0..100_003u32).map(|i| f16::from_bits((i % 0x7c00) as u16)).collect();
@@ -240,17 +253,7 @@ mod tests {
         assert_eq!(with_f32.dims(), [1, rows, out_dim]);
         let (a, h) = (with_f32.flatten_all().unwrap().to_vec1::<f32>().unwrap(), with_f16.flatten_all().unwrap());
         assert_eq!(a, h.to_vec1::<f32>().unwrap(), "f16 weights must give the f32 result bit for bit");
-        for r in 0..rows {
-            for o in 0..out_dim {
-                let exact: f64 =
-                    b[o] as f64 + (0..in_dim).map(|i| x[r * in_dim + i] as f64 * w[o * in_dim + i] as f64).sum::<f64>();
-                assert!(
-                    (a[r * out_dim + o] as f64 - exact).abs() < 1e-4,
-                    "({r},{o}): {} vs {exact}",
-                    a[r * out_dim + o]
-                );
-            }
-        }
+        assert_is_linear(&a, &x, &w, &b);
 
         let no_bias = xs.apply_op2_no_bwd(&w16, &LinearOp).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (i, (with, without)) in a.iter().zip(&no_bias).enumerate() {
@@ -272,17 +275,7 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let out = pool.install(|| xs.apply_op3_no_bwd(&weight, &bias, &LinearOp)).unwrap();
         let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for r in 0..rows {
-            for o in 0..out_dim {
-                let exact: f64 =
-                    b[o] as f64 + (0..in_dim).map(|i| x[r * in_dim + i] as f64 * w[o * in_dim + i] as f64).sum::<f64>();
-                assert!(
-                    (out[r * out_dim + o] as f64 - exact).abs() < 1e-4,
-                    "({r},{o}): {} vs {exact}",
-                    out[r * out_dim + o]
-                );
-            }
-        }
+        assert_is_linear(&out, &x, &w, &b);
     }
 
     #[test]
