@@ -411,7 +411,6 @@ pub fn inspect_model(path: &Path) -> Result<ModelInfo> {
 impl StableDiffusion {
     /// Loads a diffusers folder or a single-file checkpoint.
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
-        let in_place_before = mapped::in_place_bytes_on_this_thread();
         let override_path = options.vae_override.clone();
         let mut model = if path.is_file() {
             single_file::load_single_file(path, options)?
@@ -432,11 +431,11 @@ impl StableDiffusion {
             }
             model.info.vae = config;
         }
-        model.weights_in_place = mapped::in_place_bytes_on_this_thread() - in_place_before;
         Ok(model)
     }
 
     pub fn load_diffusers(folder: &Path, options: LoadOptions) -> Result<Self> {
+        let in_place_before = mapped::in_place_bytes_on_this_thread();
         let info = inspect_diffusers_folder(folder)?;
         let dtype = options.weights_dtype(options.dtype);
         // Checked first: a refused bf16 mode should not cost a text-encoder load.
@@ -454,7 +453,8 @@ impl StableDiffusion {
             UNet2DConditionModel::new(vb, info.unet.clone())
         })?;
         let vae = load_vae(&info, &options)?;
-        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place: 0 })
+        let weights_in_place = mapped::in_place_bytes_on_this_thread() - in_place_before;
+        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place })
     }
 }
 

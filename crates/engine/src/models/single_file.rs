@@ -325,6 +325,7 @@ fn weights(
 
 /// Loads a single-file checkpoint, renaming its tensors while loading.
 pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffusion> {
+    let in_place_before = super::mapped::in_place_bytes_on_this_thread();
     let keys = open_keys(path)?;
     let info = inspect_keys(&keys)?;
     let names = keys.names;
@@ -390,7 +391,8 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         ),
         _ => None,
     };
-    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place: 0 })
+    let weights_in_place = super::mapped::in_place_bytes_on_this_thread() - in_place_before;
+    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place })
 }
 
 /// The VAE inside a single-file checkpoint (also used to redo a decode in f32).
