@@ -254,11 +254,13 @@ pub type Resolve = dyn Fn(&str) -> Option<Source> + Send + Sync;
 pub struct Checkpoint {
     tensors: MmapedSafetensors,
     resolve: Box<Resolve>,
+    /// (address, length) of the slices layers read in place.
+    in_place: std::sync::Mutex<Vec<(usize, usize)>>,
 }
 
 impl Checkpoint {
     pub fn new(tensors: MmapedSafetensors, resolve: impl Fn(&str) -> Option<Source> + Send + Sync + 'static) -> Self {
-        Self { tensors, resolve: Box::new(resolve) }
+        Self { tensors, resolve: Box::new(resolve), in_place: Default::default() }
     }
 
     fn has(&self, name: &str) -> bool {
@@ -312,14 +314,28 @@ impl Checkpoint {
 }
 
 impl Checkpoint {
-    /// Reads every page of the mapped files once, in file order, so that the page cache holds
-    /// them before the first step needs them. A hint to the kernel would not do:
-    /// `MADV_WILLNEED` reads ahead only a few MB (8 MB measured on this project's VM).
-    pub(crate) fn touch_pages(&self) {
+    /// Records that a layer reads `data` (a slice of this mapping) in place, for [`Self::touch_pages`].
+    pub(crate) fn note_in_place(&self, data: &[u8]) {
+        if let Ok(mut blocks) = self.in_place.lock() {
+            blocks.push((data.as_ptr() as usize, data.len()));
+        }
+    }
+
+    /// Reads every page that layers read in place once, in file order, so that the page cache holds
+    /// them before the first step needs them, for as long as `wanted` says (checked per tensor).
+    /// A hint to the kernel would not do: `MADV_WILLNEED` reads ahead only a few MB (8 MB
+    /// measured on this project's VM).
+    pub(crate) fn touch_pages(&self, wanted: impl Fn() -> bool) {
         const PAGE: usize = 4096;
-        let mut blocks: Vec<&[u8]> = self.tensors.tensors().into_iter().map(|(_, view)| view.data()).collect();
-        blocks.sort_by_key(|data| data.as_ptr() as usize);
-        for data in blocks {
+        let mut blocks = self.in_place.lock().map(|blocks| blocks.clone()).unwrap_or_default();
+        blocks.sort_by_key(|&(start, _)| start);
+        for (start, len) in blocks {
+            if !wanted() {
+                return;
+            }
+            // SAFETY: `note_in_place` recorded a slice of this checkpoint's mapping, which lives
+            // as long as `self`.
+            let data = unsafe { std::slice::from_raw_parts(start as *const u8, len) };
             for offset in (0..data.len()).step_by(PAGE) {
                 // SAFETY: `offset` lies inside `data`; a volatile read so the touch is not optimised away.
                 unsafe { std::ptr::read_volatile(data.as_ptr().add(offset)) };

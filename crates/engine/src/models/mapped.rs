@@ -73,8 +73,11 @@ impl ModelWeights {
         drop(restore);
         // The pages come in from disk in the background, in file order, while the artist
         // types or the text encoder runs, instead of one fault at a time inside the first step.
-        // Nothing depends on it finishing; it holds the mapping until it does.
-        let _ = std::thread::Builder::new().name("easel-page-in".into()).spawn(move || checkpoint.touch_pages());
+        // Nothing depends on it finishing; it stops once it holds the last reference to the
+        // mapping (every layer that pointed into it is gone: the model was dropped).
+        let _ = std::thread::Builder::new()
+            .name("easel-page-in".into())
+            .spawn(move || checkpoint.touch_pages(|| Arc::strong_count(&checkpoint) > 1));
         Ok(model)
     }
 }
@@ -156,6 +159,7 @@ pub(crate) fn lookup(vb: &VarBuilder, name: &str, shape: impl Into<Shape>) -> Op
     }
     let data = bytes.as_ptr();
     IN_PLACE_BYTES.set(IN_PLACE_BYTES.get() + bytes.len() as u64);
+    checkpoint.note_in_place(bytes);
     Some(MappedTensor { _checkpoint: checkpoint, data, dtype: served, shape })
 }
 
@@ -374,7 +378,14 @@ mod tests {
             ("half".to_string(), tensor(&[7], 2, DType::F16)),
         ]);
         candle_core::safetensors::save(&tensors, &path).unwrap();
-        map(&path, plain).touch_pages();
+        let checkpoint = map(&path, plain);
+        for name in ["empty", "big", "half"] {
+            let (bytes, _) = checkpoint.stored_bytes(name, &tensors[name].shape().clone()).unwrap();
+            checkpoint.note_in_place(bytes);
+        }
+        checkpoint.touch_pages(|| true);
+        // Not wanted any more: returns before reading anything.
+        checkpoint.touch_pages(|| false);
     }
 
     /// A safetensors file written by hand, tensors in the given order: older writers did not
