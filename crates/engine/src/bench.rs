@@ -99,6 +99,8 @@ impl PrivateMemorySampler {
 /// whole generation of `request`, each the median of `runs` runs (the whole generation: one).
 pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Result<BenchReport> {
     request.validate(pipeline.info())?;
+    // Timings of the steady state: a generation right after a load overlaps the two.
+    crate::models::mapped::wait_for_page_in();
     let sampler = PrivateMemorySampler::start();
     let sd = pipeline.model();
     let info = pipeline.info();
