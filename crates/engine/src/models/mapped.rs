@@ -5,9 +5,9 @@
 //! new pages the kernel must zero and a copy into them: in `perf` of a load, 51% of the time
 //! zeroing pages and 12% copying. Easel's own CPU kernels take a weight as a plain slice, so on
 //! the CPU the layers that use them (convolutions and linear layers, which hold nearly all of a
-//! model's weights) keep a view into the mapping instead: loading does no copy, the pages come
-//! from the page cache as the first step touches them, and several processes (or a reload)
-//! share them. Biases, norms and embeddings (small) are still copied.
+//! model's weights) keep a view into the mapping instead: loading does no copy, a background
+//! thread reads the pages in file order (from disk if the page cache lost them), and several
+//! processes (or a reload) share them. Biases, norms and embeddings (small) are still copied.
 //!
 //! The catch of every mapped design (llama.cpp's, safetensors' own): a model file changed in
 //! place while it is loaded changes under the model. Downloads are written beside the file and
