@@ -163,7 +163,7 @@ pub(crate) fn linear_forward(
             }
         };
         if split {
-            (0..out_dim).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(|first| columns(first, 1));
+            (0..out_dim.div_ceil(chunk)).into_par_iter().for_each(|task| columns(task * chunk, 1));
         } else {
             columns(0, tasks);
         }

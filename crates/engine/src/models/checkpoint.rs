@@ -311,9 +311,7 @@ impl Checkpoint {
         };
         (bytes.len() == shape.elem_count() * dtype.size_in_bytes()).then_some((bytes, dtype))
     }
-}
 
-impl Checkpoint {
     /// Records that a layer reads `data` (a slice of this mapping) in place, for [`Self::touch_pages`].
     pub(crate) fn note_in_place(&self, data: &[u8]) {
         if let Ok(mut blocks) = self.in_place.lock() {
