@@ -287,15 +287,17 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("model            {} ({})", report.model, report.family);
     println!("size, steps      {}x{}, {} steps of {}", report.width, report.height, report.steps, report.sampler);
     println!("threads          {}", report.threads);
-    println!("precision        {}", args.precision);
+    // `--precision` picks the CPU mode; on a GPU the U-Net and text encoders run in f16.
+    let precision = if pipeline.model().options.device.is_cpu() { args.precision.as_str() } else { "f16 (GPU)" };
+    println!("precision        {precision}");
     let in_place = pipeline.model().weights_in_place;
-    println!("model load       {load_s:8.2} s   ({:.2} GB of weights read in place)", in_place as f64 / 1e9);
-    println!("text encoding    {:8.2} s", report.text_encoding_s);
-    println!("U-Net step, CFG  {:8.2} s   (batch 2)", report.unet_step_cfg_s);
-    println!("U-Net step       {:8.2} s   (batch 1)", report.unet_step_no_cfg_s);
-    println!("VAE decode       {:8.2} s", report.vae_decode_s);
+    println!("model load       {}   ({:.2} GB of weights read in place)", duration(load_s), in_place as f64 / 1e9);
+    println!("text encoding    {}", duration(report.text_encoding_s));
+    println!("U-Net step, CFG  {}   (batch 2)", duration(report.unet_step_cfg_s));
+    println!("U-Net step       {}   (batch 1)", duration(report.unet_step_no_cfg_s));
+    println!("VAE decode       {}", duration(report.vae_decode_s));
     println!("latent preview   {:8.2} ms  (per step)", report.preview_s * 1e3);
-    println!("end to end       {:8.2} s", report.end_to_end_s);
+    println!("end to end       {}", duration(report.end_to_end_s));
     if let Some(bytes) = report.peak_memory_bytes {
         println!("peak RAM         {:8.2} GB   (process, not GPU memory)", bytes as f64 / 1e9);
     }
@@ -305,7 +307,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let mut json = serde_json::to_value(&report)?;
         json["model_load_s"] = serde_json::json!(load_s);
-        json["precision"] = serde_json::json!(args.precision);
+        json["precision"] = serde_json::json!(precision);
         json["widen_f16_weights"] = serde_json::json!(args.widen_f16_weights);
         json["copy_weights"] = serde_json::json!(args.copy_weights);
         json["weights_in_place_bytes"] = serde_json::json!(in_place);
@@ -313,6 +315,15 @@ fn bench(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Seconds for the bench table: milliseconds below one second (GPU steps take tens of them).
+fn duration(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{:8.1} ms", seconds * 1e3)
+    } else {
+        format!("{seconds:8.2} s ")
+    }
 }
 
 fn list_models(dir: Option<&Path>) -> Result<()> {

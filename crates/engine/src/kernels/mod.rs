@@ -13,6 +13,7 @@ pub mod attention;
 pub mod bf16;
 pub mod bf16_layers;
 pub mod conv2d;
+pub mod cuda;
 pub mod geglu;
 pub mod group_norm;
 pub mod half_weights;

@@ -23,6 +23,9 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
         let op = crate::kernels::AttentionOp { scale: scale as f32, bf16 };
         return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
+    if let Some(out) = crate::kernels::cuda::attention(q, k, v, scale) {
+        return out;
+    }
     let (batch, n_q, _) = q.dims3()?;
     let n_k = k.dim(1)?;
     let k_t = k.t()?.contiguous()?;
@@ -120,6 +123,8 @@ impl FeedForward {
         let projected = self.proj.forward(xs)?;
         let gated = if crate::kernels::applies_to(&projected) {
             projected.contiguous()?.apply_op1_no_bwd(&crate::kernels::GegluOp)?
+        } else if let Some(gated) = crate::kernels::cuda::geglu(&projected) {
+            gated?
         } else {
             let chunks = projected.chunk(2, D::Minus1)?;
             (&chunks[0] * chunks[1].gelu_erf()?)?

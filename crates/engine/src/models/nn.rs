@@ -66,7 +66,7 @@ fn kernel_weight(weight: &Tensor) -> bool {
 
 /// A 2-D convolution: Easel's own CPU kernel for f32 on the CPU (its weight read in place from
 /// the mapped checkpoint where it can be, see [`mapped`]), its bf16 kernel in the CPU bf16
-/// mode, and candle's convolution everywhere else (GPU, f16).
+/// mode, cuDNN with cached plans on CUDA (`cudnn` feature), and candle's convolution elsewhere.
 #[derive(Debug, Clone)]
 pub enum Conv2d {
     Candle { inner: candle_nn::Conv2d, stride: usize, padding: usize },
@@ -76,6 +76,11 @@ pub enum Conv2d {
 
 impl Conv2d {
     fn candle_forward(inner: &candle_nn::Conv2d, stride: usize, padding: usize, xs: &Tensor) -> Result<Tensor> {
+        if let Some(bias) = inner.bias() {
+            if let Some(out) = kernels::cuda::conv2d(xs, inner.weight(), bias, stride, padding) {
+                return out;
+            }
+        }
         match inner.bias() {
             Some(bias) if kernels::applies_to(xs) && kernel_weight(inner.weight()) => {
                 let op = Conv2dOp { stride, padding };
@@ -104,8 +109,8 @@ impl Module for Conv2d {
     }
 }
 
-/// GroupNorm with an optional fused SiLU (Easel's CPU kernel for f32 on the CPU, candle-nn's
-/// GroupNorm otherwise).
+/// GroupNorm with an optional fused SiLU (Easel's kernels for f32 on the CPU and for f16/f32 on
+/// CUDA, candle-nn's GroupNorm otherwise).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -125,6 +130,9 @@ impl GroupNorm {
         if kernels::applies_to(xs) && self.weight.dtype() == xs.dtype() {
             let op = GroupNormOp { groups: self.groups, eps: self.eps, silu };
             return xs.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        if let Some(out) = kernels::cuda::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu) {
+            return out;
         }
         let normed = self.inner.forward(xs)?;
         if silu {
