@@ -102,7 +102,21 @@ fn main() -> candle_core::Result<()> {
 
     // Linear layers of the U-Net's transformer blocks at 512×512 with CFG (rows = 2 × tokens):
     // f32 weights, f16 ones kept as stored and widened per call, and the bf16 mode's.
-    for (rows, in_dim, out_dim) in [(8192, 320, 2560), (2048, 640, 5120), (512, 1280, 10240), (512, 5120, 1280)] {
+    // Then the text encoders' (2 × 77 tokens; CLIP ViT-L and OpenCLIP bigG) and the U-Net's
+    // cross-attention keys and values over the context.
+    for (rows, in_dim, out_dim) in [
+        (8192, 320, 2560),
+        (2048, 640, 5120),
+        (512, 1280, 10240),
+        (512, 5120, 1280),
+        (128, 1280, 1280),
+        (154, 768, 768),
+        (154, 768, 3072),
+        (154, 3072, 768),
+        (154, 1280, 5120),
+        (154, 5120, 1280),
+        (154, 768, 320),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (2, rows / 2, in_dim), &dev)?;
         let weight = Tensor::randn(0f32, 0.02, (out_dim, in_dim), &dev)?;
         for dtype in weight_dtypes(true) {

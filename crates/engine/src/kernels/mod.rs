@@ -18,6 +18,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod half_weights;
 pub mod simd_math;
+pub mod small_linear;
 pub mod winograd;
 
 pub use attention::AttentionOp;
