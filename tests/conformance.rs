@@ -363,6 +363,24 @@ fn f16_weights_kept_in_f16_give_the_image_of_widening_at_load() {
     }
 }
 
+/// Each stage releases the other components' in-place weights: after a generation only the
+/// VAE's (the last stage's) are in the resident set; the text encoders' and the U-Net's are not.
+fn check_only_the_vae_stays_resident(pipeline: &Pipeline, path: &std::path::Path) {
+    if !cfg!(target_os = "linux") || pipeline.model().weights_in_place == 0 {
+        return;
+    }
+    easel_engine::models::mapped::wait_for_page_in();
+    let pages = &pipeline.model().pages;
+    let resident = |p: &easel_engine::models::mapped::MappedPages| p.resident_bytes().unwrap();
+    // Pages shared with copied tensors at the blocks' edges may stay.
+    let leftover = 64 * 1024;
+    assert!(resident(&pages.unet) < leftover, "{}: U-Net {} bytes resident", path.display(), resident(&pages.unet));
+    let text = resident(&pages.text_encoders);
+    assert!(text < leftover, "{}: text encoders {text} bytes resident", path.display());
+    let vae = resident(&pages.vae);
+    assert!(vae > leftover, "{}: the VAE just decoded, yet only {vae} bytes resident", path.display());
+}
+
 /// On the CPU, convolution and linear weights are read in place from the memory-mapped files
 /// instead of copied out at load. The image must be the one of copying them, bit for bit, for
 /// every family, for diffusers folders, f16 files and single files (whose renamed, reshaped and
@@ -383,7 +401,9 @@ fn weights_read_in_place_give_the_image_of_copying_them() {
         let generate = |options: LoadOptions| {
             let pipeline = Pipeline::load(&path, options).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let in_place = pipeline.model().weights_in_place;
-            (in_place, pipeline.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap().data)
+            let image = pipeline.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap().data;
+            check_only_the_vae_stays_resident(&pipeline, &path);
+            (in_place, image)
         };
         let (in_place, mapped) = generate(LoadOptions::default());
         let (none, copied) = generate(LoadOptions { map_weights: false, ..LoadOptions::default() });

@@ -136,7 +136,9 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
             Ok(sync()?)
         })
     };
-    // As in the denoising loop (see `memory`).
+    // As in the denoising loop: only the U-Net's weights resident (see `Pipeline::denoise`),
+    // freed memory held (see `memory`).
+    sd.keep_resident_only(crate::models::Component::Unet);
     let hold = crate::memory::HoldFreedMemory::new();
     let unet_step_cfg_s = unet_step(2)?;
     let unet_step_no_cfg_s = unet_step(1)?;

@@ -219,9 +219,11 @@ pub fn load_released(tensors: &MmapedSafetensors, name: &str, dev: &Device) -> R
     Ok(tensor)
 }
 
+/// The smallest page size of the platforms Easel runs on; releasing works on whole pages.
+const PAGE: usize = 4096;
+
 #[cfg(unix)]
 fn release_pages(data: &[u8]) {
-    const PAGE: usize = 4096;
     let start = (data.as_ptr() as usize).next_multiple_of(PAGE);
     let end = (data.as_ptr() as usize + data.len()) / PAGE * PAGE;
     if end > start {
@@ -312,32 +314,87 @@ impl Checkpoint {
         (bytes.len() == shape.elem_count() * dtype.size_in_bytes()).then_some((bytes, dtype))
     }
 
-    /// Records that a layer reads `data` (a slice of this mapping) in place, for [`Self::touch_pages`].
+    /// Records that a layer reads `data` (a slice of this mapping) in place, for [`Self::touch_pages`]
+    /// and [`Self::release_in_place_pages`].
     pub(crate) fn note_in_place(&self, data: &[u8]) {
         if let Ok(mut blocks) = self.in_place.lock() {
             blocks.push((data.as_ptr() as usize, data.len()));
         }
     }
 
+    /// The slices layers read in place, in file order, neighbours closer than a page merged (so
+    /// that releasing them leaves no page between two tensors behind).
+    fn in_place_blocks(&self) -> Vec<(usize, usize)> {
+        let mut blocks = self.in_place.lock().map(|blocks| blocks.clone()).unwrap_or_default();
+        blocks.sort_by_key(|&(start, _)| start);
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(blocks.len());
+        for (start, len) in blocks {
+            match merged.last_mut() {
+                Some((last_start, last_len)) if start <= *last_start + *last_len + PAGE => {
+                    *last_len = (start + len).max(*last_start + *last_len) - *last_start;
+                }
+                _ => merged.push((start, len)),
+            }
+        }
+        merged
+    }
+
+    /// Takes the pages layers read in place out of this process's resident set; they stay in the
+    /// page cache (shared, and reclaimable by the kernel under memory pressure), and the next
+    /// read maps them back without touching the disk. The pipeline calls this for the components
+    /// a stage does not use, so that a generation's peak holds one component's weights, not all.
+    pub(crate) fn release_in_place_pages(&self) {
+        for (start, len) in self.in_place_blocks() {
+            // SAFETY: `note_in_place` recorded slices of this checkpoint's mapping, which lives
+            // as long as `self`; merged blocks only span bytes between two of them.
+            release_pages(unsafe { std::slice::from_raw_parts(start as *const u8, len) });
+        }
+    }
+
+    /// How many bytes of the slices layers read in place are mapped into this process now
+    /// (Linux, from /proc/self/pagemap's "present" bit; `None` elsewhere or if unreadable).
+    /// The whole mapping's resident size would not do: reading a file's header can map a 2 MB
+    /// block of its start at once (large page-cache folios), which says nothing about weights.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn resident_in_place_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let mut present = 0u64;
+        for (start, len) in self.in_place_blocks() {
+            let (first, last) = (start / PAGE, (start + len).div_ceil(PAGE));
+            let mut entries = vec![0u8; (last - first) * 8];
+            pagemap.read_exact_at(&mut entries, (first * 8) as u64).ok()?;
+            present += entries
+                .chunks_exact(8)
+                .filter(|e| u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]) >> 63 == 1)
+                .count() as u64;
+        }
+        Some(present * PAGE as u64)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn resident_in_place_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Reads every page that layers read in place once, in file order, so that the page cache holds
     /// them before the first step needs them, for as long as `wanted` says (checked per tensor).
+    /// Each block is released again once read: warming the cache should not put a component's
+    /// weights in the resident set before it runs (see [`Self::release_in_place_pages`]).
     /// A hint to the kernel would not do: `MADV_WILLNEED` reads ahead only a few MB (8 MB
     /// measured on this project's VM).
     pub(crate) fn touch_pages(&self, wanted: impl Fn() -> bool) {
-        const PAGE: usize = 4096;
-        let mut blocks = self.in_place.lock().map(|blocks| blocks.clone()).unwrap_or_default();
-        blocks.sort_by_key(|&(start, _)| start);
-        for (start, len) in blocks {
+        for (start, len) in self.in_place_blocks() {
             if !wanted() {
                 return;
             }
-            // SAFETY: `note_in_place` recorded a slice of this checkpoint's mapping, which lives
-            // as long as `self`.
+            // SAFETY: as in `release_in_place_pages`.
             let data = unsafe { std::slice::from_raw_parts(start as *const u8, len) };
             for offset in (0..data.len()).step_by(PAGE) {
                 // SAFETY: `offset` lies inside `data`; a volatile read so the touch is not optimised away.
                 unsafe { std::ptr::read_volatile(data.as_ptr().add(offset)) };
             }
+            release_pages(data);
         }
     }
 }

@@ -5,7 +5,7 @@
 //! broadcast over a batch and which exposes no penultimate hidden state with the projection.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear};
@@ -116,7 +116,7 @@ pub struct ClipOutput {
 
 #[derive(Debug)]
 pub struct ClipTextModel {
-    token_embedding: Embedding,
+    token_embedding: super::nn::Embedding,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -137,8 +137,9 @@ impl ClipTextModel {
             other => candle_core::bail!("unsupported CLIP activation \"{other}\""),
         };
         let tm = vb.pp("text_model");
+        let token_embedding =
+            super::nn::embedding(config.vocab_size, config.hidden_size, tm.pp("embeddings").pp("token_embedding"))?;
         let emb = super::nn::unpacked(tm.pp("embeddings"));
-        let token_embedding = candle_nn::embedding(config.vocab_size, config.hidden_size, emb.pp("token_embedding"))?;
         let position_embedding =
             emb.get((config.max_position_embeddings, config.hidden_size), "position_embedding.weight")?;
         let layers = (0..config.num_hidden_layers)

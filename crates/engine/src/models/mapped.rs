@@ -78,8 +78,18 @@ impl ModelWeights {
     /// Runs a model constructor on these weights; with `map`, its CPU convolutions and linear
     /// layers keep views into the mapping (see the module docs) instead of copies.
     pub fn build<T>(self, map: bool, build: impl FnOnce(VarBuilder<'static>) -> Result<T>) -> Result<T> {
+        self.build_with_pages(map, build).map(|(model, _)| model)
+    }
+
+    /// [`Self::build`], also returning the pages the model reads in place, for the pipeline to
+    /// release while the model is idle.
+    pub fn build_with_pages<T>(
+        self,
+        map: bool,
+        build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+    ) -> Result<(T, MappedPages)> {
         if !map {
-            return build(self.vb);
+            return Ok((build(self.vb)?, MappedPages::default()));
         }
         /// Restores the outer value, also when `build` unwinds.
         struct Restore(Option<Arc<Checkpoint>>);
@@ -92,6 +102,7 @@ impl ModelWeights {
         let restore = Restore(BUILDING.with_borrow_mut(|current| current.replace(self.checkpoint)));
         let model = build(self.vb)?;
         drop(restore);
+        let pages = MappedPages(vec![checkpoint.clone()]);
         // The pages come in from disk in the background, in file order, while the artist
         // types or the text encoder runs, instead of one fault at a time inside the first step.
         // Nothing depends on it finishing; it stops once it holds the last reference to the
@@ -104,7 +115,41 @@ impl ModelWeights {
         if spawned.is_err() {
             PAGING_IN.fetch_sub(1, Ordering::SeqCst);
         }
-        Ok(model)
+        Ok((model, pages))
+    }
+}
+
+/// The mapped files a model reads some of its weights from in place. Releasing takes those
+/// pages out of the process's resident set while they stay in the page cache: the next read maps
+/// them back without a disk read (a minor fault per 64 KB). The pipeline releases the components
+/// a stage does not use, so a generation's peak memory holds one component's weights at a time
+/// (the U-Net's while denoising), not every component's at once.
+#[derive(Clone, Default)]
+pub struct MappedPages(Vec<Arc<Checkpoint>>);
+
+impl MappedPages {
+    pub fn release(&self) {
+        for checkpoint in &self.0 {
+            checkpoint.release_in_place_pages();
+        }
+    }
+
+    /// Bytes of the weights read in place that are in the process's resident set now (Linux;
+    /// `None` elsewhere): to check and measure what releasing does.
+    pub fn resident_bytes(&self) -> Option<u64> {
+        self.0.iter().map(|c| c.resident_in_place_bytes()).sum()
+    }
+
+    /// Both sets of pages, released together.
+    pub fn and(mut self, other: MappedPages) -> MappedPages {
+        self.0.extend(other.0);
+        self
+    }
+}
+
+impl fmt::Debug for MappedPages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MappedPages({} files)", self.0.len())
     }
 }
 
@@ -258,7 +303,7 @@ mod tests {
     use super::*;
     use crate::kernels::test_values;
     use crate::models::checkpoint::Source;
-    use crate::models::nn::{conv2d, linear, linear_no_bias, Conv2d, Linear};
+    use crate::models::nn::{conv2d, embedding, linear, linear_no_bias, Conv2d, Embedding, Linear};
 
     fn tensor(shape: &[usize], seed: u32, dtype: DType) -> Tensor {
         let len = shape.iter().product();
@@ -415,6 +460,68 @@ mod tests {
         checkpoint.touch_pages(|| true);
         // Not wanted any more: returns before reading anything.
         checkpoint.touch_pages(|| false);
+    }
+
+    #[test]
+    fn token_embeddings_are_read_in_place_and_give_the_copied_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("embeddings.safetensors");
+        let tensors = HashMap::from([
+            ("tok.weight".to_string(), tensor(&[10, 6], 1, DType::F32)),
+            ("half.weight".to_string(), tensor(&[10, 6], 2, DType::F16)),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let ids = Tensor::new(&[[3u32, 0, 9], [9, 9, 1]], &Device::Cpu).unwrap();
+        for (name, dtype) in [("tok", DType::F32), ("half", DType::F16)] {
+            let build = |map_weights| {
+                ModelWeights::new(map(&path, plain), dtype, &Device::Cpu)
+                    .build(map_weights, |vb| embedding(10, 6, vb.pp(name)))
+                    .unwrap()
+            };
+            let (in_place, copied) = (build(true), build(false));
+            assert!(matches!(in_place, Embedding::Mapped { .. }), "{name}");
+            assert!(matches!(copied, Embedding::Candle(_)), "{name}");
+            let out = in_place.forward(&ids).unwrap();
+            assert_eq!(out.dims(), &[2, 3, 6]);
+            assert_eq!(bits(&out), bits(&copied.forward(&ids).unwrap()), "{name}");
+            let past_the_end = Tensor::new(&[[10u32]], &Device::Cpu).unwrap();
+            let err = in_place.forward(&past_the_end).unwrap_err().to_string();
+            assert!(err.contains("outside the embedding table"), "{err}");
+        }
+    }
+
+    /// Releasing takes a model's in-place weights out of the resident set, page-in leaves them
+    /// out, and the next forward pass maps them back with the same numbers.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn released_weights_leave_the_resident_set_and_come_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weights.safetensors");
+        let (rows, cols) = (256, 4096); // 4 MB of f32
+        let tensors = HashMap::from([
+            ("fc.weight".to_string(), tensor(&[rows, cols], 1, DType::F32)),
+            ("fc.bias".to_string(), tensor(&[rows], 2, DType::F32)),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let (fc, pages) = ModelWeights::new(map(&path, plain), DType::F32, &Device::Cpu)
+            .build_with_pages(true, |vb| linear(cols, rows, vb.pp("fc")))
+            .unwrap();
+        assert!(matches!(&fc, Linear::Mapped { .. }));
+        wait_for_page_in();
+        let weight_bytes = (rows * cols * 4) as u64;
+        let resident = || pages.resident_bytes().unwrap();
+        // Paging in warmed the page cache without keeping the pages mapped (a header page may stay).
+        assert!(resident() < weight_bytes / 8, "after page-in: {} bytes resident", resident());
+
+        let x = tensor(&[3, cols], 3, DType::F32);
+        let first = bits(&fc.forward(&x).unwrap());
+        assert!(resident() >= weight_bytes, "after a forward pass: {} bytes resident", resident());
+        pages.release();
+        assert!(resident() < weight_bytes / 8, "after release: {} bytes resident", resident());
+        assert_eq!(bits(&fc.forward(&x).unwrap()), first, "released weights must read back the same");
+        assert!(resident() >= weight_bytes);
+        // Nothing mapped, nothing to release or measure.
+        assert_eq!(MappedPages::default().resident_bytes(), Some(0));
     }
 
     /// A safetensors file written by hand, tensors in the given order: older writers did not

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use mapped::ModelWeights;
+use mapped::{MappedPages, ModelWeights};
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
@@ -371,6 +371,43 @@ pub struct StableDiffusion {
     pub options: LoadOptions,
     /// Bytes of weights read in place from the mapped files rather than copied at load.
     pub weights_in_place: u64,
+    /// The pages each component reads in place, released while it is idle.
+    pub pages: ComponentPages,
+}
+
+/// The networks of a model, for [`StableDiffusion::keep_resident_only`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    TextEncoders,
+    Unet,
+    Vae,
+}
+
+/// The mapped pages of each component (empty for layers that hold copies: GPU, `--copy-weights`).
+#[derive(Debug, Clone, Default)]
+pub struct ComponentPages {
+    pub text_encoders: MappedPages,
+    pub unet: MappedPages,
+    pub vae: MappedPages,
+}
+
+impl StableDiffusion {
+    /// Takes the in-place weights of every component but `active` out of the resident set, so
+    /// that each stage of a generation holds only its own network's weights (for SD 1.5 in f32:
+    /// 3.4 GB while denoising instead of 4.3 GB, 0.3 GB while decoding instead of 4.3 GB). The
+    /// pages stay in the page cache: the next stage maps them back in without a disk read, at
+    /// about 0.1 s for the U-Net (measured; nothing next to a step).
+    pub fn keep_resident_only(&self, active: Component) {
+        for (component, pages) in [
+            (Component::TextEncoders, &self.pages.text_encoders),
+            (Component::Unet, &self.pages.unet),
+            (Component::Vae, &self.pages.vae),
+        ] {
+            if component != active {
+                pages.release();
+            }
+        }
+    }
 }
 
 fn load_component<T>(
@@ -380,12 +417,12 @@ fn load_component<T>(
     dtype: DType,
     options: &LoadOptions,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
-) -> Result<T> {
+) -> Result<(T, MappedPages)> {
     let dir = folder.join(component);
     let files = component_weights(&dir, stem)?;
     let weights = model_weights(&files, dtype, &options.device)?;
     weights
-        .build(options.map_weights, build)
+        .build_with_pages(options.map_weights, build)
         .map_err(|e| model_error(&dir, format!("weights do not match the config: {e}")))
 }
 
@@ -440,26 +477,32 @@ impl StableDiffusion {
         let dtype = options.weights_dtype(options.dtype);
         // Checked first: a refused bf16 mode should not cost a text-encoder load.
         let unet_dtype = options.unet_weights_dtype()?;
-        let text_encoder = load_component(folder, "text_encoder", "model", dtype, &options, |vb| {
+        let (text_encoder, mut text_pages) = load_component(folder, "text_encoder", "model", dtype, &options, |vb| {
             ClipTextModel::new(vb, info.text_encoder.clone(), false)
         })?;
         let text_encoder_2 = match &info.text_encoder_2 {
-            Some(cfg) => Some(load_component(folder, "text_encoder_2", "model", dtype, &options, |vb| {
-                ClipTextModel::new(vb, cfg.clone(), true)
-            })?),
+            Some(cfg) => {
+                let (model, pages) = load_component(folder, "text_encoder_2", "model", dtype, &options, |vb| {
+                    ClipTextModel::new(vb, cfg.clone(), true)
+                })?;
+                text_pages = text_pages.and(pages);
+                Some(model)
+            }
             None => None,
         };
-        let unet = load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, &options, |vb| {
-            UNet2DConditionModel::new(vb, info.unet.clone())
-        })?;
-        let vae = load_vae(&info, &options)?;
+        let (unet, unet_pages) =
+            load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, &options, |vb| {
+                UNet2DConditionModel::new(vb, info.unet.clone())
+            })?;
+        let (vae, vae_pages) = load_vae(&info, &options)?;
         let weights_in_place = mapped::in_place_bytes_on_this_thread() - in_place_before;
-        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place })
+        let pages = ComponentPages { text_encoders: text_pages, unet: unet_pages, vae: vae_pages };
+        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place, pages })
     }
 }
 
 /// Loads (or reloads, e.g. in f32 after an f16 overflow) the VAE decoder of a model.
-pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
+pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
     if let Some(path) = &options.vae_override {
         return load_vae_override(path, info.family, options);
     }
@@ -475,13 +518,13 @@ pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
 /// A replacement VAE: a diffusers `vae/` folder (config.json + weights) or a single file in
 /// either naming (original `encoder.*`/`decoder.*`, with or without `first_stage_model.`, or
 /// diffusers' names as in madebyollin/sdxl-vae-fp16-fix).
-pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> Result<VaeDecoder> {
+pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
     if path.is_dir() {
         let config: VaeConfig = read_json(&path.join("config.json"))?;
         let files = component_weights(path, "diffusion_pytorch_model")?;
         let weights = model_weights(&files, options.weights_dtype(options.vae_dtype), &options.device)?;
         return weights
-            .build(options.map_weights, |vb| VaeDecoder::new(vb, config))
+            .build_with_pages(options.map_weights, |vb| VaeDecoder::new(vb, config))
             .map_err(|e| model_error(path, format!("weights do not match the config: {e}")));
     }
     if !path.is_file() {

@@ -249,6 +249,55 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
     linear_maybe_bias(in_dim, out_dim, false, vb)
 }
 
+/// A token embedding table. SD 1.5's is 49408×768 (152 MB in f32) and a prompt reads 77 of its
+/// rows, so on the CPU it is read in place from the mapped file like the linear weights: copied,
+/// it would sit in private memory through every step of the denoising loop.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Candle(candle_nn::Embedding),
+    Mapped { table: mapped::MappedTensor, hidden: usize },
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(inner) => inner.forward(ids),
+            Self::Mapped { table, hidden } => gather_rows(table, *hidden, ids),
+        }
+    }
+}
+
+/// The rows of `table` at `ids`, as f32: shape `ids.dims() + [hidden]`.
+fn gather_rows(table: &mapped::MappedTensor, hidden: usize, ids: &Tensor) -> Result<Tensor> {
+    use kernels::half_weights::WeightData;
+    let rows = table.shape().dims()[0];
+    let ids_flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let mut out = Vec::with_capacity(ids_flat.len() * hidden);
+    for &id in &ids_flat {
+        let id = id as usize;
+        if id >= rows {
+            candle_core::bail!("token id {id} is outside the embedding table ({rows} rows)");
+        }
+        let row = id * hidden..(id + 1) * hidden;
+        // f16 widens to f32 exactly, as the copying load would have.
+        match table.data() {
+            WeightData::F32(w) => out.extend_from_slice(&w[row]),
+            WeightData::F16(w) => out.extend(w[row].iter().map(|v| v.to_f32())),
+        }
+    }
+    let mut dims = ids.dims().to_vec();
+    dims.push(hidden);
+    Tensor::from_vec(out, dims, ids.device())
+}
+
+/// A token embedding, read in place where it can be (see [`Embedding`]).
+pub fn embedding(rows: usize, hidden: usize, vb: VarBuilder) -> Result<Embedding> {
+    if let Some(table) = mapped::lookup(&weight_source(vb.clone()), "weight", (rows, hidden)) {
+        return Ok(Embedding::Mapped { table, hidden });
+    }
+    Ok(Embedding::Candle(candle_nn::embedding(rows, hidden, unpacked(vb))?))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;

@@ -12,11 +12,11 @@ use serde_json::json;
 
 use super::checkpoint::{ldm_unet_name, ldm_vae_source, open_clip_source, Checkpoint, Source};
 use super::clip::{ClipTextConfig, ClipTextModel};
-use super::mapped::ModelWeights;
+use super::mapped::{MappedPages, ModelWeights};
 use super::safetensors_check::validate_safetensors;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{VaeConfig, VaeDecoder};
-use super::{Family, LoadOptions, ModelInfo, SchedulerSource, StableDiffusion};
+use super::{ComponentPages, Family, LoadOptions, ModelInfo, SchedulerSource, StableDiffusion};
 use crate::{Error, Result};
 
 const UNET: &str = "model.diffusion_model.";
@@ -354,11 +354,11 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         unet_dtype,
         &device,
     )?;
-    let unet = unet_weights
-        .build(options.map_weights, |vb| UNet2DConditionModel::new(vb, info.unet.clone()))
+    let (unet, unet_pages) = unet_weights
+        .build_with_pages(options.map_weights, |vb| UNet2DConditionModel::new(vb, info.unet.clone()))
         .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
 
-    let vae = super::load_vae(&info, &options)?;
+    let (vae, vae_pages) = super::load_vae(&info, &options)?;
 
     let prefixed = |prefix: &'static str| move |name: &str| Some(Source::Plain(format!("{prefix}{name}")));
     let open_clip = |prefix: &'static str| {
@@ -380,34 +380,36 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         ),
     };
     let map = options.map_weights;
-    let text_encoder = te1
-        .build(map, |vb| ClipTextModel::new(vb, info.text_encoder.clone(), false))
+    let (text_encoder, mut text_pages) = te1
+        .build_with_pages(map, |vb| ClipTextModel::new(vb, info.text_encoder.clone(), false))
         .map_err(|e| wrap("the text encoder does not match its inferred shape", e))?;
     let text_encoder_2 = match (te2, &info.text_encoder_2) {
-        (Some(weights), Some(config)) => Some(
-            weights
-                .build(map, |vb| ClipTextModel::new(vb, config.clone(), true))
-                .map_err(|e| wrap("the second text encoder does not match its inferred shape", e))?,
-        ),
+        (Some(weights), Some(config)) => {
+            let (model, pages) = weights
+                .build_with_pages(map, |vb| ClipTextModel::new(vb, config.clone(), true))
+                .map_err(|e| wrap("the second text encoder does not match its inferred shape", e))?;
+            text_pages = text_pages.and(pages);
+            Some(model)
+        }
         _ => None,
     };
     let weights_in_place = super::mapped::in_place_bytes_on_this_thread() - in_place_before;
-    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place })
+    let pages = ComponentPages { text_encoders: text_pages, unet: unet_pages, vae: vae_pages };
+    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place, pages })
 }
 
 /// The VAE inside a single-file checkpoint (also used to redo a decode in f32).
-pub fn load_checkpoint_vae(info: &ModelInfo, options: &LoadOptions) -> Result<VaeDecoder> {
+pub fn load_checkpoint_vae(info: &ModelInfo, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
     let path = info.path.as_path();
     let weights = ldm_vae_weights(path, VAE, info.vae.block_out_channels.len(), options)?;
-    weights.build(options.map_weights, |vb| VaeDecoder::new(vb, info.vae.clone())).map_err(|e| Error::Model {
-        path: path.to_path_buf(),
-        message: format!("the VAE does not match its inferred shape: {e}"),
+    weights.build_with_pages(options.map_weights, |vb| VaeDecoder::new(vb, info.vae.clone())).map_err(|e| {
+        Error::Model { path: path.to_path_buf(), message: format!("the VAE does not match its inferred shape: {e}") }
     })
 }
 
 /// A standalone VAE file, in the original naming (optionally under `first_stage_model.`) or in
 /// diffusers' naming; its shape is inferred, its scaling factor is the family's.
-pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Result<VaeDecoder> {
+pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
     let keys = open_keys(path)?;
     let prefix = if keys.any_prefix(VAE) { VAE } else { "" };
     let diffusers_names = keys.any_prefix("decoder.up_blocks.");
@@ -436,7 +438,7 @@ pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Resu
         ldm_vae_weights(path, prefix, config.block_out_channels.len(), options)?
     };
     weights
-        .build(options.map_weights, |vb| VaeDecoder::new(vb, config))
+        .build_with_pages(options.map_weights, |vb| VaeDecoder::new(vb, config))
         .map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {e}")))
 }
 

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use crate::metadata::RgbImage;
 use crate::models::unet::AddedCond;
-use crate::models::{Family, LoadOptions, ModelInfo, StableDiffusion};
+use crate::models::{Component, Family, LoadOptions, ModelInfo, StableDiffusion};
 use crate::rng::{make_generator, RngKind};
 use crate::schedulers::{build_scheduler, SamplerId, SchedulerConfig};
 use crate::{Error, Result};
@@ -123,6 +123,7 @@ impl Pipeline {
     }
 
     pub fn encode_text(&self, prompt: &str, negative_prompt: &str) -> Result<TextConditioning> {
+        self.model.keep_resident_only(Component::TextEncoders);
         encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt)
     }
 
@@ -145,6 +146,7 @@ impl Pipeline {
         let device = &self.model.options.device;
         let dtype = self.model.options.dtype;
         let cond = self.encode_text(&req.prompt, &req.negative_prompt)?;
+        self.model.keep_resident_only(Component::Unet);
         let cfg = req.uses_cfg();
         // Without CFG only the prompt's row is used.
         let context = if cfg { cond.context.clone() } else { cond.context.narrow(0, 1, 1)? };
@@ -209,6 +211,7 @@ impl Pipeline {
                     .into(),
             ));
         }
+        self.model.keep_resident_only(Component::Vae);
         let scaled = (latents / self.model.info.vae.scaling_factor)?;
         let vae_dtype = self.model.options.vae_dtype;
         let image = self.model.vae.decode(&scaled.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
@@ -219,7 +222,7 @@ impl Pipeline {
             // Reduced-precision VAEs (SDXL's above all) overflow: redo the decode in f32
             // rather than hand back a black image.
             let options = LoadOptions { vae_dtype: DType::F32, ..self.model.options.clone() };
-            let vae = crate::models::load_vae(&self.model.info, &options)?;
+            let (vae, _pages) = crate::models::load_vae(&self.model.info, &options)?;
             let image = vae.decode(&scaled.to_dtype(DType::F32)?)?;
             if all_finite(&image)? {
                 return Ok(image);
