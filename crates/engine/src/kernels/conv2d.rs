@@ -244,7 +244,7 @@ fn conv2d_im2col(x: &[f32], bias: &[f32], g: &Geometry, tile_bytes: usize, join:
         let rows = rows_per_tile.min(g.h_out - row0);
         let n = rows * g.w_out;
         col.clear();
-        col.resize(patch * n, 0.0);
+        super::resize_scratch(col, patch * n);
         im2col_rows(x, g, image, row0, rows, col);
         // Tiles cover disjoint column ranges [row0·w_out, row0·w_out + n) of this image's
         // c_out × pixels output block, so concurrent tiles never write the same float.

@@ -40,6 +40,18 @@ pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// Sets a scratch buffer's length to `len` without `Vec`'s doubling growth: scratch buffers
+/// stay at their largest size while the denoising loop runs, so growing one from 30 to 31 MB
+/// must not reserve 60 MB (a counting allocator found a 59 MB Winograd buffer holding ~30 MB).
+/// The old contents are not kept when it grows; callers overwrite what they use.
+pub(crate) fn resize_scratch<T: Clone + Default>(buf: &mut Vec<T>, len: usize) {
+    if len > buf.capacity() {
+        *buf = Vec::new();
+        buf.reserve_exact(len);
+    }
+    buf.resize(len, T::default());
+}
+
 /// Drops the calling thread's kernel scratch buffers (see [`crate::memory`]).
 pub(crate) fn release_scratch() {
     winograd::release_scratch();

@@ -16,11 +16,12 @@
 //! small images go several to a band, so each GEMM has more columns per weight read.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::simd_math::multiversion;
-use super::{matmul, Operand, SyncPtr};
+use super::{matmul, resize_scratch, Operand, SyncPtr};
 
 /// Bytes of transformed input + GEMM output per band of tile rows within one image.
 const BAND_BYTES: usize = 16 << 20;
@@ -28,6 +29,12 @@ const BAND_BYTES: usize = 16 << 20;
 /// both CFG images share one band and each GEMM reads the transformed weights once for twice
 /// the columns. (Not for large images: the VAE's peak memory would grow for no gain.)
 const GROUP_BYTES: usize = 40 << 20;
+/// Transformed weights held at once. Transformed, a 3×3 filter bank grows 16/9 (F(2×2)) or 4×
+/// (F(4×4)): the U-Net's 2560→1280 convolution at 16×16 would take 210 MB and its 1920→640 at
+/// 32×32 177 MB, the largest buffers of a denoising step (found with a counting allocator). Past
+/// this size the output channels are done a group at a time, each group's filters transformed
+/// just before its GEMMs; the arithmetic per output is unchanged (the same bits, tested).
+const WEIGHT_BYTES: usize = 48 << 20;
 
 thread_local! {
     /// The transformed weights, inputs and products, kept between calls on the calling thread:
@@ -200,9 +207,9 @@ fn conv3x3_bf16(
 
     let c_pairs = c_in / 2;
     // U[ξ][o][i/2]: pairs of adjacent input channels, the bf16 GEMM's row operand.
-    u.resize(16 * c_out * c_pairs, 0);
+    resize_scratch(u, 16 * c_out * c_pairs);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    for_each_transformed_row(weight, c_in, c_out, Tile::F2, |xi, o, row| {
+    for_each_transformed_row(weight, c_in, 0..c_out, Tile::F2, |xi, o, row| {
         // SAFETY: [ξ][o][..c_pairs] is output channel o's own row of U.
         let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_pairs), c_pairs) };
         bf16::pairs_into(row, dst);
@@ -213,10 +220,10 @@ fn conv3x3_bf16(
         for panels in v.iter_mut() {
             panels.n = tiles;
             panels.k_pairs = c_pairs;
-            panels.data.resize(tiles.div_ceil(PANEL) * c_pairs * PANEL, 0);
+            resize_scratch(&mut panels.data, tiles.div_ceil(PANEL) * c_pairs * PANEL);
         }
         transform_input_bf16(x_group, c_in, h, w, band, v);
-        m.resize(16 * c_out * tiles, 0.0);
+        resize_scratch(m, 16 * c_out * tiles);
         let m_ptr = SyncPtr(m.as_mut_ptr());
         (0..16).into_par_iter().for_each(|xi| {
             let u_xi = &u[xi * c_out * c_pairs..(xi + 1) * c_out * c_pairs];
@@ -224,7 +231,7 @@ fn conv3x3_bf16(
             // writes only its own c_out × tiles block of M.
             unsafe { bf16::gemm_into(c_out, u_xi, c_pairs, &v[xi], m_ptr.get().add(xi * c_out * tiles), tiles, false) };
         });
-        transform_output(m, bias, c_out, h, w, band, Tile::F2, out_group);
+        transform_output(m, bias, 0..c_out, c_out, h, w, band, Tile::F2, out_group);
     });
 }
 
@@ -356,39 +363,60 @@ fn conv3x3_with(
     v: &mut Vec<f32>,
     m: &mut Vec<f32>,
 ) {
-    transform_weights(weight, c_in, c_out, tile, u);
     let positions = tile.positions();
+    #[cfg(test)]
+    let weight_bytes = tests::WEIGHT_BYTES_OVERRIDE.get().unwrap_or(WEIGHT_BYTES);
+    #[cfg(not(test))]
+    let weight_bytes = WEIGHT_BYTES;
+    let per_channel = 4 * positions * c_in;
+    // Groups of whole GEMM micro-panels (16 rows) where there is room for one.
+    let mut group = (weight_bytes / per_channel.max(1)).clamp(1, c_out.max(1));
+    if (16..c_out).contains(&group) {
+        group -= group % 16;
+    }
+    let groups: Vec<Range<usize>> = (0..c_out).step_by(group).map(|o| o..(o + group).min(c_out)).collect();
+    // One group: its weights are transformed once, whatever the number of bands.
+    let whole = groups.len() == 1;
+    if whole {
+        transform_weights(weight, c_in, 0..c_out, tile, u);
+    }
     for_each_band(x, out, (batch, c_in, c_out, h, w), tile, |x_group, out_group, band| {
-        v.resize(positions * c_in * band.tiles, 0.0);
-        m.resize(positions * c_out * band.tiles, 0.0);
+        resize_scratch(v, positions * c_in * band.tiles);
         transform_input(x_group, c_in, h, w, band, tile, v);
-        multiply(u, v, m, c_in, c_out, band.tiles, positions);
-        transform_output(m, bias, c_out, h, w, band, tile, out_group);
+        for channels in &groups {
+            if !whole {
+                transform_weights(weight, c_in, channels.clone(), tile, u);
+            }
+            resize_scratch(m, positions * channels.len() * band.tiles);
+            multiply(u, v, m, c_in, channels.len(), band.tiles, positions);
+            transform_output(m, bias, channels.clone(), c_out, h, w, band, tile, out_group);
+        }
     });
 }
 
-/// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3), into `u` (resized).
-fn transform_weights(weight: Filters, c_in: usize, c_out: usize, tile: Tile, u: &mut Vec<f32>) {
-    let positions = tile.positions();
-    u.resize(positions * c_out * c_in, 0.0);
+/// U[ξ][o][i] = (G g Gᵀ)_ξ for every filter g = weight[o][i] (3×3) of the output channels
+/// `channels`, into `u` (resized; o counted from the first of them).
+fn transform_weights(weight: Filters, c_in: usize, channels: Range<usize>, tile: Tile, u: &mut Vec<f32>) {
+    let (positions, first, count) = (tile.positions(), channels.start, channels.len());
+    resize_scratch(u, positions * count * c_in);
     let u_ptr = SyncPtr(u.as_mut_ptr());
-    for_each_transformed_row(weight, c_in, c_out, tile, |xi, o, row| {
-        // SAFETY: [ξ][o][..c_in] is output channel o's own row of U.
-        let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * c_out + o) * c_in), c_in) };
+    for_each_transformed_row(weight, c_in, channels, tile, |xi, o, row| {
+        // SAFETY: [ξ][o - first][..c_in] is output channel o's own row of U.
+        let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * count + o - first) * c_in), c_in) };
         dst.copy_from_slice(row);
     });
 }
 
-/// Transforms every output channel's filters, in parallel over output channels, and hands each
-/// position's row of c_in transformed values to `write(ξ, o, row)`.
+/// Transforms the filters of the output channels `channels`, in parallel over them, and hands
+/// each position's row of c_in transformed values to `write(ξ, o, row)`.
 fn for_each_transformed_row(
     weight: Filters,
     c_in: usize,
-    c_out: usize,
+    channels: Range<usize>,
     tile: Tile,
     write: impl Fn(usize, usize, &[f32]) + Sync,
 ) {
-    (0..c_out).into_par_iter().for_each_init(
+    channels.into_par_iter().for_each_init(
         || (Vec::new(), vec![0f32; tile.positions() * c_in]),
         |(buf, transformed), o| {
             transform_channel(weight.output_channel(o, c_in, buf), tile, transformed);
@@ -638,11 +666,13 @@ fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tile
     (0..positions).into_par_iter().for_each(gemm_one);
 }
 
-/// Y = Aᵀ M A + bias for every tile of the band, written into the NCHW output.
+/// Y = Aᵀ M A + bias for every tile of the band and the output channels `channels` (M holds
+/// only theirs), written into the NCHW output of `c_out` channels.
 #[allow(clippy::too_many_arguments)]
 fn transform_output(
     m: &[f32],
     bias: &[f32],
+    channels: Range<usize>,
     c_out: usize,
     h: usize,
     w: usize,
@@ -651,16 +681,17 @@ fn transform_output(
     out: &mut [f32],
 ) {
     if tile == Tile::F4 {
-        return transform_output_f4(m, bias, c_out, h, w, band, out);
+        return transform_output_f4(m, bias, channels, c_out, h, w, band, out);
     }
     let tiles_x = w.div_ceil(2);
     let tiles = band.tiles;
+    let (first, count) = (channels.start, channels.len());
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each_init(
+    channels.into_par_iter().for_each_init(
         || vec![0f32; 4 * 2 * tiles_x],
         |scratch, o| {
             band.for_each_row(tiles_x, |image, ty, first_tile| {
-                let at = |xi: usize| &m[(xi * c_out + o) * tiles + first_tile..][..tiles_x];
+                let at = |xi: usize| &m[(xi * count + o - first) * tiles + first_tile..][..tiles_x];
                 // Aᵀ down the rows of the tile: p[0][b] = m0b + m1b + m2b, p[1][b] = m1b − m2b − m3b.
                 let (top, bottom) = scratch.split_at_mut(4 * tiles_x);
                 for b in 0..4 {
@@ -721,16 +752,27 @@ multiversion! {
 }
 
 /// [`transform_output`] for F(4×4,3×3): Y = Aᵀ M A + bias.
-fn transform_output_f4(m: &[f32], bias: &[f32], c_out: usize, h: usize, w: usize, band: Band, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn transform_output_f4(
+    m: &[f32],
+    bias: &[f32],
+    channels: Range<usize>,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    band: Band,
+    out: &mut [f32],
+) {
     let tiles_x = w.div_ceil(4);
     let tiles = band.tiles;
+    let (first, count) = (channels.start, channels.len());
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    (0..c_out).into_par_iter().for_each_init(
+    channels.into_par_iter().for_each_init(
         // p[r][b][t]: Aᵀ down the tile's rows, for output row r and Winograd column b.
         || vec![0f32; 4 * 6 * tiles_x],
         |scratch, o| {
             band.for_each_row(tiles_x, |image, ty, first_tile| {
-                let at = |xi: usize| &m[(xi * c_out + o) * tiles + first_tile..][..tiles_x];
+                let at = |xi: usize| &m[(xi * count + o - first) * tiles + first_tile..][..tiles_x];
                 for b in 0..6 {
                     let mut rows =
                         scratch.chunks_exact_mut(6 * tiles_x).map(|p| &mut p[b * tiles_x..(b + 1) * tiles_x]);
@@ -801,6 +843,8 @@ mod tests {
     thread_local! {
         /// Band size for this test thread, to exercise every way of cutting an image into bands.
         pub(super) static BAND_BYTES_OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
+        /// Transformed-weight budget for this test thread, to exercise groups of output channels.
+        pub(super) static WEIGHT_BYTES_OVERRIDE: Cell<Option<usize>> = const { Cell::new(None) };
     }
 
     /// G g Gᵀ of one 3×3 filter, the 16 values in ξ order: the definition, one filter at a time.
@@ -934,5 +978,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Output channels a group at a time (one at a time; 16 or 32 at a time, with a remainder),
+    /// with one band or several: the same bits as all channels at once.
+    #[test]
+    fn groups_of_output_channels_give_the_same_bits() {
+        let (batch, c_in, c_out, h, w) = (2, 5, 37, 9, 11);
+        let x = values(batch * c_in * h * w, 4);
+        let weight = values(c_out * c_in * 9, 5);
+        let bias = values(c_out, 6);
+        for tile in [Tile::F2, Tile::F4] {
+            let per_channel = 4 * tile.positions() * c_in;
+            for band_bytes in [None, Some(1)] {
+                BAND_BYTES_OVERRIDE.set(band_bytes);
+                let run = |weight_bytes: Option<usize>| {
+                    WEIGHT_BYTES_OVERRIDE.set(weight_bytes);
+                    let mut out = vec![f32::NAN; batch * c_out * h * w];
+                    conv3x3_tiled(&x, Filters::F32(&weight), &bias, (batch, c_in, c_out, h, w), tile, &mut out);
+                    out.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+                };
+                let whole = run(None);
+                for weight_bytes in [1, 16 * per_channel, 36 * per_channel] {
+                    assert_eq!(run(Some(weight_bytes)), whole, "{weight_bytes} bytes of weights at once");
+                }
+            }
+        }
+        BAND_BYTES_OVERRIDE.set(None);
+        WEIGHT_BYTES_OVERRIDE.set(None);
     }
 }
