@@ -509,6 +509,10 @@ mod tests {
         assert!(matches!(&fc, Linear::Mapped { .. }));
         wait_for_page_in();
         let weight_bytes = (rows * cols * 4) as u64;
+        if pages.resident_bytes().is_none() {
+            eprintln!("/proc/self/pagemap is not readable here: residency not checked");
+            return;
+        }
         let resident = || pages.resident_bytes().unwrap();
         // Paging in warmed the page cache without keeping the pages mapped (a header page may stay).
         assert!(resident() < weight_bytes / 8, "after page-in: {} bytes resident", resident());
