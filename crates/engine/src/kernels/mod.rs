@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod geglu;
 pub mod group_norm;
 pub mod half_weights;
+pub mod residual;
 pub mod simd_math;
 pub mod small_linear;
 pub mod winograd;
@@ -27,6 +28,7 @@ pub use conv2d::Conv2dOp;
 pub use geglu::GegluOp;
 pub use group_norm::GroupNormOp;
 pub use half_weights::LinearOp;
+pub use residual::add_residual;
 
 /// Deterministic test inputs in [-1, 1) from a small LCG (no dependency).
 #[cfg(test)]
@@ -50,6 +52,16 @@ pub(crate) fn resize_scratch<T: Clone + Default>(buf: &mut Vec<T>, len: usize) {
         buf.reserve_exact(len);
     }
     buf.resize(len, T::default());
+}
+
+/// Room for `len` values in `buf`'s allocation, not initialised, for scratch that is written in
+/// full before any of it is read: zero-filling tens of MB per convolution would cost ~5% of a
+/// U-Net step once buffers are no longer kept between calls. After writing every value, the
+/// caller makes them readable with `buf.set_len(len)`.
+pub(crate) fn uninit_scratch<T>(buf: &mut Vec<T>, len: usize) -> &mut [std::mem::MaybeUninit<T>] {
+    buf.clear();
+    buf.reserve_exact(len);
+    &mut buf.spare_capacity_mut()[..len]
 }
 
 /// Drops the calling thread's kernel scratch buffers (see [`crate::memory`]).

@@ -8,6 +8,8 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
 
+use crate::kernels::add_residual;
+
 use super::nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear};
 
 /// Upper bound on the f32 score buffer of one attention chunk, in elements (≈128 MB).
@@ -95,10 +97,17 @@ impl CrossAttention {
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
+        self.forward_owned(xs.clone(), context)
+    }
+
+    /// [`Self::forward`] taking the input by value: it is dropped as soon as q, k and v exist,
+    /// not kept through the attention (at the U-Net's upper level, 10.5 MB at the step's peak).
+    pub fn forward_owned(&self, xs: Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let q = self.split_heads(&self.to_q.forward(&xs)?)?;
+        let context = context.unwrap_or(&xs);
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
+        drop(xs);
         // The bf16 mode's layers (packed projections) also take the bf16 attention.
         let bf16 = matches!(self.to_q, Linear::Bf16(_));
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale, bf16)?;
@@ -106,38 +115,46 @@ impl CrossAttention {
     }
 }
 
-/// Rows (tokens × images) of the feed-forward computed at a time on the CPU. Its intermediate
-/// is 8× as wide as its input: at the U-Net's upper level of a 512×512 CFG step (8192 rows of
-/// 320) the projection and the gated half take 126 MB at once, the largest activations of the
-/// step. So, like diffusers' `enable_forward_chunking`, it runs over slices of rows; every row is
-/// computed alone either way, and chunks this large take the same GEMM path, so the result is
-/// the same to the bit (tested).
-const FF_CHUNK_ROWS: usize = 2048;
+/// Bytes of the feed-forward's projection (its widest activation) computed at a time on the
+/// CPU. The intermediate is 8× as wide as the input: at the U-Net's upper level of a 512×512
+/// CFG step (8192 rows of 320) the projection and the gated half take 126 MB at once, at the
+/// next level 63 MB, the largest activations of a step. So, like diffusers'
+/// `enable_forward_chunking`, it runs over slices of rows; every row is computed alone either
+/// way, so the result is the same to the bit (tested) as long as no slice is small enough to
+/// take the GEMM's small-matrix path (256 rows and fewer: hence the floor).
+const FF_CHUNK_BYTES: usize = 8 << 20;
+const FF_MIN_CHUNK_ROWS: usize = 512;
+
+/// Rows per slice of a feed-forward whose projection is `width` wide.
+fn ff_chunk_rows(width: usize) -> usize {
+    (FF_CHUNK_BYTES / (4 * width).max(1)).max(FF_MIN_CHUNK_ROWS)
+}
 
 /// GEGLU feed-forward: `ff.net.0.proj` (dim → 2·inner), gelu-gated, then `ff.net.2`.
 #[derive(Debug)]
 struct FeedForward {
     proj: Linear,
     out: Linear,
+    inner: usize,
 }
 
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
-        Ok(Self { proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?, out: linear(inner, dim, vb.pp("net.2"))? })
+        Ok(Self { proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?, out: linear(inner, dim, vb.pp("net.2"))?, inner })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let width = xs.dim(D::Minus1)?;
         let rows = xs.elem_count() / width.max(1);
-        if !crate::kernels::applies_to(xs) || rows <= FF_CHUNK_ROWS {
+        // Whole slices (rounded down), so none has fewer rows than `ff_chunk_rows` gives.
+        let chunks = rows / ff_chunk_rows(self.inner * 2);
+        if !crate::kernels::applies_to(xs) || chunks <= 1 {
             return self.forward_rows(xs);
         }
-        let chunks = rows.div_ceil(FF_CHUNK_ROWS);
         let flat = xs.contiguous()?.reshape((rows, width))?;
         let outputs = (0..chunks)
             .map(|i| {
-                // Near-equal chunks, so none is small enough to take another GEMM path.
                 let (start, end) = (i * rows / chunks, (i + 1) * rows / chunks);
                 self.forward_rows(&flat.narrow(0, start, end - start)?)
             })
@@ -186,10 +203,14 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    /// Takes the residual stream by value and reassigns it, so each superseded copy is freed as
+    /// soon as the next exists (shadowed bindings would live to the end of the function).
+    /// Each sublayer's fresh output takes the residual in place (`add_residual`); the
+    /// attentions take their normed input by value so it is freed once projected.
+    fn forward(&self, mut xs: Tensor, context: &Tensor) -> Result<Tensor> {
+        xs = add_residual(self.attn1.forward_owned(self.norm1.forward(&xs)?, None)?, &xs)?;
+        xs = add_residual(self.attn2.forward_owned(self.norm2.forward(&xs)?, Some(context))?, &xs)?;
+        add_residual(self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }
 
@@ -243,21 +264,23 @@ impl SpatialTransformer {
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
-        let normed = self.norm.forward(xs)?;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        let mut tokens = {
+            let normed = self.norm.forward(xs)?;
+            match &self.proj_in {
+                Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+                Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+            }
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(tokens, context)?;
         }
         let from_tokens = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&from_tokens(&tokens)?)?,
             Projection::Linear(lin) => from_tokens(&lin.forward(&tokens)?)?,
         };
-        out + residual
+        add_residual(out, residual)
     }
 }
 
@@ -308,7 +331,8 @@ mod tests {
 
     #[test]
     fn the_feed_forward_in_chunks_of_rows_gives_the_same_bits() {
-        let (dim, inner) = (16, 64);
+        // The U-Net's upper-level width: slices of 819 rows, so 2 × 1024 rows take two.
+        let (dim, inner) = (320, 1280);
         let tensor = |shape: &[usize], seed| {
             let len = shape.iter().product();
             Tensor::from_vec(test_values(len, seed), shape, &Device::Cpu).unwrap()
@@ -320,11 +344,11 @@ mod tests {
             ("net.2.bias".to_string(), tensor(&[dim], 4)),
         ]);
         let ff = FeedForward::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), dim).unwrap();
-        // 2 × 2600 rows: three chunks of 1733–1734 rows.
-        let xs = tensor(&[2, 2600, dim], 5);
+        let xs = tensor(&[2, 1024, dim], 5);
+        assert_eq!(2048 / ff_chunk_rows(2 * inner), 2, "the input must be cut into slices");
         let chunked = ff.forward(&xs).unwrap();
         let whole = ff.forward_rows(&xs).unwrap();
-        assert_eq!(chunked.dims(), &[2, 2600, dim]);
+        assert_eq!(chunked.dims(), &[2, 1024, dim]);
         let bits = |t: &Tensor| {
             t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>()
         };

@@ -40,16 +40,30 @@ impl ResnetBlock2D {
 
     /// `temb` must already have gone through SiLU (the U-Net applies it once for all blocks).
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        self.forward_owned(xs.clone(), temb)
+    }
+
+    /// [`Self::forward`] taking the input by value. With a shortcut convolution the input is
+    /// needed only by it and the first norm, so both run first and the input — in the U-Net's
+    /// up blocks a concatenation with the skip, the widest activation of its level — is freed
+    /// (if the caller held no other handle) before the 3×3 convolutions and their scratch.
+    pub fn forward_owned(&self, xs: Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let (residual, normed) = match &self.conv_shortcut {
+            Some(shortcut) => (shortcut.forward(&xs)?, self.norm1.forward_silu(&xs)?),
+            None => {
+                let normed = self.norm1.forward_silu(&xs)?;
+                (xs, normed)
+            }
+        };
+        let mut h = self.conv1.forward(&normed)?;
+        drop(normed);
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        match &self.conv_shortcut {
-            Some(shortcut) => shortcut.forward(xs)? + h,
-            None => xs + h,
-        }
+        // Reassigned, not shadowed: a shadowed `h` would stay alive to the end of the block.
+        h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        crate::kernels::add_residual(h, &residual)
     }
 }
 

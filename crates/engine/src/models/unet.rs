@@ -446,7 +446,10 @@ impl UNet2DConditionModel {
                 let Some(skip) = skips.pop() else {
                     candle_core::bail!("U-Net skip connections exhausted");
                 };
-                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(&emb))?;
+                // The halves are dropped once concatenated: only the concatenation is needed.
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                drop(skip);
+                xs = resnet.forward_owned(xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, encoder_hidden_states)?;
                 }
