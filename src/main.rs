@@ -28,8 +28,12 @@ fn configure_allocator() {
     let hold: fn() = if user_set {
         || {}
     } else {
-        // Ten minutes: longer than any step.
-        || unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 600_000) }
+        // Ten minutes: longer than any step. What earlier phases freed is returned first, so
+        // that only the loop's own memory is held.
+        || unsafe {
+            libmimalloc_sys::mi_collect(true);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 600_000)
+        }
     };
     easel_engine::memory::set_allocator_control(easel_engine::memory::AllocatorControl {
         hold,

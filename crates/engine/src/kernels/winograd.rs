@@ -16,12 +16,13 @@
 //! small images go several to a band, so each GEMM has more columns per weight read.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::simd_math::multiversion;
-use super::{matmul, resize_scratch, Operand, SyncPtr};
+use super::{matmul, resize_scratch, uninit_scratch, Operand, SyncPtr};
 
 /// Bytes of transformed input + GEMM output per band of tile rows within one image.
 const BAND_BYTES: usize = 16 << 20;
@@ -35,12 +36,16 @@ const GROUP_BYTES: usize = 40 << 20;
 /// this size the output channels are done a group at a time, each group's filters transformed
 /// just before its GEMMs; the arithmetic per output is unchanged (the same bits, tested).
 const WEIGHT_BYTES: usize = 48 << 20;
+/// [`WEIGHT_BYTES`] for a convolution done in one band (the U-Net's 16×16 and 32×32 levels,
+/// where a step's memory peaks): each group's filters are then transformed once either way,
+/// so smaller groups cost only GEMMs with fewer rows. With several bands (the VAE's large
+/// images) every band transforms each group again, so groups stay large there.
+const WEIGHT_BYTES_ONE_BAND: usize = 16 << 20;
 
 thread_local! {
-    /// The transformed weights, inputs and products, kept between calls on the calling thread:
-    /// they are tens of MB each, and fresh buffers would cost the kernel's page zeroing on every
-    /// convolution of every step.
-    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// The bf16 mode's products, kept between calls on the calling thread (the f32 path takes
+    /// fresh, uninitialised buffers per call instead, see [`conv3x3_tiled`]).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The bf16 mode's transformed weights and inputs (bf16 pairs).
     #[cfg(target_arch = "x86_64")]
     static SCRATCH_BF16: RefCell<(Vec<u32>, Vec<super::bf16::Panels>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -48,7 +53,7 @@ thread_local! {
 
 /// Drops this thread's scratch buffers (they are refilled on the next call).
 pub(crate) fn release_scratch() {
-    SCRATCH.with_borrow_mut(|buffers| buffers.iter_mut().for_each(|b| *b = Vec::new()));
+    SCRATCH.with_borrow_mut(|m| *m = Vec::new());
     #[cfg(target_arch = "x86_64")]
     SCRATCH_BF16.with_borrow_mut(|(u, v)| {
         *u = Vec::new();
@@ -165,9 +170,7 @@ pub fn conv3x3(
     if let Filters::Bf16Pairs(_) = weight {
         if c_in.is_multiple_of(2) && super::bf16::supported() {
             SCRATCH_BF16.with_borrow_mut(|(u, v)| {
-                SCRATCH.with_borrow_mut(|[_, _, m]| {
-                    conv3x3_bf16(x, weight, bias, (batch, c_in, c_out, h, w), out, u, v, m)
-                })
+                SCRATCH.with_borrow_mut(|m| conv3x3_bf16(x, weight, bias, (batch, c_in, c_out, h, w), out, u, v, m))
             });
             return;
         }
@@ -185,7 +188,12 @@ pub(crate) fn conv3x3_tiled(
     tile: Tile,
     out: &mut [f32],
 ) {
-    SCRATCH.with_borrow_mut(|[u, v, m]| conv3x3_with(x, weight, bias, dims, tile, out, u, v, m));
+    // Buffers of this call only, given back to the allocator at its end: kept between calls
+    // they held ~95 MB through the whole step (the largest transform of any layer), where the
+    // allocator can lend the same memory to the next layer's activations. They are never
+    // zero-filled (see `uninit_scratch`), so a fresh buffer costs nothing over a kept one.
+    let (mut u, mut v, mut m) = (Vec::new(), Vec::new(), Vec::new());
+    conv3x3_with(x, weight, bias, dims, tile, out, &mut u, &mut v, &mut m);
 }
 
 /// [`conv3x3`] for the bf16 mode: the 16 GEMMs on the bf16 kernel, with the weights and the
@@ -255,6 +263,20 @@ impl Band {
             }
         }
     }
+}
+
+/// An initialised buffer as the write-only target the transforms take.
+fn as_uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the transforms only ever store initialised values through it, so
+    // `values` stays initialised.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), values.len()) }
+}
+
+/// Whether [`for_each_band`] does the whole convolution in one band.
+fn one_band((batch, c_in, c_out, h, w): (usize, usize, usize, usize, usize), tile: Tile) -> bool {
+    let (tiles_y, tiles_x) = (h.div_ceil(tile.m()), w.div_ceil(tile.m()));
+    let row_bytes = (4 * tile.positions() * (c_in + c_out) * tiles_x).max(1);
+    row_bytes * tiles_y * batch <= GROUP_BYTES
 }
 
 /// Calls `band(x_group, out_group, band)` for each band, with the input and output of the
@@ -327,7 +349,7 @@ fn transform_input_bf16(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, 
                             let xi = a * 4 + b;
                             columns_transform(
                                 &mixed[a * padded..(a + 1) * padded],
-                                &mut transformed[xi * tiles_x..(xi + 1) * tiles_x],
+                                as_uninit(&mut transformed[xi * tiles_x..(xi + 1) * tiles_x]),
                                 b,
                             );
                         }
@@ -364,10 +386,9 @@ fn conv3x3_with(
     m: &mut Vec<f32>,
 ) {
     let positions = tile.positions();
+    let weight_bytes = if one_band((batch, c_in, c_out, h, w), tile) { WEIGHT_BYTES_ONE_BAND } else { WEIGHT_BYTES };
     #[cfg(test)]
-    let weight_bytes = tests::WEIGHT_BYTES_OVERRIDE.get().unwrap_or(WEIGHT_BYTES);
-    #[cfg(not(test))]
-    let weight_bytes = WEIGHT_BYTES;
+    let weight_bytes = tests::WEIGHT_BYTES_OVERRIDE.get().unwrap_or(weight_bytes);
     let per_channel = 4 * positions * c_in;
     // Groups of whole GEMM micro-panels (16 rows) where there is room for one.
     let mut group = (weight_bytes / per_channel.max(1)).clamp(1, c_out.max(1));
@@ -381,14 +402,24 @@ fn conv3x3_with(
         transform_weights(weight, c_in, 0..c_out, tile, u);
     }
     for_each_band(x, out, (batch, c_in, c_out, h, w), tile, |x_group, out_group, band| {
-        resize_scratch(v, positions * c_in * band.tiles);
-        transform_input(x_group, c_in, h, w, band, tile, v);
+        let v_len = positions * c_in * band.tiles;
+        transform_input(x_group, c_in, h, w, band, tile, uninit_scratch(v, v_len));
+        // SAFETY: `transform_input` wrote every value of V (each ξ, channel and tile of the band).
+        unsafe { v.set_len(v_len) };
         for channels in &groups {
             if !whole {
                 transform_weights(weight, c_in, channels.clone(), tile, u);
             }
-            resize_scratch(m, positions * channels.len() * band.tiles);
-            multiply(u, v, m, c_in, channels.len(), band.tiles, positions);
+            let m_len = positions * channels.len() * band.tiles;
+            if c_in == 0 {
+                // No products to write M: it is all zeros.
+                resize_scratch(m, m_len);
+                m.fill(0.0);
+            } else {
+                multiply(u, v, uninit_scratch(m, m_len), c_in, channels.len(), band.tiles, positions);
+                // SAFETY: every ξ's GEMM wrote its whole c_out × tiles block (without reading it).
+                unsafe { m.set_len(m_len) };
+            }
             transform_output(m, bias, channels.clone(), c_out, h, w, band, tile, out_group);
         }
     });
@@ -398,13 +429,14 @@ fn conv3x3_with(
 /// `channels`, into `u` (resized; o counted from the first of them).
 fn transform_weights(weight: Filters, c_in: usize, channels: Range<usize>, tile: Tile, u: &mut Vec<f32>) {
     let (positions, first, count) = (tile.positions(), channels.start, channels.len());
-    resize_scratch(u, positions * count * c_in);
-    let u_ptr = SyncPtr(u.as_mut_ptr());
+    let len = positions * count * c_in;
+    let u_ptr = SyncPtr(uninit_scratch(u, len).as_mut_ptr().cast::<f32>());
     for_each_transformed_row(weight, c_in, channels, tile, |xi, o, row| {
-        // SAFETY: [ξ][o - first][..c_in] is output channel o's own row of U.
-        let dst = unsafe { std::slice::from_raw_parts_mut(u_ptr.get().add((xi * count + o - first) * c_in), c_in) };
-        dst.copy_from_slice(row);
+        // SAFETY: [ξ][o - first][..c_in] is output channel o's own row of U, inside its `len`.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), u_ptr.get().add((xi * count + o - first) * c_in), c_in) };
     });
+    // SAFETY: every (ξ, output channel) row of U was written above.
+    unsafe { u.set_len(len) };
 }
 
 /// Transforms the filters of the output channels `channels`, in parallel over them, and hands
@@ -514,7 +546,7 @@ multiversion! {
 }
 
 /// V[ξ][i][t] = (Bᵀ d B)_ξ for the input tile d of each tile t of the band.
-fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, tile: Tile, v: &mut [f32]) {
+fn transform_input(x: &[f32], c_in: usize, h: usize, w: usize, band: Band, tile: Tile, v: &mut [MaybeUninit<f32>]) {
     let (m, t) = (tile.m(), tile.t());
     let tiles_x = w.div_ceil(m);
     let tiles = band.tiles;
@@ -598,15 +630,15 @@ multiversion! {
 
 multiversion! {
     /// Column b of B (F(4×4,3×3)) along one mixed row, one value per tile (tiles every 4 columns).
-    fn columns_transform_f4(row: &[f32], dst: &mut [f32], b: usize) {
+    fn columns_transform_f4(row: &[f32], dst: &mut [MaybeUninit<f32>], b: usize) {
         let at = |t: usize, c: usize| row[4 * t + c];
         match b {
-            0 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 4.0 * at(t, 0) - 5.0 * at(t, 2) + at(t, 4)),
-            1 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = -4.0 * (at(t, 1) + at(t, 2)) + at(t, 3) + at(t, 4)),
-            2 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 4.0 * (at(t, 1) - at(t, 2)) - at(t, 3) + at(t, 4)),
-            3 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 2.0 * (at(t, 3) - at(t, 1)) - at(t, 2) + at(t, 4)),
-            4 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 2.0 * (at(t, 1) - at(t, 3)) - at(t, 2) + at(t, 4)),
-            _ => dst.iter_mut().enumerate().for_each(|(t, d)| *d = 4.0 * at(t, 1) - 5.0 * at(t, 3) + at(t, 5)),
+            0 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(4.0 * at(t, 0) - 5.0 * at(t, 2) + at(t, 4))),
+            1 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(-4.0 * (at(t, 1) + at(t, 2)) + at(t, 3) + at(t, 4))),
+            2 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(4.0 * (at(t, 1) - at(t, 2)) - at(t, 3) + at(t, 4))),
+            3 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(2.0 * (at(t, 3) - at(t, 1)) - at(t, 2) + at(t, 4))),
+            4 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(2.0 * (at(t, 1) - at(t, 3)) - at(t, 2) + at(t, 4))),
+            _ => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(4.0 * at(t, 1) - 5.0 * at(t, 3) + at(t, 5))),
         }
     }
 }
@@ -631,19 +663,29 @@ multiversion! {
 
 multiversion! {
     /// Column b of B applied along one mixed row, one value per tile (tiles start every 2 columns).
-    fn columns_transform(row: &[f32], dst: &mut [f32], b: usize) {
+    fn columns_transform(row: &[f32], dst: &mut [MaybeUninit<f32>], b: usize) {
         match b {
-            0 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = row[2 * t] - row[2 * t + 2]),
-            1 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = row[2 * t + 1] + row[2 * t + 2]),
-            2 => dst.iter_mut().enumerate().for_each(|(t, d)| *d = row[2 * t + 2] - row[2 * t + 1]),
-            _ => dst.iter_mut().enumerate().for_each(|(t, d)| *d = row[2 * t + 1] - row[2 * t + 3]),
+            0 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(row[2 * t] - row[2 * t + 2])),
+            1 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(row[2 * t + 1] + row[2 * t + 2])),
+            2 => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(row[2 * t + 2] - row[2 * t + 1])),
+            _ => dst.iter_mut().enumerate().for_each(|(t, d)| _ = d.write(row[2 * t + 1] - row[2 * t + 3])),
         }
     }
 }
 
 /// M_ξ = U_ξ · V_ξ for every position, as independent single-threaded GEMMs on all cores.
-fn multiply(u: &[f32], v: &[f32], m: &mut [f32], c_in: usize, c_out: usize, tiles: usize, positions: usize) {
-    let m_ptr = SyncPtr(m.as_mut_ptr());
+fn multiply(
+    u: &[f32],
+    v: &[f32],
+    m: &mut [MaybeUninit<f32>],
+    c_in: usize,
+    c_out: usize,
+    tiles: usize,
+    positions: usize,
+) {
+    debug_assert!(m.len() >= positions * c_out * tiles);
+    // The GEMMs write M without reading it (`accumulate` false).
+    let m_ptr = SyncPtr(m.as_mut_ptr().cast::<f32>());
     let gemm_one = |xi: usize| {
         let u_xi = &u[xi * c_out * c_in..(xi + 1) * c_out * c_in];
         let v_xi = &v[xi * c_in * tiles..(xi + 1) * c_in * tiles];

@@ -214,7 +214,12 @@ impl Pipeline {
         self.model.keep_resident_only(Component::Vae);
         let scaled = (latents / self.model.info.vae.scaling_factor)?;
         let vae_dtype = self.model.options.vae_dtype;
-        let image = self.model.vae.decode(&scaled.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
+        let image = {
+            // The decode's convolutions take fresh scratch per layer (see `winograd`): held, the
+            // allocator hands back the last layer's instead of faulting in new pages.
+            let _hold = crate::memory::HoldFreedMemory::new();
+            self.model.vae.decode(&scaled.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?
+        };
         if all_finite(&image)? {
             return Ok(image);
         }
