@@ -96,13 +96,9 @@ impl CrossAttention {
         x.reshape((bh / self.heads, self.heads, n, d))?.transpose(1, 2)?.reshape((bh / self.heads, n, self.heads * d))
     }
 
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_owned(xs.clone(), context)
-    }
-
-    /// [`Self::forward`] taking the input by value: it is dropped as soon as q, k and v exist,
-    /// not kept through the attention (at the U-Net's upper level, 10.5 MB at the step's peak).
-    pub fn forward_owned(&self, xs: Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// Takes the input by value: it is dropped as soon as q, k and v exist, not kept through
+    /// the attention (at the U-Net's upper level, 10.5 MB at the step's peak).
+    pub fn forward(&self, xs: Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let q = self.split_heads(&self.to_q.forward(&xs)?)?;
         let context = context.unwrap_or(&xs);
         let k = self.split_heads(&self.to_k.forward(context)?)?;
@@ -208,8 +204,8 @@ impl BasicTransformerBlock {
     /// Each sublayer's fresh output takes the residual in place (`add_residual`); the
     /// attentions take their normed input by value so it is freed once projected.
     fn forward(&self, mut xs: Tensor, context: &Tensor) -> Result<Tensor> {
-        xs = add_residual(self.attn1.forward_owned(self.norm1.forward(&xs)?, None)?, &xs)?;
-        xs = add_residual(self.attn2.forward_owned(self.norm2.forward(&xs)?, Some(context))?, &xs)?;
+        xs = add_residual(self.attn1.forward(self.norm1.forward(&xs)?, None)?, &xs)?;
+        xs = add_residual(self.attn2.forward(self.norm2.forward(&xs)?, Some(context))?, &xs)?;
         add_residual(self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }
