@@ -2,6 +2,7 @@
 //! headless `cli`. The engine (models, schedulers, pipeline) lives in the `easel-engine` crate
 //! and knows nothing of egui; the app never touches tensors.
 
+pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod worker;

@@ -261,3 +261,57 @@ fn models_list_shows_the_hf_cache_and_a_models_folder() {
     assert!(stdout.contains("stabilityai/tiny-sd2") && stdout.contains("SD 2.x"), "{stdout}");
     assert!(stdout.contains("sd1-single.safetensors") && stdout.contains("SD 1.x"), "{stdout}");
 }
+
+/// The binary runs with Easel's own allocator (large blocks from the tensor arena, held inside
+/// the denoising loop); the library here with the system's. At 256×256 the tiny model's
+/// activations and the decoded image are arena blocks, reused across steps and the decode: the
+/// image must be the same to the bit.
+#[test]
+fn the_binary_with_its_allocator_makes_the_library_s_image() {
+    use easel_engine::models::LoadOptions;
+    use easel_engine::pipeline::{GenerationRequest, Pipeline};
+    use easel_engine::rng::RngKind;
+    use easel_engine::schedulers::SamplerId;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("arena.png");
+    let model = model_dir("sd1-tiny");
+    let prompt = "a lighthouse at dusk";
+    let out = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--width",
+        "256",
+        "--height",
+        "192",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--sampler",
+        "dpmpp_2m",
+        "--output",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let pipeline = Pipeline::load(&model, LoadOptions::default()).unwrap();
+    let request = GenerationRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        steps: 3,
+        guidance_scale: 7.0,
+        seed: 7,
+        width: 256,
+        height: 192,
+        sampler: SamplerId::DpmPp2m,
+        rng: RngKind::Cpu,
+    };
+    let expected = pipeline.generate(&request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
+    let image = read_png(&path).unwrap();
+    assert_eq!((image.width, image.height), (256, 192));
+    assert!(image.data == expected.data, "the binary's image differs from the library's");
+}
