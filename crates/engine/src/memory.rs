@@ -14,6 +14,7 @@
 //! mimalloc for the rest; `src/allocator.rs`), so the binary supplies the two actions through
 //! [`set_allocator_control`]; without it only the scratch buffers are freed.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// What the global allocator can be asked to do.
@@ -32,14 +33,20 @@ pub fn set_allocator_control(control: AllocatorControl) {
     let _ = CONTROL.set(control);
 }
 
-/// While alive, freed memory is held for reuse; dropping it calls [`release_free_memory`].
+/// Live [`HoldFreedMemory`] guards: holds nest, and only the outermost one releases.
+static HOLDERS: AtomicUsize = AtomicUsize::new(0);
+
+/// While alive, freed memory is held for reuse; dropping the outermost one calls
+/// [`release_free_memory`].
 #[must_use]
 pub struct HoldFreedMemory(());
 
 impl HoldFreedMemory {
     pub fn new() -> Self {
-        if let Some(control) = CONTROL.get() {
-            (control.hold)();
+        if HOLDERS.fetch_add(1, Ordering::SeqCst) == 0 {
+            if let Some(control) = CONTROL.get() {
+                (control.hold)();
+            }
         }
         Self(())
     }
@@ -53,7 +60,9 @@ impl Default for HoldFreedMemory {
 
 impl Drop for HoldFreedMemory {
     fn drop(&mut self) {
-        release_free_memory();
+        if HOLDERS.fetch_sub(1, Ordering::SeqCst) == 1 {
+            release_free_memory();
+        }
     }
 }
 
@@ -67,8 +76,6 @@ pub fn release_free_memory() {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
 
     static HOLDS: AtomicUsize = AtomicUsize::new(0);
@@ -91,5 +98,13 @@ mod tests {
         };
         assert!(failing_loop().is_err());
         assert_eq!((HOLDS.load(Ordering::SeqCst), RELEASES.load(Ordering::SeqCst)), (1, 1));
+
+        // A hold inside a hold (text encoding inside a generation) leaves the outer one in force.
+        let outer = HoldFreedMemory::new();
+        let inner = HoldFreedMemory::new();
+        drop(inner);
+        assert_eq!((HOLDS.load(Ordering::SeqCst), RELEASES.load(Ordering::SeqCst)), (2, 1));
+        drop(outer);
+        assert_eq!((HOLDS.load(Ordering::SeqCst), RELEASES.load(Ordering::SeqCst)), (2, 2));
     }
 }
