@@ -37,9 +37,10 @@ const GROUP_BYTES: usize = 40 << 20;
 /// just before its GEMMs; the arithmetic per output is unchanged (the same bits, tested).
 const WEIGHT_BYTES: usize = 48 << 20;
 /// [`WEIGHT_BYTES`] for a convolution done in one band (the U-Net's 16×16 and 32×32 levels,
-/// where a step's memory peaks): each group's filters are then transformed once either way,
-/// so smaller groups cost only GEMMs with fewer rows. With several bands (the VAE's large
-/// images) every band transforms each group again, so groups stay large there.
+/// where a step's memory peaks), or whose filters take more than [`WEIGHT_BYTES`] and so are
+/// grouped anyway: each group's filters are then transformed once per band whatever the group
+/// size, so smaller groups cost only GEMMs with fewer rows. A convolution with several bands
+/// whose filters fit (the VAE's large images) keeps them whole, transformed once.
 const WEIGHT_BYTES_ONE_BAND: usize = 16 << 20;
 
 thread_local! {
@@ -386,7 +387,9 @@ fn conv3x3_with(
     m: &mut Vec<f32>,
 ) {
     let positions = tile.positions();
-    let weight_bytes = if one_band((batch, c_in, c_out, h, w), tile) { WEIGHT_BYTES_ONE_BAND } else { WEIGHT_BYTES };
+    let grouped_anyway = 4 * positions * c_in * c_out > WEIGHT_BYTES;
+    let weight_bytes =
+        if grouped_anyway || one_band((batch, c_in, c_out, h, w), tile) { WEIGHT_BYTES_ONE_BAND } else { WEIGHT_BYTES };
     #[cfg(test)]
     let weight_bytes = tests::WEIGHT_BYTES_OVERRIDE.get().unwrap_or(weight_bytes);
     let per_channel = 4 * positions * c_in;

@@ -49,7 +49,14 @@ impl ResnetBlock2D {
     /// (if the caller held no other handle) before the 3×3 convolutions and their scratch.
     pub fn forward_owned(&self, xs: Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let (residual, normed) = match &self.conv_shortcut {
-            Some(shortcut) => (shortcut.forward(&xs)?, self.norm1.forward_silu(&xs)?),
+            Some(shortcut) => {
+                let residual = shortcut.forward(&xs)?;
+                let normed = self.norm1.forward_silu(&xs)?;
+                // A parameter lives to the end of the function unless moved: free the (up path's
+                // concatenated, widest) input before the convolutions.
+                drop(xs);
+                (residual, normed)
+            }
             None => {
                 let normed = self.norm1.forward_silu(&xs)?;
                 (xs, normed)
