@@ -4,7 +4,7 @@ use clap::Parser;
 
 /// Tensors are allocated and freed at a high rate; glibc returns large blocks to the kernel
 /// and gets fresh zeroed pages back each time (≈11% of a U-Net step in `perf`). mimalloc keeps
-/// and reuses small blocks; tensors' large blocks come from a best-fit arena that holds them
+/// and reuses small blocks; tensors' large blocks come from a first-fit arena that holds them
 /// with less fragmentation (`easel::allocator`).
 #[global_allocator]
 static GLOBAL: easel::allocator::TensorArena<mimalloc::MiMalloc> =

@@ -9,7 +9,7 @@
 //! scratch per layer (measured: 4.0 → 3.3 s at 512×512, its private peak 1.19 → 1.26 GB, far
 //! below the denoising loop's whole footprint). Loading runs with the usual policy.
 //!
-//! The engine does not choose the allocator, the binary does (Easel's: a best-fit arena for
+//! The engine does not choose the allocator, the binary does (Easel's: a first-fit arena for
 //! tensors' large blocks, which holds a step's memory in ~0.6× of what mimalloc needed, and
 //! mimalloc for the rest; `src/allocator.rs`), so the binary supplies the two actions through
 //! [`set_allocator_control`]; without it only the scratch buffers are freed.
