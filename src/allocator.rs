@@ -148,17 +148,16 @@ impl<A> TensorArena<A> {
             return (start + offset) as *mut u8;
         }
         // None fits: grow at the top, starting inside a free block that ends there.
-        let mut offset = free.top;
-        let last = free.by_offset.last_key_value().map(|(&o, &l)| (o, l));
-        if let Some((last_offset, _)) = last.filter(|&(o, l)| o + l == free.top) {
-            offset = last_offset;
-            free.by_offset.remove(&last_offset);
+        let top = free.top;
+        let free_at_top = free.by_offset.last_key_value().filter(|&(&o, &l)| o + l == top).map(|(&o, _)| o);
+        if let Some(free_offset) = free_at_top {
+            free.by_offset.remove(&free_offset);
         }
+        let offset = free_at_top.unwrap_or(top);
         let end = offset + len;
         if end > free.writable && !self.make_writable(&mut free, start, end) {
-            if offset < free.top {
-                let top = free.top;
-                free.by_offset.insert(offset, top - offset);
+            if let Some(free_offset) = free_at_top {
+                free.by_offset.insert(free_offset, top - free_offset);
             }
             return std::ptr::null_mut();
         }
@@ -167,22 +166,20 @@ impl<A> TensorArena<A> {
     }
 
     fn dealloc_large(&self, ptr: *mut u8, len: usize) {
-        let len = round_up(len);
+        let mut len = round_up(len);
         if !self.holding.load(Ordering::SeqCst) {
             // Still this caller's block, so no one else touches it meanwhile.
             discard_pages(ptr as usize, len);
         }
         let mut free = self.lock();
         let mut offset = ptr as usize - self.start.load(Ordering::Acquire);
-        let mut len = len;
         let before = free.by_offset.range(..offset).next_back().map(|(&o, &l)| (o, l));
         if let Some((before_offset, before_len)) = before.filter(|&(o, l)| o + l == offset) {
             free.by_offset.remove(&before_offset);
             offset = before_offset;
             len += before_len;
         }
-        if let Some(after_len) = free.by_offset.get(&(offset + len)).copied() {
-            free.by_offset.remove(&(offset + len));
+        if let Some(after_len) = free.by_offset.remove(&(offset + len)) {
             len += after_len;
         }
         free.by_offset.insert(offset, len);
