@@ -27,7 +27,7 @@ const ROWS_PER_TASK: usize = 8 * MR;
 
 /// Whether this CPU can run the bf16 kernels.
 pub fn supported() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    super::avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
 /// f32 → bf16 bits, rounding to nearest even (what torch's `.to(torch.bfloat16)` does).

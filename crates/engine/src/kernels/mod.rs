@@ -165,6 +165,25 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     }
 }
 
+/// Whether the AVX-512 paths run: the build has the `avx512` feature (the default) and the CPU
+/// has AVX-512 F/BW/DQ/VL (Intel Skylake-SP and later, AMD Zen 4). Every AVX-512 choice in the
+/// kernels goes through here, so that a build without the feature is exactly what a CPU without
+/// AVX-512 runs (AVX2 + FMA, or the portable code).
+#[inline]
+pub fn avx512() -> bool {
+    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(all(target_arch = "x86_64", feature = "avx512")))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU can run the bf16 mode (AVX-512 BF16).
 pub fn bf16_supported() -> bool {
     #[cfg(target_arch = "x86_64")]

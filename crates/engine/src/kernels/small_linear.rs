@@ -26,16 +26,7 @@ const ROWS_IN_L2_BYTES: usize = 512 * 1024;
 
 /// Whether this CPU runs the kernel (AVX-512 F/BW/VL: Intel Skylake-SP and later, AMD Zen 4).
 pub(crate) fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::avx512()
 }
 
 /// `out[r, c] += Σ_i x[r, i] · w[c, i]` for all `rows` and the output columns `c` in `columns`:
