@@ -140,6 +140,8 @@ def diffusers_bench(a):
     return {
         "impl": f"diffusers {diffusers.__version__}, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
+        # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS limit it (README).
+        "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),
         "model_load_s": load_s,
         "text_encoding_s": text_s,
         "unet_step_cfg_s": unet_cfg_s,
@@ -220,6 +222,9 @@ def main():
 
     ref = rounds[0]["diffusers"]
     print(f"\n{a.width}x{a.height}, {a.steps} steps, {a.threads} threads, device {a.device}; {ref['impl']} ({a.dtype})")
+    if a.device == "cpu":
+        easel_isa = rounds[0]["easel"].get("cpu_vector_isa", "?")
+        print(f"CPU vector instructions: Easel {easel_isa}, torch {ref.get('cpu_vector_isa', '?')}")
     many = len(rounds) > 1
     print(f"{'':28}{'Easel':>10}{'diffusers':>11}{'ratio':>8}" + ("   each round" if many else ""))
     for label, key, unit in ROWS:

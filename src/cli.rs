@@ -287,6 +287,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("model            {} ({})", report.model, report.family);
     println!("size, steps      {}x{}, {} steps of {}", report.width, report.height, report.steps, report.sampler);
     println!("threads          {}", report.threads);
+    if pipeline.model().options.device.is_cpu() {
+        println!("CPU kernels      {}", report.cpu_vector_isa);
+    }
     // `--precision` picks the CPU mode; on a GPU the U-Net and text encoders run in f16.
     let precision = if pipeline.model().options.device.is_cpu() { args.precision.as_str() } else { "f16 (GPU)" };
     println!("precision        {precision}");

@@ -209,6 +209,9 @@ fn bench_reports_every_part_as_json() {
         assert!(seconds > 0.0 && seconds.is_finite(), "{key} = {seconds}");
     }
     assert_eq!(report["family"], "SDXL");
+    // Which vector instructions ran, as the engine decides them.
+    assert_eq!(report["cpu_vector_isa"], easel_engine::kernels::cpu_vector_isa());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CPU kernels"));
     // The tiny model's convolution and linear weights are read in place from its files.
     assert!(report["weights_in_place_bytes"].as_u64().unwrap() > 0);
     if cfg!(target_os = "linux") {

@@ -22,6 +22,9 @@ pub struct BenchReport {
     pub steps: usize,
     pub sampler: String,
     pub threads: usize,
+    /// The vector instructions the CPU kernels use (AVX-512, AVX2, …): the same model and
+    /// thread count run at very different speeds on CPUs with and without AVX-512.
+    pub cpu_vector_isa: String,
     pub text_encoding_s: f64,
     pub unet_step_cfg_s: f64,
     pub unet_step_no_cfg_s: f64,
@@ -174,6 +177,7 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
         steps: request.steps,
         sampler: request.sampler.id().to_string(),
         threads: candle_core::utils::get_num_threads(),
+        cpu_vector_isa: crate::kernels::cpu_vector_isa().to_string(),
         text_encoding_s,
         unet_step_cfg_s,
         unet_step_no_cfg_s,

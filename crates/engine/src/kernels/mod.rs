@@ -184,6 +184,26 @@ pub fn avx512() -> bool {
     }
 }
 
+/// The vector instructions the CPU kernels run with here, for benchmark reports.
+pub fn cpu_vector_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if bf16_supported() {
+            "AVX-512 + BF16"
+        } else if avx512() {
+            "AVX-512"
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            "AVX2 + FMA"
+        } else {
+            "SSE (portable code)"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH
+    }
+}
+
 /// Whether this CPU can run the bf16 mode (AVX-512 BF16).
 pub fn bf16_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
