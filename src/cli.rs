@@ -287,11 +287,12 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("model            {} ({})", report.model, report.family);
     println!("size, steps      {}x{}, {} steps of {}", report.width, report.height, report.steps, report.sampler);
     println!("threads          {}", report.threads);
-    if pipeline.model().options.device.is_cpu() {
+    let on_cpu = pipeline.model().options.device.is_cpu();
+    if on_cpu {
         println!("CPU kernels      {}", report.cpu_vector_isa);
     }
     // `--precision` picks the CPU mode; on a GPU the U-Net and text encoders run in f16.
-    let precision = if pipeline.model().options.device.is_cpu() { args.precision.as_str() } else { "f16 (GPU)" };
+    let precision = if on_cpu { args.precision.as_str() } else { "f16 (GPU)" };
     println!("precision        {precision}");
     let in_place = pipeline.model().weights_in_place;
     println!("model load       {}   ({:.2} GB of weights read in place)", duration(load_s), in_place as f64 / 1e9);

@@ -280,7 +280,7 @@ mod panel_f32 {
         pub fn detect() -> Option<Isa> {
             if crate::kernels::avx512() {
                 Some(Isa::Avx512)
-            } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            } else if crate::kernels::avx2_fma() {
                 Some(Isa::Avx2)
             } else {
                 None
@@ -557,10 +557,9 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             {
                 use panel_f32::Isa;
-                let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
                 for (name, isa, runs_here) in [
                     ("transposed, AVX-512", Isa::Avx512, crate::kernels::avx512()),
-                    ("transposed, AVX2", Isa::Avx2, avx2),
+                    ("transposed, AVX2", Isa::Avx2, crate::kernels::avx2_fma()),
                 ] {
                     if runs_here {
                         // SAFETY: `runs_here` says this CPU supports `isa`.

@@ -184,6 +184,20 @@ pub fn avx512() -> bool {
     }
 }
 
+/// Whether the CPU has AVX2 and FMA: the level of the kernels' second variants and of the AVX2
+/// micro-kernels, for CPUs (or builds) without AVX-512.
+#[inline]
+pub fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The vector instructions the CPU kernels run with here, for benchmark reports.
 pub fn cpu_vector_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -192,7 +206,7 @@ pub fn cpu_vector_isa() -> &'static str {
             "AVX-512 + BF16"
         } else if avx512() {
             "AVX-512"
-        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        } else if avx2_fma() {
             "AVX2 + FMA"
         } else {
             "SSE (portable code)"

@@ -25,7 +25,7 @@ macro_rules! multiversion {
                     // SAFETY: the CPU supports every feature v4 was compiled for.
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if $crate::kernels::avx2_fma() {
                     // SAFETY: as above, for v3.
                     return unsafe { v3($($arg),*) };
                 }

@@ -24,7 +24,7 @@ const BLOCK_OUTPUTS: usize = 4;
 /// Input rows per pass over the weight block: their f32 rows stay in L2 between blocks.
 const ROWS_IN_L2_BYTES: usize = 512 * 1024;
 
-/// Whether this CPU runs the kernel (AVX-512 F/BW/VL: Intel Skylake-SP and later, AMD Zen 4).
+/// Whether this CPU (and build) runs the kernel: it needs AVX-512 (see [`super::avx512`]).
 pub(crate) fn supported() -> bool {
     super::avx512()
 }
