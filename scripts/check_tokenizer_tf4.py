@@ -29,7 +29,7 @@ def main():
     tj = json.load(open(os.path.join(ROOT, "assets/tokenizer/clip-vit-large-patch14/tokenizer.json"), encoding="utf-8"))
     vocab = tj["model"]["vocab"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-    cases = json.load(open(os.path.join(ROOT, "tests/fixtures/tokenizer/cases.json"), encoding="utf-8"))["cases"]
+    cases = json.load(open(os.path.join(ROOT, "crates/engine/tests/fixtures/tokenizer/cases.json"), encoding="utf-8"))["cases"]
 
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:

@@ -329,7 +329,7 @@ def build(out):
                    "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
                    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
                    "vae": ["diffusers", "AutoencoderKL"]}, f, indent=2)
-    shutil.copy(os.path.join(ROOT, "tests/fixtures/scheduler_configs/sd15.json"), os.path.join(d, "scheduler", "scheduler_config.json"))
+    shutil.copy(os.path.join(ROOT, "crates/engine/tests/fixtures/scheduler_configs/sd15.json"), os.path.join(d, "scheduler", "scheduler_config.json"))
     case("diffusers-no-unet/", "diffusers folder whose model_index.json names a unet, but there is no unet/ (nor vae/, text_encoder/)",
          ["unet"])
 
@@ -442,7 +442,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=ROOT)
     args = ap.parse_args()
-    out = os.path.join(args.root, "tests/fixtures/bad")
+    out = os.path.join(args.root, "crates/engine/tests/fixtures/bad")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     build(out)

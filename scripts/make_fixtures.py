@@ -606,12 +606,12 @@ def make_reference(name, spec, pipe, ref_dir):
     from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     if name == "sd2v-tiny":
-        cfg_path = os.path.join(ROOT, "tests/fixtures/scheduler_configs/sd_turbo.json")
+        cfg_path = os.path.join(ROOT, "crates/engine/tests/fixtures/scheduler_configs/sd_turbo.json")
         turbo_steps = [1, 2]
         cls = EulerDiscreteScheduler
         J["turbo.scheduler_config"] = "tests/fixtures/scheduler_configs/sd_turbo.json"
     elif name == "sdxl-tiny":
-        cfg_path = os.path.join(ROOT, "tests/fixtures/scheduler_configs/sdxl_turbo.json")
+        cfg_path = os.path.join(ROOT, "crates/engine/tests/fixtures/scheduler_configs/sdxl_turbo.json")
         turbo_steps = [2]
         cls = EulerAncestralDiscreteScheduler
         J["turbo.scheduler_config"] = "tests/fixtures/scheduler_configs/sdxl_turbo.json"
@@ -663,7 +663,7 @@ def main():
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
-    fx = os.path.join(args.root, "tests/fixtures")
+    fx = os.path.join(args.root, "crates/engine/tests/fixtures")
     sc_dir = os.path.join(fx, "scheduler_configs")
     shutil.rmtree(sc_dir, ignore_errors=True)
     os.makedirs(sc_dir)

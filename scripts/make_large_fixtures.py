@@ -24,7 +24,7 @@ TIMESTEP = 500.0
 
 
 def load(cls, model, sub):
-    folder = os.path.join(ROOT, "tests/fixtures/models", model)
+    folder = os.path.join(ROOT, "crates/engine/tests/fixtures/models", model)
     try:
         return cls.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32)
     except (OSError, EnvironmentError):
@@ -60,7 +60,7 @@ def main():
         # decode_latents in Easel takes the sampler's latents and divides by the scaling factor itself.
         image = vae.decode(latents / vae.config.scaling_factor).sample
         out["sd1-tiny.vae.image"] = image
-    folder = os.path.join(ROOT, "tests/fixtures/reference/large")
+    folder = os.path.join(ROOT, "crates/engine/tests/fixtures/reference/large")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "reference.safetensors")
     save_file({k: v.contiguous().float() for k, v in out.items()}, path, metadata={"timestep": str(TIMESTEP)})

@@ -39,7 +39,7 @@ from rng_fixture_format import (  # noqa: E402
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "rng")
+FIXTURES = os.path.join(ROOT, "crates", "engine", "tests", "fixtures", "rng")
 
 F32 = np.float32
 F64 = np.float64

@@ -44,8 +44,8 @@ from diffusers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_CONFIGS = ROOT / "tests/fixtures/scheduler_configs"
-OUT = ROOT / "tests/fixtures/schedulers"
+REAL_CONFIGS = ROOT / "crates/engine/tests/fixtures/scheduler_configs"
+OUT = ROOT / "crates/engine/tests/fixtures/schedulers"
 SYNTH_CONFIGS = OUT / "synthetic_configs"
 
 SAMPLER_IDS = ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
@@ -253,7 +253,7 @@ def run_loop(sched, steps, shape):
 def record_config(name, config_path):
     out = {
         "config": name,
-        "config_file": str(config_path.relative_to(ROOT)),
+        "config_file": str(config_path.relative_to(ROOT / "crates/engine")),  # relative to the engine crate
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

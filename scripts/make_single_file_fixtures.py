@@ -1259,7 +1259,7 @@ def main():
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
-    out_dir = os.path.join(args.root, "tests/fixtures/single_file")
+    out_dir = os.path.join(args.root, "crates/engine/tests/fixtures/single_file")
     ref_dir = os.path.join(out_dir, "reference")
     for fn in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         if fn.endswith(".safetensors"):

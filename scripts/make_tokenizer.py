@@ -412,7 +412,7 @@ def main():
             }
         )
 
-    case_dir = os.path.join(args.root, "tests/fixtures/tokenizer")
+    case_dir = os.path.join(args.root, "crates/engine/tests/fixtures/tokenizer")
     os.makedirs(case_dir, exist_ok=True)
     meta = {
         "description": (

@@ -12,7 +12,7 @@ use easel_engine::metadata::write_png;
 use easel_engine::models::inspect_model;
 use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress};
 use easel_engine::rng::RngKind;
-use easel_engine::schedulers::SamplerId;
+use easel_engine::schedulers::{SamplerId, Schedule};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,33 +57,23 @@ pub enum ModelsCommand {
     },
 }
 
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// A diffusers model folder.
+/// How to find and load the model: shared by every command that runs one.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/) or a
+    /// single-file .safetensors checkpoint (SD 1.x, SD 2.x, SDXL).
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
-    /// Steps of the end-to-end generation.
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    #[arg(long, default_value = "euler")]
-    pub sampler: String,
-    /// Runs per measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    /// Also write the results as JSON to this file.
+    /// Use this VAE instead of the model's own: a diffusers `vae/` folder or a .safetensors file.
     #[arg(long)]
-    pub json: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
     /// auto, cpu, cuda or metal.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DevicePreference,
     /// f32 (exact, the default) or bf16: on CPUs with AVX-512 BF16, U-Net weights in bf16 —
     /// half their memory, faster, images close to but not identical with f32's.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Widen f16 checkpoints to f32 once at load, as diffusers does, instead of keeping their
     /// weights in f16 and widening per layer (same image either way; twice the weight memory).
     #[arg(long)]
@@ -94,12 +84,82 @@ pub struct BenchArgs {
     pub copy_weights: bool,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> Result<easel_engine::models::LoadOptions> {
+        Ok(easel_engine::models::LoadOptions {
+            vae_override: self.vae.clone(),
+            cpu_bf16: self.precision == Precision::Bf16,
+            keep_f16_weights: !self.widen_f16_weights,
+            map_weights: !self.copy_weights,
+            ..load_options(self.device)?
+        })
+    }
+}
+
+/// `--sampler` and `--schedule`: chosen apart, as AUTOMATIC1111 and ComfyUI present them.
+#[derive(Args, Debug, Clone)]
+pub struct SamplerArgs {
+    /// euler, euler_a, ddim, dpmpp_2m or lcm (`dpmpp_2m_karras` still means dpmpp_2m with
+    /// the Karras schedule).
+    #[arg(long, default_value = "euler", value_parser = parse_sampler)]
+    pub sampler: (SamplerId, Option<Schedule>),
+    /// default (the model's own) or karras [works with: dpmpp_2m].
+    #[arg(long)]
+    pub schedule: Option<Schedule>,
+}
+
+fn parse_sampler(text: &str) -> std::result::Result<(SamplerId, Option<Schedule>), String> {
+    SamplerId::parse_with_schedule(text).map_err(|e| e.to_string())
+}
+
+impl SamplerArgs {
+    pub fn resolve(&self) -> Result<(SamplerId, Schedule)> {
+        let (sampler, implied) = self.sampler;
+        let schedule = match (implied, self.schedule) {
+            (Some(a), Some(b)) if a != b => {
+                bail!(
+                    "--sampler {} already names the {a} schedule; --schedule {b} contradicts it",
+                    sampler.combined_id(a)
+                )
+            }
+            (a, b) => b.or(a).unwrap_or_default(),
+        };
+        sampler.check_schedule(schedule)?;
+        Ok((sampler, schedule))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Steps of the end-to-end generation.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
+    /// Runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/) or a
-    /// single-file .safetensors checkpoint (SD 1.x, SD 2.x, SDXL).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -119,36 +179,17 @@ pub struct GenerateArgs {
     /// Height in pixels, a multiple of 8 [default: the model's native size].
     #[arg(long)]
     pub height: Option<usize>,
-    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm.
-    #[arg(long, default_value = "euler")]
-    pub sampler: String,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Noise generator: cpu (torch CPU: diffusers, ComfyUI) or nv (torch CUDA: AUTOMATIC1111 on NVIDIA).
     #[arg(long, default_value = "cpu")]
-    pub rng: String,
+    pub rng: RngKind,
     /// Where to write the PNG [default: easel-<seed>.png in the current folder].
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Replace the output file if it exists.
     #[arg(long)]
     pub overwrite: bool,
-    /// auto, cpu, cuda or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32 (exact, the default) or bf16: on CPUs with AVX-512 BF16, U-Net weights in bf16 —
-    /// half their memory, faster, images close to but not identical with f32's.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub precision: String,
-    /// Widen f16 checkpoints to f32 once at load, as diffusers does, instead of keeping their
-    /// weights in f16 and widening per layer (same image either way; twice the weight memory).
-    #[arg(long)]
-    pub widen_f16_weights: bool,
-    /// Copy convolution and linear weights out of the model file at load instead of reading
-    /// them in place from its memory mapping (same image either way; a slower load).
-    #[arg(long)]
-    pub copy_weights: bool,
-    /// Use this VAE instead of the model's own: a diffusers `vae/` folder or a .safetensors file.
-    #[arg(long)]
-    pub vae: Option<PathBuf>,
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -180,10 +221,9 @@ fn check_output(path: &Path, overwrite: bool) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let sampler: SamplerId = args.sampler.parse()?;
-    let rng: RngKind = args.rng.parse()?;
-    let device: DevicePreference = args.device.parse()?;
-    let info = inspect_model(&args.model)?;
+    let (sampler, schedule) = args.sampler.resolve()?;
+    let model = &args.model.model;
+    let info = inspect_model(model)?;
     let size = info.default_size();
     let seed = args.seed.unwrap_or_else(easel_engine::rng::random_seed);
     let request = GenerationRequest {
@@ -195,28 +235,28 @@ fn generate(args: GenerateArgs) -> Result<()> {
         width: args.width.unwrap_or(size),
         height: args.height.unwrap_or(size),
         sampler,
-        rng,
+        schedule,
+        rng: args.rng,
     };
     request.validate(&info)?;
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
     check_output(&output, args.overwrite)?;
 
     let load_start = Instant::now();
-    let options = easel_engine::models::LoadOptions {
-        vae_override: args.vae.clone(),
-        cpu_bf16: args.precision == "bf16",
-        keep_f16_weights: !args.widen_f16_weights,
-        map_weights: !args.copy_weights,
-        ..load_options(device)?
+    let options = args.model.load_options()?;
+    // The A1111 hash of a multi-GB file takes seconds: it is computed while the image is made.
+    let hashing = {
+        let model = model.clone();
+        std::thread::spawn(move || crate::worker::model_hash(&model))
     };
-    let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
+    let pipeline = Pipeline::load(model, options).context("loading the model")?;
     eprintln!(
         "loaded {} model \"{}\" in {:.1} s; seed {seed}, {} steps of {}, guidance {}, {}x{}",
         info.family,
         info.name,
         load_start.elapsed().as_secs_f64(),
         request.steps,
-        request.sampler.id(),
+        request.sampler.combined_id(request.schedule),
         request.guidance_scale,
         request.width,
         request.height
@@ -252,9 +292,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let model_hash = crate::worker::model_hash(&args.model);
+    let model_hash = hashing.join().ok().flatten();
     let mut params = request.to_params(Some(&info.name), model_hash.as_deref());
-    params.vae = args.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
+    params.vae = args.model.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;
     println!("{}", output.display());
@@ -262,6 +302,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    let (sampler, schedule) = args.sampler.resolve()?;
     let request = GenerationRequest {
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: "blurry, low quality".into(),
@@ -270,17 +311,13 @@ fn bench(args: BenchArgs) -> Result<()> {
         seed: 0,
         width: args.width,
         height: args.height,
-        sampler: args.sampler.parse()?,
+        sampler,
+        schedule,
         rng: RngKind::Cpu,
     };
-    let options = easel_engine::models::LoadOptions {
-        cpu_bf16: args.precision == "bf16",
-        keep_f16_weights: !args.widen_f16_weights,
-        map_weights: !args.copy_weights,
-        ..load_options(args.device.parse()?)?
-    };
+    let options = args.model.load_options()?;
     let load_start = Instant::now();
-    let pipeline = Pipeline::load(&args.model, options).context("loading the model")?;
+    let pipeline = Pipeline::load(&args.model.model, options).context("loading the model")?;
     let load_s = load_start.elapsed().as_secs_f64();
     eprintln!("loaded in {load_s:.1} s; measuring ({} runs each)…", args.runs);
     let report = easel_engine::bench::run(&pipeline, &request, args.runs)?;
@@ -292,7 +329,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("CPU kernels      {}", report.cpu_vector_isa);
     }
     // `--precision` picks the CPU mode; on a GPU the U-Net and text encoders run in f16.
-    let precision = if on_cpu { args.precision.as_str() } else { "f16 (GPU)" };
+    let precision = match (on_cpu, args.model.precision) {
+        (false, _) => "f16 (GPU)",
+        (true, Precision::F32) => "f32",
+        (true, Precision::Bf16) => "bf16",
+    };
     println!("precision        {precision}");
     let in_place = pipeline.model().weights_in_place;
     println!("model load       {}   ({:.2} GB of weights read in place)", duration(load_s), in_place as f64 / 1e9);
@@ -312,8 +353,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         let mut json = serde_json::to_value(&report)?;
         json["model_load_s"] = serde_json::json!(load_s);
         json["precision"] = serde_json::json!(precision);
-        json["widen_f16_weights"] = serde_json::json!(args.widen_f16_weights);
-        json["copy_weights"] = serde_json::json!(args.copy_weights);
+        json["widen_f16_weights"] = serde_json::json!(args.model.widen_f16_weights);
+        json["copy_weights"] = serde_json::json!(args.model.copy_weights);
         json["weights_in_place_bytes"] = serde_json::json!(in_place);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;

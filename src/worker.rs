@@ -39,6 +39,50 @@ pub enum Command {
         save_dir: Option<PathBuf>,
     },
     Shutdown,
+    /// Panics inside a command, as an engine bug would (tests of the recovery).
+    #[cfg(test)]
+    Panic {
+        job: JobId,
+    },
+    /// Ends the worker thread with a panic outside any command (tests of the restart).
+    #[cfg(test)]
+    KillThread,
+}
+
+/// Which command a failure belongs to, noted before the command runs (it is moved into it).
+enum Origin {
+    Load(PathBuf),
+    Job(JobId),
+    Other,
+}
+
+impl Origin {
+    fn of(command: &Command) -> Self {
+        match command {
+            Command::LoadModel { path, .. } => Origin::Load(path.clone()),
+            Command::Generate { job, .. } => Origin::Job(*job),
+            #[cfg(test)]
+            Command::Panic { job } => Origin::Job(*job),
+            _ => Origin::Other,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Origin::Load(path) => format!("loading {}", path.display()),
+            Origin::Job(job) => format!("generation (job {job})"),
+            Origin::Other => "the worker".into(),
+        }
+    }
+
+    /// The event that reports `error` to whoever sent the command.
+    fn failed(self, error: String) -> Option<Event> {
+        match self {
+            Origin::Load(path) => Some(Event::ModelFailed { path, error }),
+            Origin::Job(job) => Some(Event::JobFailed { job, error }),
+            Origin::Other => None,
+        }
+    }
 }
 
 /// What the UI needs to know about the loaded model (no tensors).
@@ -136,34 +180,57 @@ pub struct Worker {
 
 impl Worker {
     pub fn spawn(repaint: Arc<dyn Fn() + Send + Sync>) -> Self {
-        let (commands, command_rx) = channel();
         let (event_tx, events) = channel();
-        let cancel = Arc::new(AtomicU64::new(NO_JOB));
-        let shutting_down = Arc::new(AtomicBool::new(false));
-        let state = WorkerState {
-            pipeline: None,
-            model_hash: None,
-            events: event_tx.clone(),
-            repaint: repaint.clone(),
-            cancel: cancel.clone(),
-            shutting_down: shutting_down.clone(),
-        };
-        let thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || state.run(command_rx)).ok();
-        Self {
+        let (commands, _) = channel();
+        let mut worker = Self {
             commands,
             events,
             event_sender: event_tx,
             repaint,
             downloads: Default::default(),
-            cancel,
-            shutting_down,
-            thread,
+            cancel: Arc::new(AtomicU64::new(NO_JOB)),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        };
+        worker.start_thread();
+        worker
+    }
+
+    /// A fresh worker thread (no model loaded) on the same event channel, so downloads in
+    /// flight keep reporting.
+    fn start_thread(&mut self) {
+        let (commands, command_rx) = channel();
+        let state = WorkerState {
+            pipeline: None,
+            model_hash: ModelHash::None,
+            events: self.event_sender.clone(),
+            repaint: self.repaint.clone(),
+            cancel: self.cancel.clone(),
+            shutting_down: self.shutting_down.clone(),
+        };
+        self.commands = commands;
+        self.thread = std::thread::Builder::new().name("easel-worker".into()).spawn(move || state.run(command_rx)).ok();
+    }
+
+    /// Whether the worker thread is still there to take commands.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Starts a new worker thread if the last one ended (a bug that escaped the per-command
+    /// recovery). Returns true when it did: the model must then be loaded again.
+    pub fn restart_if_dead(&mut self) -> bool {
+        if self.is_alive() {
+            return false;
         }
+        self.cancel.store(NO_JOB, Ordering::SeqCst);
+        self.start_thread();
+        true
     }
 
     pub fn send(&self, command: Command) {
-        // A send only fails once the worker thread is gone; the UI then sees no progress and
-        // the next model load reports it.
+        // A send only fails once the worker thread is gone; the app notices that on its next
+        // frame (`restart_if_dead`) and reports it.
         let _ = self.commands.send(command);
     }
 
@@ -230,10 +297,41 @@ impl Drop for Worker {
     }
 }
 
+/// AUTOMATIC1111's short hash of the loaded checkpoint file, for the PNG metadata. Hashing a
+/// multi-GB file takes seconds the first time, so it runs on its own thread while the model
+/// is used; it is only needed when an image is saved.
+enum ModelHash {
+    None,
+    Pending(JoinHandle<Option<String>>),
+    Ready(Option<String>),
+}
+
+impl ModelHash {
+    fn start(path: &Path) -> Self {
+        let path = path.to_path_buf();
+        match std::thread::Builder::new().name("easel-hash".into()).spawn(move || model_hash(&path)) {
+            Ok(handle) => ModelHash::Pending(handle),
+            Err(_) => ModelHash::None,
+        }
+    }
+
+    /// The hash, waiting for it only if it is still being computed.
+    fn get(&mut self) -> Option<&str> {
+        if matches!(self, ModelHash::Pending(_)) {
+            if let ModelHash::Pending(handle) = std::mem::replace(self, ModelHash::None) {
+                *self = ModelHash::Ready(handle.join().ok().flatten());
+            }
+        }
+        match self {
+            ModelHash::Ready(hash) => hash.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 struct WorkerState {
     pipeline: Option<Pipeline>,
-    /// AUTOMATIC1111's short hash of the loaded checkpoint file, for the PNG metadata.
-    model_hash: Option<String>,
+    model_hash: ModelHash,
     events: Sender<Event>,
     repaint: Arc<dyn Fn() + Send + Sync>,
     cancel: Arc<AtomicU64>,
@@ -248,11 +346,38 @@ impl WorkerState {
 
     fn run(mut self, commands: Receiver<Command>) {
         while let Ok(command) = commands.recv() {
-            match command {
-                Command::LoadModel { path, vae, cpu_bf16 } => self.load(path, vae, cpu_bf16),
-                Command::Generate { job, request, save_dir } => self.generate(job, request, save_dir),
-                Command::Shutdown => break,
+            #[cfg(test)]
+            if matches!(command, Command::KillThread) {
+                panic!("test: the worker thread dies");
             }
+            if matches!(command, Command::Shutdown) {
+                break;
+            }
+            // An engine bug must cost one job, not the worker: the panic becomes that job's
+            // error event and the next command runs. (The pipeline is used through `&self`
+            // while generating, so a panic leaves no half-updated state behind; a panicking
+            // load has already dropped the old model.)
+            let origin = Origin::of(&command);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(command)));
+            if let Err(payload) = outcome {
+                let message = panic_message(payload.as_ref());
+                let error = format!("internal error in {}: {message}. Please report this as a bug", origin.describe());
+                if let Some(event) = origin.failed(error) {
+                    self.emit(event);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::LoadModel { path, vae, cpu_bf16 } => self.load(path, vae, cpu_bf16),
+            Command::Generate { job, request, save_dir } => self.generate(job, request, save_dir),
+            Command::Shutdown => {}
+            #[cfg(test)]
+            Command::Panic { .. } => panic!("test: a bug inside a command"),
+            #[cfg(test)]
+            Command::KillThread => {}
         }
     }
 
@@ -260,7 +385,7 @@ impl WorkerState {
         self.emit(Event::ModelLoading { path: path.clone() });
         // Free the old model first: two SDXL models at once may not fit in memory.
         self.pipeline = None;
-        self.model_hash = None;
+        self.model_hash = ModelHash::None;
         let started = Instant::now();
         let options = match easel_engine::device::load_options(Default::default()) {
             Ok(options) => easel_engine::models::LoadOptions { vae_override: vae, cpu_bf16, ..options },
@@ -270,10 +395,8 @@ impl WorkerState {
             Ok(pipeline) => {
                 let model = ModelSummary::from_info(pipeline.info());
                 self.pipeline = Some(pipeline);
+                self.model_hash = ModelHash::start(&path);
                 self.emit(Event::ModelLoaded { model, seconds: started.elapsed().as_secs_f64() });
-                // Hashing a multi-GB file takes a while the first time: the model is usable
-                // before it is done (the hash is only needed when an image is saved).
-                self.model_hash = model_hash(&path);
             }
             Err(e) => self.emit(Event::ModelFailed { path, error: e.to_string() }),
         }
@@ -313,13 +436,21 @@ impl WorkerState {
             Err(easel_engine::Error::Cancelled) => return self.emit(Event::JobCancelled { job }),
             Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
         };
-        let info = pipeline.info();
-        let parameters = request.to_params(Some(&info.name), self.model_hash.as_deref()).to_infotext();
+        let name = pipeline.info().name.clone();
+        let parameters = request.to_params(Some(&name), self.model_hash.get()).to_infotext();
         let saved =
             save_dir.map(|dir| save_numbered(&dir, &image, &parameters, request.seed).map_err(|e| e.to_string()));
         let seconds = started.elapsed().as_secs_f64();
         self.emit(Event::JobFinished { job, image, request, parameters, saved, seconds });
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// The x0 estimate as plain host data for the preview: the UI never sees tensors.
@@ -371,4 +502,93 @@ pub fn model_hash(model: &Path) -> Option<String> {
         return None;
     }
     easel_engine::models::hash::HashCache::open(hash_cache_path()).a1111_hash(model).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use easel_engine::rng::RngKind;
+    use easel_engine::schedulers::{SamplerId, Schedule};
+
+    fn tiny_model() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures/models/sd1-tiny")
+    }
+
+    fn request() -> GenerationRequest {
+        GenerationRequest {
+            prompt: "a fox".into(),
+            negative_prompt: String::new(),
+            steps: 2,
+            guidance_scale: 7.0,
+            seed: 1,
+            width: 64,
+            height: 64,
+            sampler: SamplerId::Euler,
+            schedule: Schedule::Default,
+            rng: RngKind::Cpu,
+        }
+    }
+
+    /// The first event that `wanted` picks, skipping others (progress and the like).
+    fn wait_for<T>(worker: &Worker, mut wanted: impl FnMut(Event) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            for event in worker.drain() {
+                if let Some(found) = wanted(event) {
+                    return found;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the awaited event never came");
+    }
+
+    #[test]
+    fn a_panic_inside_a_command_fails_that_job_and_the_next_job_runs() {
+        let worker = Worker::spawn(Arc::new(|| {}));
+        worker.send(Command::LoadModel { path: tiny_model(), vae: None, cpu_bf16: false });
+        wait_for(&worker, |e| match e {
+            Event::ModelLoaded { .. } => Some(()),
+            Event::ModelFailed { error, .. } => panic!("{error}"),
+            _ => None,
+        });
+        worker.send(Command::Panic { job: 7 });
+        let error = wait_for(&worker, |e| match e {
+            Event::JobFailed { job: 7, error } => Some(error),
+            _ => None,
+        });
+        assert!(error.contains("internal error in generation (job 7)"), "{error}");
+        assert!(error.contains("a bug inside a command") && error.contains("report"), "{error}");
+        assert!(worker.is_alive());
+
+        // The model survived the panic: the next job runs on it.
+        worker.send(Command::Generate { job: 8, request: request(), save_dir: None });
+        let image = wait_for(&worker, |e| match e {
+            Event::JobFinished { job: 8, image, .. } => Some(image),
+            Event::JobFailed { job: 8, error } => panic!("{error}"),
+            _ => None,
+        });
+        assert_eq!((image.width, image.height), (64, 64));
+    }
+
+    #[test]
+    fn a_dead_worker_thread_is_replaced() {
+        let mut worker = Worker::spawn(Arc::new(|| {}));
+        assert!(!worker.restart_if_dead(), "a live worker is left alone");
+        worker.send(Command::KillThread);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while worker.is_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!worker.is_alive());
+        assert!(worker.restart_if_dead());
+        assert!(worker.is_alive());
+        // The new thread takes commands (no model yet: it says so).
+        worker.send(Command::Generate { job: 3, request: request(), save_dir: None });
+        let error = wait_for(&worker, |e| match e {
+            Event::JobFailed { job: 3, error } => Some(error),
+            _ => None,
+        });
+        assert!(error.contains("no model is loaded"), "{error}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The real app driven through egui_kittest with a tiny random model: generate, cancel, queue,
 //! refuse a bad size, restore settings from a dropped PNG, survive a broken model.
 
+#[path = "../crates/engine/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 use easel::app::settings::Settings;
 use easel::app::{CentralView, EaselApp, ModelState, NoticeKind};
 use easel_engine::metadata::{read_png_parameters, write_png, RgbImage};
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::{SamplerId, Schedule};
 use eframe::egui::accesskit::Role;
 use eframe::egui::{self, Key, Modifiers};
 use egui_kittest::kittest::Queryable;
@@ -169,8 +172,8 @@ impl egui::DroppedFile for TestDrop {
 
 #[test]
 fn dropping_an_a1111_png_restores_its_settings() {
-    let outputs = tempfile::tempdir().unwrap();
-    let png = outputs.path().join("from-a1111.png");
+    let (outputs, downloads) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let png = downloads.path().join("from-a1111.png");
     let image = RgbImage { width: 8, height: 8, data: vec![128; 8 * 8 * 3] };
     let text = "a castle on a hill\nNegative prompt: fog\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 987654, Size: 512x768, Model: v1-5, Version: v1.10.1";
     write_png(&png, &image, &[("parameters", text)], false).unwrap();
@@ -184,9 +187,9 @@ fn dropping_an_a1111_png_restores_its_settings() {
     assert_eq!(s.negative_prompt, "fog");
     assert_eq!((s.steps, s.seed, s.width, s.height), (30, 987654, 512, 768));
     assert_eq!(s.guidance, 6.5);
-    assert_eq!(s.sampler, "dpmpp_2m_karras");
+    assert_eq!((s.sampler, s.schedule), (SamplerId::DpmPp2m, Schedule::Karras));
     assert!(!s.random_seed, "a restored seed is kept");
-    assert_eq!(s.rng, "nv", "A1111 without an RNG key used the GPU generator");
+    assert_eq!(s.rng, RngKind::Nv, "A1111 without an RNG key used the GPU generator");
     assert_eq!(h.state().gallery.len(), 1, "the dropped image is shown");
 }
 
@@ -278,8 +281,42 @@ fn the_bf16_switch_reloads_the_model_and_gives_a_close_image() {
     let app = h.state();
     assert!(errors(app).is_empty(), "{:?}", errors(app));
     // Newest first or last, either way the two images are the same seed in both modes.
-    let (a, b) = (&app.gallery[0].image.data, &app.gallery[1].image.data);
+    let image = |i: usize| app.gallery[i].image.as_ref().unwrap().data.clone();
+    let (a, b) = (&image(0), &image(1));
     assert_ne!(a, b, "bf16 mode produced the f32 image bit for bit");
     let psnr = common::psnr(a, b);
     assert!(psnr >= 40.0, "bf16 vs f32 PSNR {psnr} dB");
+}
+
+#[test]
+fn the_gallery_shows_earlier_images_after_a_restart_and_reuses_their_parameters() {
+    let outputs = tempfile::tempdir().unwrap();
+    // A first run of the app makes two images...
+    {
+        let mut h = harness(settings(outputs.path()));
+        step_until(&mut h, "the model to load", model_ready);
+        h.state_mut().settings.prompt = "a red fox".into();
+        h.state_mut().settings.batch_count = 2;
+        h.state_mut().generate();
+        step_until(&mut h, "two images", |app| app.gallery.len() == 2);
+    }
+    let saved = png_files(outputs.path());
+    assert_eq!(saved.len(), 2);
+
+    // ...and the next run, with other settings, lists them newest first and loads them lazily.
+    let restarted = Settings { prompt: "something else".into(), steps: 9, seed: 77, ..settings(outputs.path()) };
+    let mut h = harness(restarted);
+    assert_eq!(h.state().gallery.len(), 2);
+    assert_eq!(h.state().gallery[1].path.as_deref(), Some(saved[1].as_path()), "the newest is last (shown first)");
+    step_until(&mut h, "the thumbnails", |app| app.gallery.iter().all(|g| g.thumbnail.is_some()));
+    assert!(h.state().gallery.iter().all(|g| g.parameters.starts_with("a red fox")), "parameters come with them");
+
+    h.state_mut().view = CentralView::Gallery(0);
+    step_until(&mut h, "the full image", |app| app.gallery[0].image.is_some());
+    assert_eq!(h.state().gallery[0].image.as_ref().map(|i| (i.width, i.height)), Some((64, 64)));
+    h.get_by_label("Reuse parameters").click();
+    h.step();
+    h.step();
+    let s = &h.state().settings;
+    assert_eq!((s.prompt.as_str(), s.steps, s.seed), ("a red fox", 3, 5), "the first image's own settings");
 }

@@ -1,6 +1,7 @@
 //! `easel generate` as a user runs it: the PNG and its parameters, and clear refusals of bad
 //! input before any work starts.
 
+#[path = "../crates/engine/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
@@ -37,6 +38,27 @@ fn generate(model: &Path, output: &Path, extra: &[&str]) -> Output {
     ];
     args.extend_from_slice(extra);
     easel(&args)
+}
+
+#[test]
+fn sampler_and_schedule_are_separate_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let separate = dir.path().join("separate.png");
+    let combined = dir.path().join("combined.png");
+    let args = ["--steps", "2", "--seed", "9", "--sampler", "dpmpp_2m", "--schedule", "karras"];
+    assert!(generate(&model_dir("sd1-tiny"), &separate, &args).status.success());
+    let alias = ["--steps", "2", "--seed", "9", "--sampler", "dpmpp_2m_karras"];
+    assert!(generate(&model_dir("sd1-tiny"), &combined, &alias).status.success());
+    assert_eq!(read_png(&separate).unwrap().data, read_png(&combined).unwrap().data, "the old id is the same choice");
+    let text = read_png_parameters(&separate).unwrap().unwrap();
+    assert_eq!(parse_infotext(&text).unwrap().schedule_type.as_deref(), Some("Karras"));
+
+    let refused =
+        generate(&model_dir("sd1-tiny"), &dir.path().join("x.png"), &["--sampler", "ddim", "--schedule", "karras"]);
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(message.contains("karras") && message.contains("ddim") && message.contains("dpmpp_2m"), "{message}");
+    assert!(!dir.path().join("x.png").exists());
 }
 
 #[test]
@@ -311,6 +333,7 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
         width: 256,
         height: 192,
         sampler: SamplerId::DpmPp2m,
+        schedule: easel_engine::schedulers::Schedule::Default,
         rng: RngKind::Cpu,
     };
     let expected = pipeline.generate(&request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();

@@ -2,7 +2,8 @@
 //! text, InvokeAI's `invokeai_metadata` JSON and ComfyUI's `prompt` graph, as far as they map.
 
 use easel_engine::metadata::{parse_infotext, PARAMETERS_KEYWORD};
-use easel_engine::schedulers::SamplerId;
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::{SamplerId, Schedule};
 use serde_json::Value;
 
 /// Settings found in an image; `None` where the source did not say.
@@ -16,8 +17,9 @@ pub struct ImportedSettings {
     pub seed: Option<u64>,
     pub width: Option<usize>,
     pub height: Option<usize>,
-    pub sampler: Option<SamplerId>,
-    pub rng: Option<String>,
+    /// The sampler and its schedule (pairs Easel does not run are left out).
+    pub sampler: Option<(SamplerId, Schedule)>,
+    pub rng: Option<RngKind>,
 }
 
 /// Looks through a PNG's text chunks for settings of any app Easel knows.
@@ -40,9 +42,9 @@ pub fn import_settings(chunks: &[(String, String)]) -> Option<ImportedSettings> 
 fn from_a1111(text: &str) -> Option<ImportedSettings> {
     let p = parse_infotext(text).ok()?;
     let rng = match p.rng.as_deref() {
-        Some("CPU") => "cpu",
+        Some("CPU") => RngKind::Cpu,
         // A1111's default ("GPU", no key) and "NV" both mean torch's CUDA generator.
-        _ => "nv",
+        _ => RngKind::Nv,
     };
     let is_easel = p.version.as_deref().is_some_and(|v| v.starts_with("easel"));
     Some(ImportedSettings {
@@ -55,7 +57,7 @@ fn from_a1111(text: &str) -> Option<ImportedSettings> {
         width: Some(p.width as usize),
         height: Some(p.height as usize),
         sampler: SamplerId::from_a1111(&p.sampler, p.schedule_type.as_deref()),
-        rng: Some(rng.into()),
+        rng: Some(rng),
     })
 }
 
@@ -65,12 +67,12 @@ fn as_usize(v: &Value) -> Option<usize> {
 
 fn from_invokeai(json: &Value) -> ImportedSettings {
     let sampler = json["scheduler"].as_str().and_then(|s| match s {
-        "euler" => Some(SamplerId::Euler),
-        "euler_a" => Some(SamplerId::EulerAncestral),
-        "ddim" => Some(SamplerId::Ddim),
-        "dpmpp_2m" => Some(SamplerId::DpmPp2m),
-        "dpmpp_2m_k" => Some(SamplerId::DpmPp2mKarras),
-        "lcm" => Some(SamplerId::Lcm),
+        "euler" => Some((SamplerId::Euler, Schedule::Default)),
+        "euler_a" => Some((SamplerId::EulerAncestral, Schedule::Default)),
+        "ddim" => Some((SamplerId::Ddim, Schedule::Default)),
+        "dpmpp_2m" => Some((SamplerId::DpmPp2m, Schedule::Default)),
+        "dpmpp_2m_k" => Some((SamplerId::DpmPp2m, Schedule::Karras)),
+        "lcm" => Some((SamplerId::Lcm, Schedule::Default)),
         _ => None,
     });
     ImportedSettings {
@@ -84,7 +86,7 @@ fn from_invokeai(json: &Value) -> ImportedSettings {
         height: as_usize(&json["height"]),
         sampler,
         // InvokeAI draws its noise with torch's CPU generator by default.
-        rng: Some("cpu".into()),
+        rng: Some(RngKind::Cpu),
     }
 }
 
@@ -101,15 +103,21 @@ fn from_comfyui(graph: &Value) -> Option<ImportedSettings> {
     };
     let text_of = |name: &str| linked(name).and_then(|n| n["inputs"]["text"].as_str()).map(str::to_string);
     let latent = linked("latent_image");
-    let sampler = match (inputs["sampler_name"].as_str(), inputs["scheduler"].as_str()) {
-        (Some("euler"), _) => Some(SamplerId::Euler),
-        (Some("euler_ancestral"), _) => Some(SamplerId::EulerAncestral),
-        (Some("ddim"), _) => Some(SamplerId::Ddim),
-        (Some("dpmpp_2m"), Some("karras")) => Some(SamplerId::DpmPp2mKarras),
-        (Some("dpmpp_2m"), _) => Some(SamplerId::DpmPp2m),
-        (Some("lcm"), _) => Some(SamplerId::Lcm),
+    let sampler = match inputs["sampler_name"].as_str() {
+        Some("euler") => Some(SamplerId::Euler),
+        Some("euler_ancestral") => Some(SamplerId::EulerAncestral),
+        Some("ddim") => Some(SamplerId::Ddim),
+        Some("dpmpp_2m") => Some(SamplerId::DpmPp2m),
+        Some("lcm") => Some(SamplerId::Lcm),
         _ => None,
     };
+    let schedule = match inputs["scheduler"].as_str() {
+        Some("karras") => Some(Schedule::Karras),
+        // ComfyUI's "normal" follows the model's sigmas, as Easel's default does.
+        Some("normal") | None => Some(Schedule::Default),
+        _ => None,
+    };
+    let sampler = sampler.zip(schedule).filter(|(s, schedule)| s.schedules().contains(schedule));
     Some(ImportedSettings {
         source: "ComfyUI",
         prompt: text_of("positive"),
@@ -121,7 +129,7 @@ fn from_comfyui(graph: &Value) -> Option<ImportedSettings> {
         height: latent.and_then(|n| as_usize(&n["inputs"]["height"])),
         sampler,
         // ComfyUI always draws noise with torch's CPU generator.
-        rng: Some("cpu".into()),
+        rng: Some(RngKind::Cpu),
     })
 }
 
@@ -142,8 +150,8 @@ mod tests {
         assert_eq!(s.negative_prompt.as_deref(), Some("blurry"));
         assert_eq!((s.steps, s.seed, s.width, s.height), (Some(30), Some(123), Some(512), Some(768)));
         assert_eq!(s.guidance, Some(6.5));
-        assert_eq!(s.sampler, Some(SamplerId::DpmPp2mKarras));
-        assert_eq!(s.rng.as_deref(), Some("nv"), "A1111 without an RNG key used the GPU generator");
+        assert_eq!(s.sampler, Some((SamplerId::DpmPp2m, Schedule::Karras)));
+        assert_eq!(s.rng, Some(RngKind::Nv), "A1111 without an RNG key used the GPU generator");
     }
 
     #[test]
@@ -160,7 +168,7 @@ mod tests {
         assert_eq!(s.prompt.as_deref(), Some("a lighthouse"));
         assert_eq!(s.negative_prompt.as_deref(), Some("fog"));
         assert_eq!((s.steps, s.seed, s.width, s.height), (Some(12), Some(77), Some(640), Some(448)));
-        assert_eq!(s.sampler, Some(SamplerId::DpmPp2mKarras));
+        assert_eq!(s.sampler, Some((SamplerId::DpmPp2m, Schedule::Karras)));
     }
 
     #[test]
@@ -169,7 +177,7 @@ mod tests {
         let s = import_settings(&chunk("invokeai_metadata", json)).unwrap();
         assert_eq!(s.source, "InvokeAI");
         assert_eq!(s.prompt.as_deref(), Some("a meadow"));
-        assert_eq!(s.sampler, Some(SamplerId::EulerAncestral));
+        assert_eq!(s.sampler, Some((SamplerId::EulerAncestral, Schedule::Default)));
         assert_eq!((s.width, s.height), (Some(768), Some(512)));
     }
 

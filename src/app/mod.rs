@@ -1,6 +1,7 @@
 //! The window: egui panels and their state. Inference runs on the [`Worker`]; this module only
 //! sends it commands and drains its events once per frame.
 
+pub mod gallery;
 pub mod import;
 pub mod preview;
 pub mod settings;
@@ -15,11 +16,11 @@ use easel_engine::metadata::{read_png, read_png_text, RgbImage};
 use easel_engine::models::clip::EOS_TOKEN_ID;
 use easel_engine::pipeline::text::ClipTokenizer;
 use easel_engine::pipeline::GenerationRequest;
-use easel_engine::rng::{random_seed, RngKind};
-use easel_engine::schedulers::SamplerId;
+use easel_engine::rng::random_seed;
 use eframe::egui;
 
 use crate::worker::{Command, Event, JobId, ModelSummary, Worker};
+pub use gallery::{GalleryImage, Loading};
 use import::{import_settings, ImportedSettings};
 use preview::LatentFrame;
 use settings::Settings;
@@ -59,14 +60,6 @@ pub struct RunningJob {
     pub total: usize,
     pub elapsed: Duration,
     pub cancelling: bool,
-}
-
-pub struct GalleryImage {
-    pub image: Arc<RgbImage>,
-    pub texture: egui::TextureHandle,
-    pub parameters: String,
-    pub request: Option<GenerationRequest>,
-    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +106,7 @@ pub struct EaselApp {
     pub notices: Vec<Notice>,
     pub last_seed: Option<u64>,
     worker: Worker,
+    image_loader: gallery::ImageLoader,
     next_job: JobId,
     tokenizer: Option<ClipTokenizer>,
     token_counts: [(String, usize); 2],
@@ -139,7 +133,8 @@ impl EaselApp {
     /// Builds the app around `settings` (tests use this to start from a known state).
     pub fn with_settings(ctx: &egui::Context, settings: Settings, gpu_preview: bool) -> Self {
         let repaint_ctx = ctx.clone();
-        let worker = Worker::spawn(Arc::new(move || repaint_ctx.request_repaint()));
+        let repaint: Arc<dyn Fn() + Send + Sync> = Arc::new(move || repaint_ctx.request_repaint());
+        let worker = Worker::spawn(repaint.clone());
         let mut app = Self {
             settings,
             downloader: easel_engine::hub::Downloader::from_env(),
@@ -154,6 +149,7 @@ impl EaselApp {
             notices: Vec::new(),
             last_seed: None,
             worker,
+            image_loader: gallery::ImageLoader::spawn(repaint),
             next_job: 1,
             tokenizer: ClipTokenizer::bundled(EOS_TOKEN_ID).ok(),
             token_counts: Default::default(),
@@ -165,7 +161,43 @@ impl EaselApp {
             app.load_model(path);
         }
         app.refresh_local_models();
+        app.gallery = gallery::history(&app.settings.outputs_dir()).into_iter().map(GalleryImage::on_disk).collect();
         app
+    }
+
+    /// Asks for the strip's thumbnail (or, with `full`, the whole image) of gallery entry
+    /// `index` if it is a file not loaded yet; it arrives through `handle_events`.
+    pub fn request_image(&mut self, index: usize, full: bool) {
+        let Some(item) = self.gallery.get_mut(index) else { return };
+        let Some(path) = &item.path else { return };
+        let needed = if full { item.texture.is_none() } else { item.strip_texture().is_none() };
+        let busy =
+            matches!(item.loading, Loading::Full | Loading::Failed(_)) || (!full && item.loading == Loading::Thumbnail);
+        if needed && !busy {
+            self.image_loader.request(path, full);
+            item.loading = if full { Loading::Full } else { Loading::Thumbnail };
+        }
+    }
+
+    fn handle_loaded_images(&mut self, ctx: &egui::Context) {
+        for loaded in self.image_loader.drain() {
+            let Some(item) = self.gallery.iter_mut().find(|g| g.path.as_ref() == Some(&loaded.path)) else { continue };
+            match loaded.result {
+                Ok((image, parameters)) => {
+                    let name = format!("{}-{}", loaded.path.display(), loaded.full);
+                    let texture = ctx.load_texture(name, color_image(&image), egui::TextureOptions::LINEAR);
+                    if loaded.full {
+                        item.image = Some(Arc::new(image));
+                        item.texture = Some(texture);
+                    } else {
+                        item.thumbnail = Some(texture);
+                    }
+                    item.parameters = parameters;
+                    item.loading = Loading::Idle;
+                }
+                Err(error) => item.loading = Loading::Failed(error),
+            }
+        }
     }
 
     /// Rescans the HF cache and the models folder (reads headers and configs only).
@@ -241,8 +273,6 @@ impl EaselApp {
 
     /// Builds the request from the current settings, refusing bad values with a message.
     pub fn build_request(&self, seed: u64) -> Result<GenerationRequest, String> {
-        let sampler: SamplerId = self.settings.sampler.parse().map_err(|e: easel_engine::Error| e.to_string())?;
-        let rng: RngKind = self.settings.rng.parse().map_err(|e: easel_engine::Error| e.to_string())?;
         let request = GenerationRequest {
             prompt: self.settings.prompt.clone(),
             negative_prompt: self.settings.negative_prompt.clone(),
@@ -251,8 +281,9 @@ impl EaselApp {
             seed,
             width: self.settings.width,
             height: self.settings.height,
-            sampler,
-            rng,
+            sampler: self.settings.sampler,
+            schedule: self.settings.schedule,
+            rng: self.settings.rng,
         };
         let multiple = match &self.model {
             ModelState::Ready(m) => m.size_multiple,
@@ -322,6 +353,10 @@ impl EaselApp {
 
     /// Applies the worker's events; called once per frame.
     pub fn handle_events(&mut self, ctx: &egui::Context) {
+        if self.worker.restart_if_dead() {
+            self.worker_restarted();
+        }
+        self.handle_loaded_images(ctx);
         for event in self.worker.drain() {
             match event {
                 Event::ModelLoading { .. } => {}
@@ -366,7 +401,7 @@ impl EaselApp {
                     };
                     let texture =
                         ctx.load_texture(format!("image-{job}"), color_image(&image), egui::TextureOptions::LINEAR);
-                    self.gallery.push(GalleryImage { image, texture, parameters, request: Some(request), path });
+                    self.gallery.push(GalleryImage::in_memory(image, texture, parameters, Some(request), path));
                     self.view = CentralView::Gallery(self.gallery.len() - 1);
                     self.notify(NoticeKind::Info, format!("Finished in {seconds:.1} s."));
                 }
@@ -407,6 +442,19 @@ impl EaselApp {
         self.pump_queue();
     }
 
+    /// The worker thread ended (a bug the per-command recovery did not catch) and a new one
+    /// took its place: the running job is lost, the model is loaded again, the queue waits.
+    fn worker_restarted(&mut self) {
+        let lost = self.running.take().map(|r| format!(" Job {} was lost.", r.job)).unwrap_or_default();
+        self.notify(
+            NoticeKind::Error,
+            format!("The engine stopped unexpectedly and was restarted.{lost} Please report this as a bug."),
+        );
+        if let ModelState::Ready(ModelSummary { path, .. }) | ModelState::Loading(path) = self.model.clone() {
+            self.load_model(path);
+        }
+    }
+
     fn finish_job(&mut self, job: JobId) {
         if self.running.as_ref().is_some_and(|r| r.job == job) {
             self.running = None;
@@ -438,17 +486,27 @@ impl EaselApp {
         if let Some(v) = imported.height {
             s.height = v;
         }
-        if let Some(v) = imported.sampler {
-            s.sampler = v.id().to_string();
+        if let Some((sampler, schedule)) = imported.sampler {
+            s.sampler = sampler;
+            s.schedule = schedule;
         }
-        if let Some(v) = &imported.rng {
-            s.rng = v.clone();
+        if let Some(v) = imported.rng {
+            s.rng = v;
         }
     }
 
-    /// Reuses the parameters of a finished image.
+    /// Reuses the parameters of a gallery image: the request that made it, or for an image
+    /// from disk the `parameters` text it carries.
     pub fn reuse(&mut self, index: usize) {
-        let Some(request) = self.gallery.get(index).and_then(|g| g.request.clone()) else { return };
+        let Some(item) = self.gallery.get(index) else { return };
+        let Some(request) = item.request.clone() else {
+            let chunks = [(easel_engine::metadata::PARAMETERS_KEYWORD.to_string(), item.parameters.clone())];
+            match import_settings(&chunks) {
+                Some(imported) => self.apply_imported(&imported),
+                None => self.notify(NoticeKind::Info, "This image carries no generation settings."),
+            }
+            return;
+        };
         let imported = ImportedSettings {
             source: "Easel",
             prompt: Some(request.prompt),
@@ -458,8 +516,8 @@ impl EaselApp {
             seed: Some(request.seed),
             width: Some(request.width),
             height: Some(request.height),
-            sampler: Some(request.sampler),
-            rng: Some(request.rng.to_string()),
+            sampler: Some((request.sampler, request.schedule)),
+            rng: Some(request.rng),
         };
         self.apply_imported(&imported);
     }
@@ -475,7 +533,7 @@ impl EaselApp {
         let parameters = chunks.iter().find(|(k, _)| k == "parameters").map(|(_, v)| v.clone()).unwrap_or_default();
         let texture =
             ctx.load_texture(format!("dropped-{}", path.display()), color_image(&image), egui::TextureOptions::LINEAR);
-        self.gallery.push(GalleryImage { image, texture, parameters, request: None, path: Some(path.to_path_buf()) });
+        self.gallery.push(GalleryImage::in_memory(image, texture, parameters, None, Some(path.to_path_buf())));
         self.view = CentralView::Gallery(self.gallery.len() - 1);
         match imported {
             Some(settings) => {
@@ -514,4 +572,45 @@ impl eframe::App for EaselApp {
 
 pub fn color_image(image: &RgbImage) -> egui::ColorImage {
     egui::ColorImage::from_rgb([image.width as usize, image.height as usize], &image.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_until(app: &mut EaselApp, ctx: &egui::Context, mut done: impl FnMut(&EaselApp) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !done(app) {
+            assert!(std::time::Instant::now() < deadline, "timed out; notices: {:?}", app.notices);
+            app.handle_events(ctx);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_dead_worker_is_restarted_the_model_reloaded_and_the_next_job_runs() {
+        let ctx = egui::Context::default();
+        let outputs = tempfile::tempdir().unwrap();
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures/models/sd1-tiny");
+        let settings = Settings {
+            model_path: Some(model),
+            outputs_dir: Some(outputs.path().to_path_buf()),
+            prompt: "a fox".into(),
+            steps: 2,
+            width: 64,
+            height: 64,
+            ..Default::default()
+        };
+        let mut app = EaselApp::with_settings(&ctx, settings, false);
+        run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
+
+        app.worker.send(Command::KillThread);
+        run_until(&mut app, &ctx, |a| a.notices.iter().any(|n| n.text.contains("stopped unexpectedly")));
+        assert!(matches!(app.model, ModelState::Loading(_)), "the model is loaded again");
+        run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
+
+        app.generate();
+        run_until(&mut app, &ctx, |a| !a.gallery.is_empty());
+        assert!(app.gallery[0].path.as_ref().is_some_and(|p| p.is_file()), "saved after the restart");
+    }
 }

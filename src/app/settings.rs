@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::{SamplerId, Schedule};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const STORAGE_KEY: &str = "easel-settings";
 
@@ -15,16 +17,19 @@ pub struct Settings {
     pub negative_prompt: String,
     pub steps: usize,
     pub guidance: f64,
-    /// Sampler id (`euler`, `dpmpp_2m_karras`, …).
-    pub sampler: String,
+    #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
+    pub sampler: SamplerId,
+    /// The noise schedule, chosen apart from the sampler.
+    #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
+    pub schedule: Schedule,
     pub seed: u64,
     /// Draw a new seed for every image instead of using `seed`.
     pub random_seed: bool,
     pub width: usize,
     pub height: usize,
     pub batch_count: usize,
-    /// `cpu` or `nv`.
-    pub rng: String,
+    #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
+    pub rng: RngKind,
     /// Where finished images are saved; `None` means the platform's data folder.
     pub outputs_dir: Option<PathBuf>,
     /// Save every finished image automatically.
@@ -45,13 +50,14 @@ impl Default for Settings {
             negative_prompt: String::new(),
             steps: 25,
             guidance: 7.0,
-            sampler: "euler".into(),
+            sampler: SamplerId::Euler,
+            schedule: Schedule::Default,
             seed: 0,
             random_seed: true,
             width: 512,
             height: 512,
             batch_count: 1,
-            rng: "cpu".into(),
+            rng: RngKind::Cpu,
             outputs_dir: None,
             autosave: true,
             models_dir: None,
@@ -78,7 +84,27 @@ impl Settings {
 
 /// Settings are stored as JSON inside eframe's key-value store.
 fn parse_json(text: &str) -> Option<Settings> {
-    serde_json::from_str(text).ok()
+    let mut value: serde_json::Value = serde_json::from_str(text).ok()?;
+    // Before sampler and schedule were separate, `sampler` named both ("dpmpp_2m_karras").
+    if let Some(combined) = value.get("sampler").and_then(|v| v.as_str()).map(str::to_string) {
+        if let Ok((sampler, Some(schedule))) = SamplerId::parse_with_schedule(&combined) {
+            value["sampler"] = sampler.id().into();
+            value["schedule"] = schedule.id().into();
+        }
+    }
+    serde_json::from_value(value).ok()
+}
+
+/// Stored by their stable ids (`euler`, `karras`, `cpu`), the same as on the command line.
+fn by_id<T: std::fmt::Display, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// An id this Easel does not know (from a newer one, or edited by hand) gives the default for
+/// that field alone, not for every setting.
+fn lenient<'de, T: std::str::FromStr + Default, D: Deserializer<'de>>(deserializer: D) -> Result<T, D::Error> {
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(value.as_str().and_then(|s| s.parse().ok()).unwrap_or_default())
 }
 
 /// `<data dir>/easel/outputs` (e.g. ~/.local/share/easel/outputs on Linux).
@@ -100,8 +126,28 @@ mod tests {
     }
 
     #[test]
+    fn settings_of_earlier_versions_still_load() {
+        // `sampler` once named the schedule too; `rng` was a plain string.
+        let old = r#"{"prompt": "a fox", "sampler": "dpmpp_2m_karras", "rng": "nv", "steps": 30}"#;
+        let s = Settings::from_stored(Some(old));
+        assert_eq!((s.sampler, s.schedule, s.rng), (SamplerId::DpmPp2m, Schedule::Karras, RngKind::Nv));
+        assert_eq!((s.prompt.as_str(), s.steps), ("a fox", 30));
+        let unknown = Settings::from_stored(Some(r#"{"prompt": "a fox", "sampler": "dpmpp_3m_sde", "rng": 5}"#));
+        assert_eq!((unknown.sampler, unknown.rng, unknown.prompt.as_str()), (SamplerId::Euler, RngKind::Cpu, "a fox"));
+    }
+
+    #[test]
     fn settings_round_trip() {
-        let settings = Settings { prompt: "a fox".into(), seed: 42, random_seed: false, ..Default::default() };
+        let settings = Settings {
+            prompt: "a fox".into(),
+            seed: 42,
+            random_seed: false,
+            sampler: SamplerId::DpmPp2m,
+            schedule: Schedule::Karras,
+            rng: RngKind::Nv,
+            ..Default::default()
+        };
+        assert!(settings.to_stored().contains(r#""sampler":"dpmpp_2m","schedule":"karras""#));
         assert_eq!(Settings::from_stored(Some(&settings.to_stored())), settings);
     }
 }

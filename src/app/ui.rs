@@ -1,10 +1,11 @@
 //! Drawing the panels. State changes go through `EaselApp` methods so tests can drive them.
 
 use easel_engine::pipeline::text::PROMPT_TOKEN_WINDOW;
-use easel_engine::schedulers::SamplerId;
+use easel_engine::rng::RngKind;
+use easel_engine::schedulers::{SamplerId, Schedule};
 use eframe::egui::{self, Color32, Key, Modifiers, RichText};
 
-use super::{CentralView, EaselApp, ModelState, NoticeKind};
+use super::{CentralView, EaselApp, Loading, ModelState, NoticeKind};
 
 const SIZE_PRESETS: [(&str, usize, usize); 7] = [
     ("512 × 512 (SD 1.x)", 512, 512),
@@ -132,21 +133,33 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.add(egui::Slider::new(&mut app.settings.guidance, 0.0..=20.0).step_by(0.5)).labelled_by(label.id);
         ui.end_row();
         let label = ui.label("Sampler");
-        let current = app
-            .settings
-            .sampler
-            .parse::<SamplerId>()
-            .map(sampler_label)
-            .unwrap_or_else(|_| app.settings.sampler.clone());
         egui::ComboBox::from_id_salt("sampler")
-            .selected_text(current)
+            .selected_text(app.settings.sampler.a1111_name())
             .show_ui(ui, |ui| {
                 for sampler in SamplerId::ALL {
-                    ui.selectable_value(&mut app.settings.sampler, sampler.id().to_string(), sampler_label(sampler));
+                    ui.selectable_value(&mut app.settings.sampler, sampler, sampler.a1111_name());
                 }
             })
             .response
             .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Schedule");
+        let schedules = app.settings.sampler.schedules();
+        if !schedules.contains(&app.settings.schedule) {
+            app.settings.schedule = Schedule::Default;
+        }
+        ui.add_enabled_ui(schedules.len() > 1, |ui| {
+            egui::ComboBox::from_id_salt("schedule")
+                .selected_text(app.settings.schedule.label())
+                .show_ui(ui, |ui| {
+                    for &schedule in schedules {
+                        ui.selectable_value(&mut app.settings.schedule, schedule, schedule.label());
+                    }
+                })
+                .response
+                .labelled_by(label.id)
+                .on_disabled_hover_text("This sampler runs the model's own schedule");
+        });
         ui.end_row();
         let label = ui.label("Seed");
         ui.horizontal(|ui| {
@@ -200,10 +213,10 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.end_row();
         let label = ui.label("Noise");
         egui::ComboBox::from_id_salt("rng")
-            .selected_text(if app.settings.rng == "nv" { "GPU (A1111 NV)" } else { "CPU (diffusers, ComfyUI)" })
+            .selected_text(if app.settings.rng == RngKind::Nv { "GPU (A1111 NV)" } else { "CPU (diffusers, ComfyUI)" })
             .show_ui(ui, |ui| {
-                ui.selectable_value(&mut app.settings.rng, "cpu".to_string(), "CPU (diffusers, ComfyUI)");
-                ui.selectable_value(&mut app.settings.rng, "nv".to_string(), "GPU (A1111 NV)");
+                ui.selectable_value(&mut app.settings.rng, RngKind::Cpu, "CPU (diffusers, ComfyUI)");
+                ui.selectable_value(&mut app.settings.rng, RngKind::Nv, "GPU (A1111 NV)");
             })
             .response
             .labelled_by(label.id);
@@ -277,13 +290,6 @@ fn token_counter(app: &mut EaselApp, ui: &mut egui::Ui, which: usize) {
     }
 }
 
-fn sampler_label(sampler: SamplerId) -> String {
-    match sampler.a1111_name() {
-        (name, Some(schedule)) => format!("{name} {schedule}"),
-        (name, None) => name.to_string(),
-    }
-}
-
 fn shorten(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         text.to_string()
@@ -328,7 +334,9 @@ fn central(app: &mut EaselApp, ui: &mut egui::Ui) {
     }
 
     match &app.model {
-        ModelState::None | ModelState::Failed { .. } if app.gallery.is_empty() => return first_run(app, ui),
+        ModelState::None | ModelState::Failed { .. } if matches!(app.view, CentralView::Empty) => {
+            return first_run(app, ui)
+        }
         _ => {}
     }
 
@@ -378,19 +386,21 @@ fn fit_rect(ui: &mut egui::Ui, width: f32, height: f32) -> egui::Rect {
 }
 
 fn image_view(app: &mut EaselApp, ui: &mut egui::Ui, index: usize) {
+    app.request_image(index, true);
     let Some(item) = app.gallery.get(index) else { return };
     let parameters = item.parameters.clone();
     let path = item.path.clone();
-    let has_request = item.request.is_some();
+    let can_reuse = item.request.is_some() || !parameters.is_empty();
+    let loaded = item.image.is_some();
     let mut reuse = false;
     ui.horizontal(|ui| {
-        if ui.button("Save as…").clicked() {
+        if ui.add_enabled(loaded, egui::Button::new("Save as…")).clicked() {
             save_as(app, index);
         }
         if ui.add_enabled(!parameters.is_empty(), egui::Button::new("Copy parameters")).clicked() {
             ui.ctx().copy_text(parameters.clone());
         }
-        if ui.add_enabled(has_request, egui::Button::new("Reuse parameters")).clicked() {
+        if ui.add_enabled(can_reuse, egui::Button::new("Reuse parameters")).clicked() {
             reuse = true;
         }
         if let Some(path) = &path {
@@ -401,8 +411,16 @@ fn image_view(app: &mut EaselApp, ui: &mut egui::Ui, index: usize) {
         app.reuse(index);
     }
     let Some(item) = app.gallery.get(index) else { return };
-    let (w, h) = (item.image.width as f32, item.image.height as f32);
-    let texture_id = item.texture.id();
+    let (Some(image), Some(texture)) = (&item.image, &item.texture) else {
+        let text = match &item.loading {
+            Loading::Failed(error) => format!("Could not open this image: {error}"),
+            _ => "Loading…".to_string(),
+        };
+        ui.centered_and_justified(|ui| ui.label(RichText::new(text).weak()));
+        return;
+    };
+    let (w, h) = (image.width as f32, image.height as f32);
+    let texture_id = texture.id();
     let rect = fit_rect(ui, w, h);
     ui.painter().image(
         texture_id,
@@ -414,6 +432,7 @@ fn image_view(app: &mut EaselApp, ui: &mut egui::Ui, index: usize) {
 
 fn save_as(app: &mut EaselApp, index: usize) {
     let Some(item) = app.gallery.get(index) else { return };
+    let Some(image) = item.image.clone() else { return };
     let default_name = item
         .path
         .as_ref()
@@ -427,30 +446,54 @@ fn save_as(app: &mut EaselApp, index: usize) {
     let chunks = [(easel_engine::metadata::PARAMETERS_KEYWORD, item.parameters.as_str())];
     let chunks: &[(&str, &str)] = if item.parameters.is_empty() { &[] } else { &chunks };
     // The native dialog already asked whether to replace an existing file.
-    match easel_engine::metadata::write_png(&path, &item.image, chunks, true) {
+    match easel_engine::metadata::write_png(&path, &image, chunks, true) {
         Ok(()) => app.notify(NoticeKind::Info, format!("Saved {}", path.display())),
         Err(e) => app.notify(NoticeKind::Error, format!("Could not save: {e}. Try another folder.")),
     }
 }
 
 fn gallery_strip(app: &mut EaselApp, ui: &mut egui::Ui) {
+    const HEIGHT: f32 = 96.0;
     egui::ScrollArea::horizontal().show(ui, |ui| {
         ui.horizontal(|ui| {
             if app.gallery.is_empty() {
-                ui.label(RichText::new("Images of this session appear here.").weak());
+                ui.label(RichText::new("Finished images appear here, and stay across restarts.").weak());
             }
             let selected = match app.view {
                 CentralView::Gallery(i) => Some(i),
                 _ => None,
             };
             let mut clicked = None;
+            let mut wanted = Vec::new();
             for (i, item) in app.gallery.iter().enumerate().rev() {
-                let size = egui::vec2(96.0 * item.image.width as f32 / item.image.height.max(1) as f32, 96.0);
-                let image = egui::Image::new((item.texture.id(), size));
-                let response = ui.add(egui::Button::image(image).selected(selected == Some(i)));
+                let response = match item.strip_texture() {
+                    Some(texture) => {
+                        let [w, h] = texture.size();
+                        let size = egui::vec2(HEIGHT * w as f32 / h.max(1) as f32, HEIGHT);
+                        ui.add(
+                            egui::Button::image(egui::Image::new((texture.id(), size))).selected(selected == Some(i)),
+                        )
+                    }
+                    None => {
+                        // Not decoded yet: a square placeholder; decoding starts once it is visible.
+                        let (rect, response) = ui.allocate_exact_size(egui::vec2(HEIGHT, HEIGHT), egui::Sense::click());
+                        if ui.is_rect_visible(rect) {
+                            ui.painter().rect_filled(rect, 4.0, ui.visuals().faint_bg_color);
+                            wanted.push(i);
+                        }
+                        response
+                    }
+                };
+                let response = match &item.path {
+                    Some(path) => response.on_hover_text(path.display().to_string()),
+                    None => response,
+                };
                 if response.clicked() {
                     clicked = Some(i);
                 }
+            }
+            for i in wanted {
+                app.request_image(i, false);
             }
             if let Some(i) = clicked {
                 app.view = CentralView::Gallery(i);

@@ -175,7 +175,7 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
         width: request.width,
         height: request.height,
         steps: request.steps,
-        sampler: request.sampler.id().to_string(),
+        sampler: request.sampler.combined_id(request.schedule),
         threads: candle_core::utils::get_num_threads(),
         cpu_vector_isa: crate::kernels::cpu_vector_isa().to_string(),
         text_encoding_s,

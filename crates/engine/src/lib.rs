@@ -5,6 +5,10 @@
 //! drawing noise from [`rng`] generators that reproduce torch's. [`metadata`] reads and writes
 //! the AUTOMATIC1111 `parameters` text that other apps understand.
 
+// Anything a user can cause must come back as an `Error`, never a panic: no unwrap/expect in the
+// engine's own code (tests, examples and benches may: they fail by panicking).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bench;
 pub mod device;
 pub mod error;

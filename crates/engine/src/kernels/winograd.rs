@@ -819,9 +819,12 @@ fn transform_output_f4(
             band.for_each_row(tiles_x, |image, ty, first_tile| {
                 let at = |xi: usize| &m[(xi * count + o - first) * tiles + first_tile..][..tiles_x];
                 for b in 0..6 {
-                    let mut rows =
-                        scratch.chunks_exact_mut(6 * tiles_x).map(|p| &mut p[b * tiles_x..(b + 1) * tiles_x]);
-                    let p: [&mut [f32]; 4] = std::array::from_fn(|_| rows.next().expect("4 output rows"));
+                    // The scratch holds the 4 output rows, 6 Winograd columns of `tiles_x` each.
+                    let span = b * tiles_x..(b + 1) * tiles_x;
+                    let (r0, rest) = scratch.split_at_mut(6 * tiles_x);
+                    let (r1, rest) = rest.split_at_mut(6 * tiles_x);
+                    let (r2, r3) = rest.split_at_mut(6 * tiles_x);
+                    let p = [&mut r0[span.clone()], &mut r1[span.clone()], &mut r2[span.clone()], &mut r3[span]];
                     output_rows_f4(std::array::from_fn(|a| at(a * 6 + b)), p);
                 }
                 for (r, p) in scratch.chunks_exact(6 * tiles_x).enumerate() {

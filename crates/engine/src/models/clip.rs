@@ -37,6 +37,28 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
 }
 
+impl ClipTextConfig {
+    /// What makes this config impossible to build, if anything.
+    pub fn problem(&self) -> Option<String> {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Some(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_hidden_layers == 0 || self.vocab_size == 0 || self.max_position_embeddings < 77 {
+            return Some(format!(
+                "num_hidden_layers {}, vocab_size {}, max_position_embeddings {} (at least 77 needed)",
+                self.num_hidden_layers, self.vocab_size, self.max_position_embeddings
+            ));
+        }
+        None
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     QuickGelu,

@@ -50,7 +50,9 @@ impl HashCache {
     /// AUTOMATIC1111's short model hash of `file`, from the cache when the file is unchanged.
     pub fn a1111_hash(&mut self, file: &Path) -> Result<String> {
         let key = Self::key(file);
-        if let Some(hash) = key.as_ref().and_then(|k| self.entries.get(k)) {
+        // A hand-edited or foreign cache may hold anything: only a full SHA-256 is trusted.
+        let cached = key.as_ref().and_then(|k| self.entries.get(k)).filter(|h| is_sha256_hex(h));
+        if let Some(hash) = cached {
             return Ok(hash[..10].to_string());
         }
         let hash = sha256_file(file)?;
@@ -64,6 +66,10 @@ impl HashCache {
         }
         Ok(hash[..10].to_string())
     }
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -86,5 +92,18 @@ mod tests {
         assert_eq!(HashCache::open(cache_path).a1111_hash(&file).unwrap(), &sha256_file(&file).unwrap()[..10]);
         std::fs::write(dir.path().join("cache/hashes.json"), "{corrupt").unwrap();
         assert_eq!(HashCache::open(dir.path().join("cache/hashes.json")).a1111_hash(&file).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn a_too_short_or_foreign_cached_hash_is_recomputed_not_sliced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        std::fs::write(&file, b"abc").unwrap();
+        let cache_path = dir.path().join("hashes.json");
+        let key = HashCache::key(&file).unwrap();
+        for bad in ["abc", "", "ß", &"z".repeat(64)] {
+            std::fs::write(&cache_path, serde_json::json!({ key.clone(): bad }).to_string()).unwrap();
+            assert_eq!(HashCache::open(cache_path.clone()).a1111_hash(&file).unwrap(), "ba7816bf8f", "{bad:?}");
+        }
     }
 }

@@ -21,6 +21,7 @@ use candle_nn::VarBuilder;
 use mapped::{MappedPages, ModelWeights};
 use serde::de::DeserializeOwned;
 
+use crate::schedulers::PredictionType;
 use crate::{Error, Result};
 use clip::{ClipTextConfig, ClipTextModel};
 use unet::{UNet2DConditionModel, UNetConfig};
@@ -101,8 +102,8 @@ pub struct ModelInfo {
     pub family: Family,
     /// Distilled few-step model (SD-Turbo, SDXL-Turbo): trailing timesteps, no CFG.
     pub turbo: bool,
-    /// `prediction_type` from the scheduler config ("epsilon" or "v_prediction").
-    pub prediction_type: String,
+    /// `prediction_type` from the scheduler config.
+    pub prediction_type: PredictionType,
     /// Where the scheduler config comes from: the folder's file, or the original release's
     /// config bundled with Easel for single-file checkpoints (which carry none).
     pub scheduler: SchedulerSource,
@@ -136,7 +137,7 @@ impl ModelInfo {
     pub fn default_size(&self) -> usize {
         match self.family {
             Family::Sdxl => 1024,
-            Family::Sd2 if self.prediction_type == "v_prediction" => 768,
+            Family::Sd2 if self.prediction_type == PredictionType::VPrediction => 768,
             _ => 512,
         }
     }
@@ -183,9 +184,12 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
         ));
     }
     let vae: VaeConfig = read_json(&folder.join("vae/config.json"))?;
-    let text_encoder: ClipTextConfig = read_json(&folder.join("text_encoder/config.json"))?;
+    if let Some(problem) = vae.problem() {
+        return Err(model_error(&folder.join("vae/config.json"), format!("impossible VAE config: {problem}")));
+    }
+    let text_encoder = read_text_config(&folder.join("text_encoder/config.json"))?;
     let text_encoder_2 = if folder.join("text_encoder_2/config.json").is_file() {
-        Some(read_json::<ClipTextConfig>(&folder.join("text_encoder_2/config.json"))?)
+        Some(read_text_config(&folder.join("text_encoder_2/config.json"))?)
     } else {
         None
     };
@@ -217,7 +221,8 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
             ),
         ));
     }
-    let prediction_type = scheduler.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon").to_string();
+    let prediction_type =
+        PredictionType::of_config(&scheduler).map_err(|e| model_error(&scheduler_config_path, e.to_string()))?;
     let turbo = scheduler.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing");
     let force_zeros_for_empty_prompt = family == Family::Sdxl
         && model_index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
@@ -242,6 +247,14 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
         text_encoder_2,
         force_zeros_for_empty_prompt,
     })
+}
+
+fn read_text_config(path: &Path) -> Result<ClipTextConfig> {
+    let config: ClipTextConfig = read_json(path)?;
+    match config.problem() {
+        Some(problem) => Err(model_error(path, format!("impossible text encoder config: {problem}"))),
+        None => Ok(config),
+    }
 }
 
 /// The weight files of one component folder: the full-precision file if present, else the
@@ -521,6 +534,9 @@ pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<(VaeDecoder, 
 pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
     if path.is_dir() {
         let config: VaeConfig = read_json(&path.join("config.json"))?;
+        if let Some(problem) = config.problem() {
+            return Err(model_error(&path.join("config.json"), format!("impossible VAE config: {problem}")));
+        }
         let files = component_weights(path, "diffusion_pytorch_model")?;
         let weights = model_weights(&files, options.weights_dtype(options.vae_dtype), &options.device)?;
         return weights

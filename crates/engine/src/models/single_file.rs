@@ -17,6 +17,7 @@ use super::safetensors_check::validate_safetensors;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::{ComponentPages, Family, LoadOptions, ModelInfo, SchedulerSource, StableDiffusion};
+use crate::schedulers::PredictionType;
 use crate::{Error, Result};
 
 const UNET: &str = "model.diffusion_model.";
@@ -299,11 +300,7 @@ fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
         turbo: turbo && scheduler_json.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing"),
         // Nothing in the weights marks v-prediction: SD 2.x files are taken as the 768-v model
         // unless their name says "base"/"512" (the epsilon model) or "turbo".
-        prediction_type: scheduler_json
-            .get("prediction_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("epsilon")
-            .to_string(),
+        prediction_type: PredictionType::of_config(&scheduler_json)?,
         scheduler: SchedulerSource::Bundled(scheduler),
         unet,
         vae,

@@ -123,6 +123,28 @@ impl UNetConfig {
         {
             return Some("block_out_channels and block types of different lengths".into());
         }
+        // Numbers that would otherwise divide by zero or index past the end while building.
+        if self.block_out_channels.is_empty() || self.block_out_channels.contains(&0) {
+            return Some("block_out_channels empty or with a zero".into());
+        }
+        if self.norm_num_groups == 0 || self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
+            return Some(format!(
+                "norm_num_groups {} does not divide block_out_channels {:?}",
+                self.norm_num_groups, self.block_out_channels
+            ));
+        }
+        let with_attention = self.down_block_types.iter().map(|t| t.starts_with("CrossAttn"));
+        for (block, (&channels, _)) in
+            self.block_out_channels.iter().zip(with_attention).enumerate().filter(|(_, (_, a))| *a)
+        {
+            let heads = self.heads(block);
+            if heads == 0 || channels % heads != 0 {
+                return Some(format!("{heads} attention heads for {channels} channels"));
+            }
+        }
+        if self.layers_per_block_count() == 0 || self.in_channels == 0 || self.context_dim() == 0 {
+            return Some("layers_per_block, in_channels or cross_attention_dim is zero".into());
+        }
         None
     }
 

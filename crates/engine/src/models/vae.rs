@@ -52,6 +52,25 @@ impl VaeConfig {
     pub fn downscale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
+
+    /// What makes this config impossible to build, if anything (checked when it is read, so
+    /// a broken config is a message rather than a division by zero inside a layer).
+    pub fn problem(&self) -> Option<String> {
+        let ch = &self.block_out_channels;
+        if ch.is_empty() || ch.contains(&0) || ch.len() > 6 {
+            return Some(format!("block_out_channels {ch:?} (expected 1 to 6 non-zero values)"));
+        }
+        if self.norm_num_groups == 0 || ch.iter().any(|c| c % self.norm_num_groups != 0) {
+            return Some(format!("norm_num_groups {} does not divide block_out_channels {ch:?}", self.norm_num_groups));
+        }
+        if self.latent_channels == 0 || self.out_channels == 0 || self.layers_per_block == 0 {
+            return Some("latent_channels, out_channels or layers_per_block is zero".into());
+        }
+        if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
+            return Some(format!("scaling_factor {}", self.scaling_factor));
+        }
+        None
+    }
 }
 
 #[derive(Debug)]

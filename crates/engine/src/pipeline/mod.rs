@@ -14,7 +14,7 @@ use crate::metadata::RgbImage;
 use crate::models::unet::AddedCond;
 use crate::models::{Component, Family, LoadOptions, ModelInfo, StableDiffusion};
 use crate::rng::{make_generator, RngKind};
-use crate::schedulers::{build_scheduler, SamplerId, SchedulerConfig};
+use crate::schedulers::{build_scheduler, SamplerId, Schedule, SchedulerConfig};
 use crate::{Error, Result};
 use text::{encode_prompts, TextConditioning, Tokenizers};
 
@@ -34,6 +34,8 @@ pub struct GenerationRequest {
     pub width: usize,
     pub height: usize,
     pub sampler: SamplerId,
+    /// The noise schedule, chosen apart from the sampler (A1111's "Schedule type").
+    pub schedule: Schedule,
     pub rng: RngKind,
 }
 
@@ -66,7 +68,7 @@ impl GenerationRequest {
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
             return invalid(format!("guidance must be a number ≥ 0, got {}", self.guidance_scale));
         }
-        Ok(())
+        self.sampler.check_schedule(self.schedule)
     }
 
     /// diffusers runs classifier-free guidance only when guidance > 1 (Turbo: one pass a step).
@@ -168,7 +170,7 @@ impl Pipeline {
             None
         };
 
-        let mut scheduler = build_scheduler(req.sampler, &self.scheduler_config, req.steps)?;
+        let mut scheduler = build_scheduler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
         let mut noise = make_generator(req.rng, req.seed);
         let shape = self.latent_shape(req);
         let numel = shape.0 * shape.1 * shape.2 * shape.3;
@@ -275,7 +277,7 @@ pub fn to_rgb8(image: &Tensor) -> Result<RgbImage> {
 impl GenerationRequest {
     /// The AUTOMATIC1111-style parameters to store in the PNG.
     pub fn to_params(&self, model_name: Option<&str>, model_hash: Option<&str>) -> crate::metadata::GenerationParams {
-        let (sampler, schedule) = self.sampler.a1111_name();
+        let (sampler, schedule) = (self.sampler.a1111_name(), self.schedule.a1111_name());
         crate::metadata::GenerationParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),

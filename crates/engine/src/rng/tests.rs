@@ -4,9 +4,9 @@
 use super::*;
 use serde::Deserialize;
 
-const TORCH_CPU: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/rng/torch_cpu.json");
-const PHILOX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/rng/philox.json");
-const PHILOX_TORCH_CUDA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/rng/philox_torch_cuda.json");
+const TORCH_CPU: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rng/torch_cpu.json");
+const PHILOX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rng/philox.json");
+const PHILOX_TORCH_CUDA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rng/philox_torch_cuda.json");
 
 #[derive(Deserialize)]
 struct Fixture {

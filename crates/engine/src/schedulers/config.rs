@@ -23,6 +23,32 @@ pub enum PredictionType {
     Sample,
 }
 
+impl PredictionType {
+    /// The `prediction_type` value of a scheduler config.
+    pub fn id(&self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+            PredictionType::Sample => "sample",
+        }
+    }
+
+    /// A scheduler config's `prediction_type` (missing means epsilon, as in diffusers).
+    pub fn of_config(config: &serde_json::Value) -> Result<Self> {
+        match config.get("prediction_type") {
+            None | Some(serde_json::Value::Null) => Ok(PredictionType::Epsilon),
+            Some(value) => serde_json::from_value(value.clone())
+                .map_err(|_| Error::Scheduler(format!("unknown prediction_type {value}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for PredictionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {

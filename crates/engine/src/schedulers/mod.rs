@@ -4,7 +4,7 @@
 //! The denoising loop a pipeline runs, as diffusers' pipelines do:
 //!
 //! ```text
-//! let mut sched = build_scheduler(sampler, &config, steps)?;   // a fresh one per image
+//! let mut sched = build_scheduler(sampler, schedule, &config, steps)?;   // a fresh one per image
 //! latents = randn(shape) * sched.init_noise_sigma()            // multiply in float32
 //! for (i, &t) in sched.timesteps().iter().enumerate() {        // may be longer than `steps`
 //!     let input = sched.scale_model_input(&latents, i)?;
@@ -44,32 +44,80 @@ pub use config::{BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig,
 use crate::rng::NoiseGenerator;
 use crate::{Error, Result};
 
-/// The samplers Easel offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The samplers Easel offers (A1111's "Sampling method"); the noise schedule is chosen apart
+/// from it ([`Schedule`]), as AUTOMATIC1111 and ComfyUI present them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SamplerId {
     /// `EulerDiscreteScheduler`
+    #[default]
     Euler,
     /// `EulerAncestralDiscreteScheduler`
     EulerAncestral,
     /// `DDIMScheduler` with eta 0
     Ddim,
-    /// `DPMSolverMultistepScheduler` with `use_karras_sigmas=False`
+    /// `DPMSolverMultistepScheduler`
     DpmPp2m,
-    /// `DPMSolverMultistepScheduler` with `use_karras_sigmas=True`
-    DpmPp2mKarras,
     /// `LCMScheduler`
     Lcm,
 }
 
+/// The noise schedule (A1111's "Schedule type"): the model's own, or Karras et al.'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Schedule {
+    /// What the model's `scheduler_config.json` says (A1111's "Automatic").
+    #[default]
+    Default,
+    /// Karras sigmas (`use_karras_sigmas=True`).
+    Karras,
+}
+
+impl Schedule {
+    pub const ALL: [Schedule; 2] = [Schedule::Default, Schedule::Karras];
+
+    pub fn id(&self) -> &'static str {
+        match self {
+            Schedule::Default => "default",
+            Schedule::Karras => "karras",
+        }
+    }
+
+    /// AUTOMATIC1111's `Schedule type` value (none for the model's own schedule).
+    pub fn a1111_name(&self) -> Option<&'static str> {
+        match self {
+            Schedule::Default => None,
+            Schedule::Karras => Some("Karras"),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Schedule::Default => "Default",
+            Schedule::Karras => "Karras",
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "default" | "automatic" | "" => Ok(Schedule::Default),
+            "karras" => Ok(Schedule::Karras),
+            _ => Err(Error::InvalidSetting(format!("unknown schedule {s:?}; expected default or karras"))),
+        }
+    }
+}
+
 impl SamplerId {
-    pub const ALL: [SamplerId; 6] = [
-        SamplerId::Euler,
-        SamplerId::EulerAncestral,
-        SamplerId::Ddim,
-        SamplerId::DpmPp2m,
-        SamplerId::DpmPp2mKarras,
-        SamplerId::Lcm,
-    ];
+    pub const ALL: [SamplerId; 5] =
+        [SamplerId::Euler, SamplerId::EulerAncestral, SamplerId::Ddim, SamplerId::DpmPp2m, SamplerId::Lcm];
 
     /// The stable id used in settings and on the command line.
     pub fn id(&self) -> &'static str {
@@ -78,7 +126,6 @@ impl SamplerId {
             SamplerId::EulerAncestral => "euler_a",
             SamplerId::Ddim => "ddim",
             SamplerId::DpmPp2m => "dpmpp_2m",
-            SamplerId::DpmPp2mKarras => "dpmpp_2m_karras",
             SamplerId::Lcm => "lcm",
         }
     }
@@ -87,21 +134,66 @@ impl SamplerId {
         Self::ALL.into_iter().find(|x| x.id() == s)
     }
 
-    /// AUTOMATIC1111's `Sampler` and `Schedule type` infotext values.
-    pub fn a1111_name(&self) -> (&'static str, Option<&'static str>) {
+    /// The schedules this sampler runs exactly as diffusers does (checked against it).
+    pub fn schedules(&self) -> &'static [Schedule] {
         match self {
-            SamplerId::Euler => ("Euler", None),
-            SamplerId::EulerAncestral => ("Euler a", None),
-            SamplerId::Ddim => ("DDIM", None),
-            SamplerId::DpmPp2m => ("DPM++ 2M", None),
-            SamplerId::DpmPp2mKarras => ("DPM++ 2M", Some("Karras")),
-            SamplerId::Lcm => ("LCM", None),
+            SamplerId::DpmPp2m => &Schedule::ALL,
+            _ => &[Schedule::Default],
+        }
+    }
+
+    /// Refuses a sampler/schedule pair Easel does not run, with what does.
+    pub fn check_schedule(&self, schedule: Schedule) -> Result<()> {
+        if self.schedules().contains(&schedule) {
+            return Ok(());
+        }
+        let with: Vec<&str> = Self::ALL.iter().filter(|s| s.schedules().contains(&schedule)).map(|s| s.id()).collect();
+        Err(Error::InvalidSetting(format!(
+            "the {schedule} schedule does not work with {}; it works with {}",
+            self.id(),
+            with.join(", ")
+        )))
+    }
+
+    /// Every sampler with every schedule it runs.
+    pub fn combinations() -> impl Iterator<Item = (SamplerId, Schedule)> {
+        Self::ALL.into_iter().flat_map(|s| s.schedules().iter().map(move |&schedule| (s, schedule)))
+    }
+
+    /// One id for a sampler and schedule (`dpmpp_2m_karras`), as earlier Easel versions and
+    /// `--sampler` still accept, and as the reference fixtures are named.
+    pub fn combined_id(&self, schedule: Schedule) -> String {
+        match schedule {
+            Schedule::Default => self.id().to_string(),
+            other => format!("{}_{}", self.id(), other.id()),
+        }
+    }
+
+    /// Reads a sampler id, or a combined one (`dpmpp_2m_karras`) with its schedule.
+    pub fn parse_with_schedule(s: &str) -> Result<(SamplerId, Option<Schedule>)> {
+        if let Some((sampler, schedule)) =
+            Self::combinations().find(|(x, sch)| *sch != Schedule::Default && x.combined_id(*sch) == s)
+        {
+            return Ok((sampler, Some(schedule)));
+        }
+        Ok((s.parse()?, None))
+    }
+
+    /// AUTOMATIC1111's `Sampler` infotext value.
+    pub fn a1111_name(&self) -> &'static str {
+        match self {
+            SamplerId::Euler => "Euler",
+            SamplerId::EulerAncestral => "Euler a",
+            SamplerId::Ddim => "DDIM",
+            SamplerId::DpmPp2m => "DPM++ 2M",
+            SamplerId::Lcm => "LCM",
         }
     }
 
     /// Reads AUTOMATIC1111's infotext values, new style (`DPM++ 2M` + `Schedule type: Karras`)
-    /// or old style (`DPM++ 2M Karras`). `Automatic` counts as no schedule type.
-    pub fn from_a1111(sampler: &str, schedule_type: Option<&str>) -> Option<Self> {
+    /// or old style (`DPM++ 2M Karras`). `Automatic` counts as the default schedule. Pairs
+    /// Easel does not run give None.
+    pub fn from_a1111(sampler: &str, schedule_type: Option<&str>) -> Option<(Self, Schedule)> {
         let sampler = sampler.trim();
         let schedule = schedule_type.map(str::trim).filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("automatic"));
         let (name, schedule) = match sampler.strip_suffix(" Karras") {
@@ -110,15 +202,12 @@ impl SamplerId {
             }
             _ => (sampler, schedule),
         };
-        Self::ALL.into_iter().find(|x| {
-            let (n, s) = x.a1111_name();
-            n.eq_ignore_ascii_case(name)
-                && match (s, schedule) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
-                    _ => false,
-                }
-        })
+        let schedule = match schedule {
+            None => Schedule::Default,
+            Some(s) => Schedule::ALL.into_iter().find(|x| x.a1111_name().is_some_and(|n| n.eq_ignore_ascii_case(s)))?,
+        };
+        let found = Self::ALL.into_iter().find(|x| x.a1111_name().eq_ignore_ascii_case(name))?;
+        found.schedules().contains(&schedule).then_some((found, schedule))
     }
 }
 
@@ -181,20 +270,22 @@ pub trait Scheduler: Send {
 /// Builds `sampler` as `Class.from_config(config)` would, for `num_inference_steps` steps.
 pub fn build_scheduler(
     sampler: SamplerId,
+    schedule: Schedule,
     config: &SchedulerConfig,
     num_inference_steps: usize,
 ) -> Result<Box<dyn Scheduler>> {
     if num_inference_steps == 0 {
         return Err(Error::InvalidSetting("steps must be at least 1".into()));
     }
+    sampler.check_schedule(schedule)?;
+    let karras = schedule == Schedule::Karras;
     Ok(match sampler {
         SamplerId::Euler => Box::new(euler::EulerDiscrete::new(config, num_inference_steps)?),
         SamplerId::EulerAncestral => {
             Box::new(euler_ancestral::EulerAncestralDiscrete::new(config, num_inference_steps)?)
         }
         SamplerId::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
-        SamplerId::DpmPp2m => Box::new(dpmpp_2m::DpmSolverMultistep::new(config, num_inference_steps, false)?),
-        SamplerId::DpmPp2mKarras => Box::new(dpmpp_2m::DpmSolverMultistep::new(config, num_inference_steps, true)?),
+        SamplerId::DpmPp2m => Box::new(dpmpp_2m::DpmSolverMultistep::new(config, num_inference_steps, karras)?),
         SamplerId::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
     })
 }

@@ -56,8 +56,9 @@ struct StepRecord {
     pred_original_sample: String,
 }
 
+/// Fixture paths (and the `config_file` paths inside them) are relative to the engine crate.
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
 fn fixtures() -> Vec<Fixture> {
@@ -124,8 +125,10 @@ fn fake_model(x: &[f32], t: f64) -> Vec<f32> {
         .collect()
 }
 
-fn sampler(id: &str) -> SamplerId {
-    SamplerId::from_id(id).unwrap()
+/// A fixture's sampler id (`dpmpp_2m_karras` names the schedule too).
+fn sampler(id: &str) -> (SamplerId, Schedule) {
+    let (sampler, schedule) = SamplerId::parse_with_schedule(id).unwrap();
+    (sampler, schedule.unwrap_or_default())
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -250,7 +253,8 @@ fn schedules_match_diffusers() {
         let rtol = tol.schedule;
         for r in &f.schedules {
             let what = format!("{} {} {} steps", f.config, r.sampler, r.steps);
-            let built = build_scheduler(sampler(&r.sampler), &cfg, r.steps);
+            let (id, schedule) = sampler(&r.sampler);
+            let built = build_scheduler(id, schedule, &cfg, r.steps);
             if let Some(e) = &r.error {
                 if built.is_ok() {
                     report.fail(format!("{what}: diffusers refused ({e}), we did not"));
@@ -300,7 +304,8 @@ fn step_loops_match_diffusers() {
         let rtol = tol.schedule;
         for r in &f.runs {
             let what = format!("{} {} {} steps", f.config, r.sampler, r.steps);
-            let built = build_scheduler(sampler(&r.sampler), &cfg, r.steps);
+            let (id, schedule) = sampler(&r.sampler);
+            let built = build_scheduler(id, schedule, &cfg, r.steps);
             if let Some(e) = &r.error {
                 // diffusers may refuse only once stepping; we refuse when building
                 if built.is_ok() {
@@ -361,25 +366,42 @@ fn sampler_ids_round_trip() {
     for s in SamplerId::ALL {
         assert_eq!(SamplerId::from_id(s.id()), Some(s));
         assert_eq!(s.id().parse::<SamplerId>().unwrap(), s);
-        let (name, schedule) = s.a1111_name();
-        assert_eq!(SamplerId::from_a1111(name, schedule), Some(s));
     }
+    for (s, schedule) in SamplerId::combinations() {
+        assert_eq!(SamplerId::from_a1111(s.a1111_name(), schedule.a1111_name()), Some((s, schedule)));
+        let combined = s.combined_id(schedule);
+        let expected = (schedule != Schedule::Default).then_some(schedule);
+        assert_eq!(SamplerId::parse_with_schedule(&combined).unwrap(), (s, expected), "{combined}");
+    }
+    assert_eq!(SamplerId::combinations().count(), 6);
     let err = "euler_ancestral".parse::<SamplerId>().unwrap_err().to_string();
-    assert!(err.contains("euler_a") && err.contains("dpmpp_2m_karras"), "{err}");
+    assert!(err.contains("euler_a") && err.contains("dpmpp_2m"), "{err}");
+    assert!("dpmpp_2m_karras".parse::<SamplerId>().is_err(), "the combined id is not a sampler");
+    assert_eq!("Karras".parse::<Schedule>().unwrap(), Schedule::Karras);
+    assert!("exponential".parse::<Schedule>().is_err());
 }
 
 #[test]
 fn a1111_names() {
     use SamplerId::*;
-    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", None), Some(DpmPp2mKarras));
-    assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Karras")), Some(DpmPp2mKarras));
-    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", Some("Karras")), Some(DpmPp2mKarras));
-    assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Automatic")), Some(DpmPp2m));
-    assert_eq!(SamplerId::from_a1111("Euler a", None), Some(EulerAncestral));
-    assert_eq!(SamplerId::from_a1111("euler a", Some("")), Some(EulerAncestral));
+    let karras = Some((DpmPp2m, Schedule::Karras));
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", None), karras);
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Karras")), karras);
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", Some("Karras")), karras);
+    assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Automatic")), Some((DpmPp2m, Schedule::Default)));
+    assert_eq!(SamplerId::from_a1111("Euler a", None), Some((EulerAncestral, Schedule::Default)));
+    assert_eq!(SamplerId::from_a1111("euler a", Some("")), Some((EulerAncestral, Schedule::Default)));
     assert_eq!(SamplerId::from_a1111("Euler", Some("Karras")), None);
     assert_eq!(SamplerId::from_a1111("DPM++ 2M SDE", None), None);
     assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", Some("Exponential")), None);
+}
+
+#[test]
+fn a_schedule_a_sampler_does_not_run_is_refused_by_name() {
+    let cfg = sd15();
+    let err = build_scheduler(SamplerId::Ddim, Schedule::Karras, &cfg, 4).err().unwrap().to_string();
+    assert!(err.contains("karras") && err.contains("ddim") && err.contains("dpmpp_2m"), "{err}");
+    assert!(build_scheduler(SamplerId::DpmPp2m, Schedule::Karras, &cfg, 4).is_ok());
 }
 
 fn sd15() -> SchedulerConfig {
@@ -408,9 +430,9 @@ impl NoiseGenerator for ShortNoise {
 fn absent_keys_take_the_class_default() {
     // SD 1.5's file has no timestep_spacing: Euler uses linspace, DDIM leading
     let cfg = sd15();
-    let euler = build_scheduler(SamplerId::Euler, &cfg, 4).unwrap();
+    let euler = build_scheduler(SamplerId::Euler, Schedule::Default, &cfg, 4).unwrap();
     assert_eq!(euler.timesteps(), &[999.0, 666.0, 333.0, 0.0]);
-    let ddim = build_scheduler(SamplerId::Ddim, &cfg, 4).unwrap();
+    let ddim = build_scheduler(SamplerId::Ddim, Schedule::Default, &cfg, 4).unwrap();
     assert_eq!(ddim.timesteps(), &[751.0, 501.0, 251.0, 1.0]);
 }
 
@@ -418,18 +440,18 @@ fn absent_keys_take_the_class_default() {
 fn refusals() {
     let cfg = sd15();
     for s in SamplerId::ALL {
-        assert!(matches!(build_scheduler(s, &cfg, 0), Err(Error::InvalidSetting(_))));
+        assert!(matches!(build_scheduler(s, Schedule::Default, &cfg, 0), Err(Error::InvalidSetting(_))));
     }
-    assert!(build_scheduler(SamplerId::Lcm, &cfg, 51).is_err());
-    assert!(build_scheduler(SamplerId::Lcm, &cfg, 50).is_ok());
+    assert!(build_scheduler(SamplerId::Lcm, Schedule::Default, &cfg, 51).is_err());
+    assert!(build_scheduler(SamplerId::Lcm, Schedule::Default, &cfg, 50).is_ok());
 
     let thresholding = SchedulerConfig { thresholding: Some(true), ..cfg.clone() };
     for s in [SamplerId::Ddim, SamplerId::DpmPp2m, SamplerId::Lcm] {
-        let e = build_scheduler(s, &thresholding, 4).err().unwrap().to_string();
+        let e = build_scheduler(s, Schedule::Default, &thresholding, 4).err().unwrap().to_string();
         assert!(e.contains("thresholding"), "{e}");
     }
     // Euler has no such option; diffusers ignores the key there
-    assert!(build_scheduler(SamplerId::Euler, &thresholding, 4).is_ok());
+    assert!(build_scheduler(SamplerId::Euler, Schedule::Default, &thresholding, 4).is_ok());
 
     let bad = SchedulerConfig::from_json_str(r#"{"prediction_type": "flow_prediction"}"#);
     assert!(matches!(bad, Err(Error::Scheduler(_))));
@@ -441,16 +463,16 @@ fn step_misuse_is_an_error_not_a_panic() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &dev).unwrap();
 
-    let mut dpm = build_scheduler(SamplerId::DpmPp2m, &cfg, 4).unwrap();
+    let mut dpm = build_scheduler(SamplerId::DpmPp2m, Schedule::Default, &cfg, 4).unwrap();
     assert!(dpm.step(&x, 1, &x, &mut NoNoise).is_err(), "out of order");
     assert!(dpm.step(&x, 0, &x, &mut NoNoise).is_ok());
     assert!(dpm.step(&x, 0, &x, &mut NoNoise).is_err(), "repeated");
 
-    let mut euler = build_scheduler(SamplerId::Euler, &cfg, 4).unwrap();
+    let mut euler = build_scheduler(SamplerId::Euler, Schedule::Default, &cfg, 4).unwrap();
     assert!(euler.scale_model_input(&x, 4).is_err());
     assert!(euler.step(&x, 4, &x, &mut NoNoise).is_err());
 
-    let mut ancestral = build_scheduler(SamplerId::EulerAncestral, &cfg, 4).unwrap();
+    let mut ancestral = build_scheduler(SamplerId::EulerAncestral, Schedule::Default, &cfg, 4).unwrap();
     assert!(ancestral.step(&x, 0, &x, &mut ShortNoise(1)).is_err());
 }
 
@@ -460,7 +482,7 @@ fn dtypes_follow_diffusers() {
     let cfg = sd15();
     let dev = Device::Cpu;
     let x = Tensor::ones((1, 4, 2, 2), DType::F16, &dev).unwrap();
-    let mut s = build_scheduler(SamplerId::Euler, &cfg, 4).unwrap();
+    let mut s = build_scheduler(SamplerId::Euler, Schedule::Default, &cfg, 4).unwrap();
     assert_eq!(s.scale_model_input(&x, 0).unwrap().dtype(), DType::F16);
     let out = s.step(&x, 0, &x, &mut NoNoise).unwrap();
     assert_eq!(out.prev_sample.dtype(), DType::F16);

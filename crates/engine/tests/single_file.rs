@@ -10,7 +10,7 @@ use common::*;
 use easel_engine::models::{inspect_model, Family, LoadOptions};
 use easel_engine::pipeline::{GenerationRequest, Pipeline};
 use easel_engine::rng::RngKind;
-use easel_engine::schedulers::SamplerId;
+use easel_engine::schedulers::{PredictionType, SamplerId, Schedule};
 
 fn reference(name: &str) -> Reference {
     let dir = fixtures().join("single_file/reference");
@@ -28,7 +28,7 @@ fn single_files_match_diffusers_from_single_file() {
         let r = reference(name);
         let info = inspect_model(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(info.family, family, "{name}");
-        assert_eq!(info.prediction_type, r.str("prediction_type"), "{name}");
+        assert_eq!(info.prediction_type.id(), r.str("prediction_type"), "{name}");
         let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
 
         let cond = pipeline.encode_text(r.str("prompt"), r.str("negative_prompt")).unwrap();
@@ -66,6 +66,7 @@ fn single_files_match_diffusers_from_single_file() {
             width: r.f64("width") as usize,
             height: r.f64("height") as usize,
             sampler: SamplerId::Euler,
+            schedule: Schedule::Default,
             rng: RngKind::Cpu,
         };
         let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
@@ -157,7 +158,11 @@ fn turbo_checkpoints_are_told_apart_by_name() {
         assert!(info.turbo, "{as_file}");
         assert_eq!(info.default_steps(), 1);
         assert_eq!(info.default_guidance(), 0.0);
-        assert_eq!(info.prediction_type, "epsilon", "{as_file}: SD-Turbo predicts noise, unlike SD 2.1-v");
+        assert_eq!(
+            info.prediction_type,
+            PredictionType::Epsilon,
+            "{as_file}: SD-Turbo predicts noise, unlike SD 2.1-v"
+        );
         let config = info.scheduler.load().unwrap();
         assert_eq!(config.timestep_spacing.map(|t| format!("{t:?}").to_lowercase()).as_deref(), Some(sampler_spacing));
     }
@@ -169,5 +174,5 @@ fn sd2_base_checkpoints_predict_noise() {
     let path = unpack_single_file("sd2v-single", dir.path());
     let renamed = dir.path().join("v2-1_512-ema-pruned-base.safetensors");
     std::fs::rename(&path, &renamed).unwrap();
-    assert_eq!(inspect_model(&renamed).unwrap().prediction_type, "epsilon");
+    assert_eq!(inspect_model(&renamed).unwrap().prediction_type, PredictionType::Epsilon);
 }

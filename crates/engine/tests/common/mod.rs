@@ -9,8 +9,15 @@ use serde_json::Value;
 
 pub const MODELS: [&str; 3] = ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"];
 
+/// The engine's fixtures; the app's tests include this file too (`#[path]`), from the root.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let engine = crate_dir.join("tests/fixtures");
+    if engine.is_dir() {
+        engine
+    } else {
+        crate_dir.join("crates/engine/tests/fixtures")
+    }
 }
 
 pub fn model_dir(name: &str) -> PathBuf {

@@ -58,9 +58,10 @@ fn a_model_folders_own_vocab_and_merges_are_used() {
     use tokenizers::Model;
     // Write the bundled BPE as the vocab.json + merges.txt pair real diffusers repos ship.
     let dir = tempfile::tempdir().unwrap();
-    let bundled =
-        tokenizers::Tokenizer::from_bytes(include_bytes!("../assets/tokenizer/clip-vit-large-patch14/tokenizer.json"))
-            .unwrap();
+    let bundled = tokenizers::Tokenizer::from_bytes(include_bytes!(
+        "../../../assets/tokenizer/clip-vit-large-patch14/tokenizer.json"
+    ))
+    .unwrap();
     let files = bundled.get_model().save(dir.path(), None).unwrap();
     assert_eq!(files.len(), 2, "vocab.json and merges.txt");
     let tokenizer_dir = dir.path().join("tokenizer");

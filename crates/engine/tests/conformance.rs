@@ -17,7 +17,7 @@ use easel_engine::models::unet::AddedCond;
 use easel_engine::models::{Family, LoadOptions, StableDiffusion};
 use easel_engine::pipeline::{GenerationRequest, Pipeline};
 use easel_engine::rng::RngKind;
-use easel_engine::schedulers::SamplerId;
+use easel_engine::schedulers::{SamplerId, Schedule};
 
 const ONE_CALL: f32 = 1e-5;
 const WHOLE_RUN: f32 = 2e-5;
@@ -36,6 +36,7 @@ fn request(reference: &Reference, sampler: SamplerId) -> GenerationRequest {
         width: reference.f64("width") as usize,
         height: reference.f64("height") as usize,
         sampler,
+        schedule: Schedule::Default,
         rng: RngKind::Cpu,
     }
 }
@@ -50,7 +51,7 @@ fn families_are_detected_from_the_files() {
     for (model, family, prediction) in expected {
         let info = easel_engine::models::inspect_diffusers_folder(&model_dir(model)).unwrap();
         assert_eq!(info.family, family, "{model}");
-        assert_eq!(info.prediction_type, prediction, "{model}");
+        assert_eq!(info.prediction_type.id(), prediction, "{model}");
         assert!(!info.turbo, "{model}");
     }
 }
@@ -184,11 +185,12 @@ fn every_sampler_matches_diffusers_end_to_end() {
     for model in MODELS {
         let reference = Reference::load(model);
         let pipeline = load(model);
-        for sampler in SamplerId::ALL {
-            let id = sampler.id();
+        for (sampler, schedule) in SamplerId::combinations() {
+            let id = sampler.combined_id(schedule);
             let expected_timesteps = reference.f64s(&format!("sampler.{id}.timesteps"));
             let scheduler = easel_engine::schedulers::build_scheduler(
                 sampler,
+                schedule,
                 pipeline.scheduler_config(),
                 expected_timesteps.len(),
             )
@@ -200,7 +202,7 @@ fn every_sampler_matches_diffusers_end_to_end() {
                     scheduler.timesteps()
                 );
             }
-            let req = request(&reference, sampler);
+            let req = GenerationRequest { schedule, ..request(&reference, sampler) };
             let mut steps_seen = 0;
             let latents = pipeline
                 .denoise(&req, &mut |p| {

@@ -1,0 +1,413 @@
+"""Train Easel Mini: a small SD 1.x-architecture model that draws the grammar in grammar.py.
+
+Stages (each resumable; a finished stage is skipped when run again):
+  vae      AutoencoderKL, 128x128 RGB <-> 16x16x4 latents (8x downscale), L1 + MSE + tiny KL
+  latents  a fixed data set: N pictures encoded once by the trained encoder, captions tokenized
+  unet     U-Net and CLIP text encoder trained jointly on the diffusion loss (epsilon
+           prediction, SD 1.5's noise schedule, min-SNR weighting, 10% empty captions for
+           classifier-free guidance, EMA weights)
+  export   the EMA weights as an ordinary diffusers folder, f16 safetensors
+
+    /work/pyref/bin/python scripts/train_mini/train.py --work out/train-mini --out assets/models/easel-mini
+
+Deterministic for a given seed and thread count (CPU only). Interrupt at any time: the next run
+continues from the last checkpoint.
+
+The text encoder is trained jointly with the U-Net rather than contrastively first: the grammar's
+meaning (which colour goes with which shape, which side "above" is) is exactly what the
+denoising loss needs, and a contrastive stage would need an image tower and time of its own.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import grammar  # noqa: E402
+
+TOKENIZER_JSON = os.path.join(ROOT, "assets/tokenizer/clip-vit-large-patch14/tokenizer.json")
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[24, 48, 64, 64],
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=grammar.SIZE,
+)
+UNET_CONFIG = dict(
+    sample_size=grammar.SIZE // 8,
+    in_channels=4,
+    out_channels=4,
+    # Attention at 8x8 and 4x4 only: at 16x16 it was a third of a training step on the CPU,
+    # and where things are and which words go with them is decided at the coarse levels.
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64, 128],
+    layers_per_block=1,
+    attention_head_dim=4,  # heads (SD 1.x's name for it): 16 and 32 channels per head
+    cross_attention_dim=128,
+    norm_num_groups=16,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=2,  # 64 channels per head, the CLIP convention
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=128,
+)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+class Progress:
+    """One line per stage: step, loss (running mean), it/s and ETA."""
+
+    def __init__(self, name, total, start):
+        self.name, self.total, self.start_step = name, total, start
+        self.t0 = time.time()
+        self.loss = None
+        self.last_print = 0.0
+
+    def update(self, step, loss):
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        now = time.time()
+        if now - self.last_print < 5 and step < self.total:
+            return
+        self.last_print = now
+        done = step - self.start_step
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * step / self.total)
+        line = (f"[{self.name}] {bar:<30} {step}/{self.total} loss {self.loss:.5f} "
+                f"{rate:.2f} it/s ETA {eta / 60:.1f} min")
+        print("\r" + line if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def images_to_tensor(images):
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def save_checkpoint(path, **state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(folder, prefix):
+    if not os.path.isdir(folder):
+        return None
+    found = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".pt"))
+    return os.path.join(folder, found[-1]) if found else None
+
+
+# --------------------------------------------------------------------------
+# stage 1: the VAE
+# --------------------------------------------------------------------------
+def train_vae(args):
+    from diffusers import AutoencoderKL
+
+    final = os.path.join(args.work, "vae-final.pt")
+    if os.path.exists(final):
+        log("[vae] done already")
+        return
+    folder = os.path.join(args.work, "vae-ckpt")
+    os.makedirs(folder, exist_ok=True)
+    seed_all(args.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    step = 0
+    rng = random.Random(args.seed + 1)
+    resume = latest_checkpoint(folder, "step-")
+    if resume:
+        state = torch.load(resume, weights_only=False)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, rng = state["step"], state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log(f"[vae] resumed at step {step}")
+    vae.train()
+    progress = Progress("vae", args.vae_steps, step)
+    while step < args.vae_steps:
+        lr = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Random 64x64 crops: the VAE is convolutional, and a quarter of the pixels is a
+        # quarter of the time (its mid-block attention sees 8x8 instead of 16x16 latents).
+        full = images_to_tensor([grammar.sample(rng)[1] for _ in range(args.vae_batch)])
+        crops = []
+        for image in full:
+            y, x = rng.randrange(0, grammar.SIZE - 63, 8), rng.randrange(0, grammar.SIZE - 63, 8)
+            crops.append(image[:, y : y + 64, x : x + 64])
+        batch = torch.stack(crops)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        progress.update(step, loss.item())
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            save_checkpoint(os.path.join(folder, f"step-{step:07d}.pt"), model=vae.state_dict(),
+                            optimizer=optimizer.state_dict(), step=step, rng=rng, torch_rng=torch.get_rng_state())
+    vae.eval()
+    save_checkpoint(final, model=vae.state_dict())
+    log("[vae] finished")
+
+
+def load_vae(args):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**VAE_CONFIG)
+    vae.load_state_dict(torch.load(os.path.join(args.work, "vae-final.pt"), weights_only=False)["model"])
+    return vae.eval()
+
+
+# --------------------------------------------------------------------------
+# stage 2: the latent data set
+# --------------------------------------------------------------------------
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(TOKENIZER_JSON)
+    return tok
+
+
+def tokenize(tok, captions):
+    """CLIP ids padded with EOS to 77, as SD 1.x's tokenizer does (and as Easel does)."""
+    ids = []
+    for caption in captions:
+        row = tok.encode(caption).ids[:77]
+        if len(row) == 77:
+            row[-1] = 49407
+        ids.append(row + [49407] * (77 - len(row)))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def build_latents(args):
+    path = os.path.join(args.work, "latents.pt")
+    if os.path.exists(path):
+        log("[latents] done already")
+        return
+    vae = load_vae(args)
+    tok = tokenizer()
+    rng = random.Random(args.seed + 2)
+    latents, captions = [], []
+    progress = Progress("latents", args.dataset_size, 0)
+    scale_samples = []
+    with torch.no_grad():
+        for start in range(0, args.dataset_size, 64):
+            n = min(64, args.dataset_size - start)
+            samples = [grammar.sample(rng) for _ in range(n)]
+            batch = images_to_tensor([s[1] for s in samples])
+            mean = vae.encode(batch).latent_dist.mean
+            latents.append(mean.half())
+            captions += [s[0] for s in samples]
+            if len(scale_samples) < 40:
+                scale_samples.append(mean)
+            progress.update(start + n, 0.0)
+    latents = torch.cat(latents)
+    # Like SD's 0.18215: the factor that gives the latents unit variance.
+    scaling_factor = float(1.0 / torch.cat(scale_samples).std())
+    ids = tokenize(tok, captions)
+    save_checkpoint(path, latents=latents, ids=ids, captions=captions, scaling_factor=scaling_factor)
+    log(f"[latents] {len(captions)} samples, scaling factor {scaling_factor:.5f}")
+
+
+# --------------------------------------------------------------------------
+# stage 3: U-Net + text encoder
+# --------------------------------------------------------------------------
+def sd15_alphas_cumprod():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def train_unet(args):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    final = os.path.join(args.work, "unet-final.pt")
+    if os.path.exists(final):
+        log("[unet] done already")
+        return
+    data = torch.load(os.path.join(args.work, "latents.pt"), weights_only=False)
+    latents_all = data["latents"].float() * data["scaling_factor"]
+    ids_all = data["ids"]
+    empty_ids = tokenize(tokenizer(), [""])[0]
+    folder = os.path.join(args.work, "unet-ckpt")
+    os.makedirs(folder, exist_ok=True)
+    seed_all(args.seed + 3)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    params = list(unet.parameters()) + list(text.parameters())
+    # fused: the unfused AdamW took a third of a step (the 6.3 M-row token embedding).
+    optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, fused=True)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = {k: v.detach().clone() for k, v in text.state_dict().items()}
+    step = 0
+    generator = torch.Generator().manual_seed(args.seed + 4)
+    resume = latest_checkpoint(folder, "step-")
+    if resume:
+        state = torch.load(resume, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema_unet, ema_text, step = state["ema_unet"], state["ema_text"], state["step"]
+        generator.set_state(state["generator"])
+        log(f"[unet] resumed at step {step}")
+    log(f"[unet] U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
+        f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f} M, {len(ids_all)} samples")
+    alphas_cumprod = sd15_alphas_cumprod().float()
+    unet.train()
+    text.train()
+    progress = Progress("unet", args.unet_steps, step)
+    while step < args.unet_steps:
+        warm = min(1.0, (step + 1) / 500)
+        lr = args.unet_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(0, len(ids_all), (args.unet_batch,), generator=generator)
+        x0 = latents_all[index]
+        ids = ids_all[index].clone()
+        drop = torch.rand(args.unet_batch, generator=generator) < 0.1
+        ids[drop] = empty_ids
+        t = torch.randint(0, 1000, (args.unet_batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        # Offset noise: lets the model move a picture's mean colour, which SD's schedule
+        # otherwise leaves to the starting noise (plain and dark backgrounds need it).
+        noise = noise + 0.1 * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context = text(input_ids=ids).last_hidden_state
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        snr = a / (1 - a)
+        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+        loss = (weight * (pred - noise) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, model in ((ema_unet, unet), (ema_text, text)):
+                current = model.state_dict()
+                keys = [k for k, v in current.items() if v.dtype.is_floating_point]
+                averaged = [ema[k] for k in keys]
+                torch._foreach_mul_(averaged, decay)
+                torch._foreach_add_(averaged, [current[k].detach() for k in keys], alpha=1 - decay)
+        progress.update(step, loss.item())
+        if step % args.checkpoint_every == 0 or step == args.unet_steps:
+            path = os.path.join(folder, f"step-{step:07d}.pt")
+            save_checkpoint(path, unet=unet.state_dict(), text=text.state_dict(), optimizer=optimizer.state_dict(),
+                            ema_unet=ema_unet, ema_text=ema_text, step=step, generator=generator.get_state())
+            for old in sorted(os.listdir(folder))[:-2]:
+                os.remove(os.path.join(folder, old))
+    save_checkpoint(final, unet=ema_unet, text=ema_text, scaling_factor=data["scaling_factor"])
+    log("[unet] finished")
+
+
+# --------------------------------------------------------------------------
+# stage 4: export
+# --------------------------------------------------------------------------
+def export(args):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from make_fixtures import SCHEDULER_CONFIGS
+    from make_tokenizer import load_clip_bpe
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    state = torch.load(os.path.join(args.work, "unet-final.pt"), weights_only=False)
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet.load_state_dict(state["unet"])
+    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=round(state["scaling_factor"], 5), force_upcast=False)
+    vae.load_state_dict(load_vae(args).state_dict())
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    text.load_state_dict(state["text"])
+    for module in (unet, vae):
+        module.half().save_pretrained(os.path.join(out, module.__class__.__name__ == "AutoencoderKL" and "vae" or "unet"),
+                                      safe_serialization=True)
+    # Real checkpoints keep the `text_model.` prefix that transformers 5 drops.
+    weights = {("text_model." + k): v.half().contiguous() for k, v in text.state_dict().items()
+               if not k.endswith("position_ids")}
+    os.makedirs(os.path.join(out, "text_encoder"), exist_ok=True)
+    save_file(dict(sorted(weights.items())), os.path.join(out, "text_encoder", "model.safetensors"),
+              metadata={"format": "pt"})
+    config = dict(TEXT_CONFIG, architectures=["CLIPTextModel"], model_type="clip_text_model", torch_dtype="float16")
+    with open(os.path.join(out, "text_encoder", "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        f.write(SCHEDULER_CONFIGS["sd15"])
+    encoder, merges = load_clip_bpe()
+    tok = CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token="<|endoftext|>", model_max_length=77)
+    scheduler = PNDMScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe = StableDiffusionPipeline(vae=vae.float(), text_encoder=text, tokenizer=tok, unet=unet.float(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_config(out)
+    tok.save_pretrained(os.path.join(out, "tokenizer"))
+    log(f"[export] wrote {out}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="out/train-mini", help="checkpoints and the latent data set")
+    parser.add_argument("--out", default="assets/models/easel-mini")
+    parser.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "export"])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--dataset-size", type=int, default=60000)
+    parser.add_argument("--unet-steps", type=int, default=8000)
+    parser.add_argument("--unet-batch", type=int, default=32)
+    parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    stages = ["vae", "latents", "unet", "export"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        {"vae": train_vae, "latents": build_latents, "unet": train_unet, "export": export}[stage](args)
+
+
+if __name__ == "__main__":
+    main()
