@@ -61,9 +61,10 @@ pub enum ModelsCommand {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A diffusers model folder (model_index.json, unet/, vae/, text_encoder/, scheduler/) or a
-    /// single-file .safetensors checkpoint (SD 1.x, SD 2.x, SDXL).
+    /// single-file .safetensors checkpoint (SD 1.x, SD 2.x, SDXL) [default: Easel Mini, the
+    /// small model in assets/models/easel-mini].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Use this VAE instead of the model's own: a diffusers `vae/` folder or a .safetensors file.
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -91,6 +92,17 @@ pub enum Precision {
 }
 
 impl ModelArgs {
+    /// `--model`, or Easel Mini when it is left out.
+    pub fn model_path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => easel_engine::models::library::easel_mini().context(
+                "no --model given, and Easel Mini (assets/models/easel-mini) is not beside this program: \
+                 pass --model PATH, or set EASEL_MINI_MODEL to its folder",
+            ),
+        }
+    }
+
     pub fn load_options(&self) -> Result<easel_engine::models::LoadOptions> {
         Ok(easel_engine::models::LoadOptions {
             vae_override: self.vae.clone(),
@@ -222,7 +234,7 @@ fn check_output(path: &Path, overwrite: bool) -> Result<()> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let (sampler, schedule) = args.sampler.resolve()?;
-    let model = &args.model.model;
+    let model = &args.model.model_path()?;
     let info = inspect_model(model)?;
     let size = info.default_size();
     let seed = args.seed.unwrap_or_else(easel_engine::rng::random_seed);
@@ -317,7 +329,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let options = args.model.load_options()?;
     let load_start = Instant::now();
-    let pipeline = Pipeline::load(&args.model.model, options).context("loading the model")?;
+    let pipeline = Pipeline::load(&args.model.model_path()?, options).context("loading the model")?;
     let load_s = load_start.elapsed().as_secs_f64();
     eprintln!("loaded in {load_s:.1} s; measuring ({} runs each)…", args.runs);
     let report = easel_engine::bench::run(&pipeline, &request, args.runs)?;

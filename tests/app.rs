@@ -37,6 +37,13 @@ fn harness(settings: Settings) -> Harness<'static, EaselApp> {
         .build_eframe(move |cc| EaselApp::with_settings(&cc.egui_ctx, settings, false))
 }
 
+/// The app as it starts where Easel Mini is missing (an installation without its assets).
+fn harness_without_default_model(settings: Settings) -> Harness<'static, EaselApp> {
+    Harness::builder()
+        .with_size([1200.0, 800.0])
+        .build_eframe(move |cc| EaselApp::with_default_model(&cc.egui_ctx, settings, false, None))
+}
+
 /// Steps frames (the UI keeps repainting while busy, so `run()` would never settle).
 fn step_until(h: &mut Harness<'static, EaselApp>, what: &str, done: impl Fn(&EaselApp) -> bool) {
     let start = Instant::now();
@@ -215,7 +222,7 @@ fn a_broken_model_is_reported_and_the_app_keeps_running() {
 #[test]
 fn without_a_model_the_first_run_panel_explains_what_to_do() {
     let outputs = tempfile::tempdir().unwrap();
-    let mut h = harness(Settings { model_path: None, ..settings(outputs.path()) });
+    let mut h = harness_without_default_model(Settings { model_path: None, ..settings(outputs.path()) });
     h.step();
     assert!(h.query_by_label("Open a model folder…").is_some());
     assert!(h.query_by_label_contains("easel models download sd-turbo").is_some());
@@ -228,7 +235,7 @@ fn the_models_panel_lists_the_hf_cache_and_reports_offline_downloads() {
     let outputs = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     common::copy_dir(&common::model_dir("sd1-tiny"), &cache.path().join("models--easel--sd1-tiny/snapshots/abc"));
-    let mut h = harness(Settings { model_path: None, ..settings(outputs.path()) });
+    let mut h = harness_without_default_model(Settings { model_path: None, ..settings(outputs.path()) });
     // Nothing listens on port 9: the "hub" is offline.
     h.state_mut().downloader = easel_engine::hub::Downloader::new("http://127.0.0.1:9", cache.path(), None);
     h.state_mut().refresh_local_models();

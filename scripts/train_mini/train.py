@@ -3,6 +3,7 @@
 Stages (each resumable; a finished stage is skipped when run again):
   vae      AutoencoderKL, 128x128 RGB <-> 16x16x4 latents (8x downscale), L1 + MSE + tiny KL
   latents  a fixed data set: N pictures encoded once by the trained encoder, captions tokenized
+  decoder  the VAE's decoder fine-tuned on whole pictures with the encoder frozen
   unet     U-Net and CLIP text encoder trained jointly on the diffusion loss (epsilon
            prediction, SD 1.5's noise schedule, min-SNR weighting, 10% empty captions for
            classifier-free guidance, EMA weights)
@@ -187,12 +188,64 @@ def train_vae(args):
     log("[vae] finished")
 
 
-def load_vae(args):
+def load_vae(args, decoder=True):
+    """The trained VAE; with `decoder`, the fine-tuned decoder when there is one."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(**VAE_CONFIG)
-    vae.load_state_dict(torch.load(os.path.join(args.work, "vae-final.pt"), weights_only=False)["model"])
+    tuned = os.path.join(args.work, "vae-decoder-final.pt")
+    path = tuned if decoder and os.path.exists(tuned) else os.path.join(args.work, "vae-final.pt")
+    vae.load_state_dict(torch.load(path, weights_only=False)["model"])
     return vae.eval()
+
+
+def train_decoder(args):
+    """The decoder alone, on whole pictures, with the encoder frozen (as Stability fine-tuned
+    SD's decoder): the latents the U-Net learns stay the same while colours and edges sharpen."""
+    final = os.path.join(args.work, "vae-decoder-final.pt")
+    if os.path.exists(final):
+        log("[decoder] done already")
+        return
+    folder = os.path.join(args.work, "decoder-ckpt")
+    os.makedirs(folder, exist_ok=True)
+    seed_all(args.seed + 5)
+    vae = load_vae(args, decoder=False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.decoder_lr, weight_decay=0.0, fused=True)
+    step, rng = 0, random.Random(args.seed + 6)
+    resume = latest_checkpoint(folder, "step-")
+    if resume:
+        state = torch.load(resume, weights_only=False)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, rng = state["step"], state["rng"]
+        log(f"[decoder] resumed at step {step}")
+    vae.decoder.train()
+    progress = Progress("decoder", args.decoder_steps, step)
+    while step < args.decoder_steps:
+        lr = args.decoder_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = images_to_tensor([grammar.sample(rng)[1] for _ in range(args.decoder_batch)])
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.mean
+        recon = vae.decode(latents).sample
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        progress.update(step, loss.item())
+        if step % args.checkpoint_every == 0 or step == args.decoder_steps:
+            save_checkpoint(os.path.join(folder, f"step-{step:07d}.pt"), model=vae.state_dict(),
+                            optimizer=optimizer.state_dict(), step=step, rng=rng)
+    save_checkpoint(final, model=vae.state_dict())
+    log("[decoder] finished")
 
 
 # --------------------------------------------------------------------------
@@ -221,7 +274,7 @@ def build_latents(args):
     if os.path.exists(path):
         log("[latents] done already")
         return
-    vae = load_vae(args)
+    vae = load_vae(args, decoder=False)
     tok = tokenizer()
     rng = random.Random(args.seed + 2)
     latents, captions = [], []
@@ -349,7 +402,18 @@ def export(args):
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    state = torch.load(os.path.join(args.work, "unet-final.pt"), weights_only=False)
+    final = os.path.join(args.work, "unet-final.pt")
+    if os.path.exists(final):
+        state = torch.load(final, weights_only=False)
+    else:
+        # A preview of a run still in progress: the EMA weights of its last checkpoint.
+        latest = latest_checkpoint(os.path.join(args.work, "unet-ckpt"), "step-")
+        if latest is None:
+            raise SystemExit("[export] no U-Net trained yet")
+        checkpoint = torch.load(latest, weights_only=False)
+        scaling = torch.load(os.path.join(args.work, "latents.pt"), weights_only=False)["scaling_factor"]
+        state = dict(unet=checkpoint["ema_unet"], text=checkpoint["ema_text"], scaling_factor=scaling)
+        log(f"[export] from {latest} (training not finished)")
     out = args.out
     os.makedirs(out, exist_ok=True)
     unet = UNet2DConditionModel(**UNET_CONFIG)
@@ -382,20 +446,31 @@ def export(args):
                                    requires_safety_checker=False)
     pipe.save_config(out)
     tok.save_pretrained(os.path.join(out, "tokenizer"))
+    write_heldout(os.path.join(out, "heldout.json"))
     log(f"[export] wrote {out}")
+
+
+def write_heldout(path):
+    """The semantic tests' captions (never drawn in training) and the colours to look for."""
+    with open(path, "w") as f:
+        json.dump({"size": grammar.SIZE, "colours": grammar.COLOURS, "cases": grammar.HELDOUT_CASES}, f, indent=1)
+        f.write("\n")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="out/train-mini", help="checkpoints and the latent data set")
     parser.add_argument("--out", default="assets/models/easel-mini")
-    parser.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "export"])
+    parser.add_argument("--stage", default="all", choices=["all", "vae", "decoder", "latents", "unet", "export"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--dataset-size", type=int, default=60000)
+    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--decoder-batch", type=int, default=8)
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
+    parser.add_argument("--dataset-size", type=int, default=30000)
     parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=5e-4)
@@ -404,9 +479,11 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
-    stages = ["vae", "latents", "unet", "export"] if args.stage == "all" else [args.stage]
+    # The decoder's fine-tuning only needs the frozen encoder: it can run beside the U-Net.
+    stages = ["vae", "latents", "decoder", "unet", "export"] if args.stage == "all" else [args.stage]
+    run = {"vae": train_vae, "decoder": train_decoder, "latents": build_latents, "unet": train_unet, "export": export}
     for stage in stages:
-        {"vae": train_vae, "latents": build_latents, "unet": train_unet, "export": export}[stage](args)
+        run[stage](args)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,19 @@ impl EaselApp {
         Self::with_settings(&cc.egui_ctx, settings, gpu_preview)
     }
 
-    /// Builds the app around `settings` (tests use this to start from a known state).
+    /// Builds the app around `settings` (tests use this to start from a known state); with no
+    /// model chosen, Easel Mini is loaded.
     pub fn with_settings(ctx: &egui::Context, settings: Settings, gpu_preview: bool) -> Self {
+        Self::with_default_model(ctx, settings, gpu_preview, easel_engine::models::library::easel_mini())
+    }
+
+    /// As [`Self::with_settings`], with `default_model` loaded when the settings name no model.
+    pub fn with_default_model(
+        ctx: &egui::Context,
+        settings: Settings,
+        gpu_preview: bool,
+        default_model: Option<PathBuf>,
+    ) -> Self {
         let repaint_ctx = ctx.clone();
         let repaint: Arc<dyn Fn() + Send + Sync> = Arc::new(move || repaint_ctx.request_repaint());
         let worker = Worker::spawn(repaint.clone());
@@ -157,8 +168,11 @@ impl EaselApp {
             preview_texture: None,
             preview_generation: 0,
         };
-        if let Some(path) = app.settings.model_path.clone() {
-            app.load_model(path);
+        match (app.settings.model_path.clone(), default_model) {
+            (Some(path), _) => app.load_model(path),
+            // Not remembered as the artist's choice: a later Easel may ship another default.
+            (None, Some(mini)) => app.send_load(mini),
+            (None, None) => {}
         }
         app.refresh_local_models();
         app.gallery = gallery::history(&app.settings.outputs_dir()).into_iter().map(GalleryImage::on_disk).collect();
@@ -225,6 +239,10 @@ impl EaselApp {
 
     pub fn load_model(&mut self, path: PathBuf) {
         self.settings.model_path = Some(path.clone());
+        self.send_load(path);
+    }
+
+    fn send_load(&mut self, path: PathBuf) {
         self.model = ModelState::Loading(path.clone());
         self.worker.send(Command::LoadModel {
             path,
@@ -247,6 +265,11 @@ impl EaselApp {
         if let Some(path) = self.settings.model_path.clone() {
             self.load_model(path);
         }
+    }
+
+    /// Whether the loaded model is Easel Mini, the one that ships with Easel.
+    pub fn is_easel_mini(&self) -> bool {
+        matches!(&self.model, ModelState::Ready(m) if m.name == easel_engine::models::library::EASEL_MINI)
     }
 
     pub fn is_busy(&self) -> bool {
@@ -451,7 +474,7 @@ impl EaselApp {
             format!("The engine stopped unexpectedly and was restarted.{lost} Please report this as a bug."),
         );
         if let ModelState::Ready(ModelSummary { path, .. }) | ModelState::Loading(path) = self.model.clone() {
-            self.load_model(path);
+            self.send_load(path);
         }
     }
 

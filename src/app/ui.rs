@@ -102,11 +102,12 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         token_counter(app, ui, 0);
         label
     });
+    let hint = if app.is_easel_mini() { EASEL_MINI_EXAMPLES[0] } else { "a watercolor fox in the snow" };
     ui.add(
         egui::TextEdit::multiline(&mut app.settings.prompt)
             .desired_rows(4)
             .desired_width(f32::INFINITY)
-            .hint_text("a watercolor fox in the snow")
+            .hint_text(hint)
             .id_salt("prompt"),
     )
     .labelled_by(label.inner.id);
@@ -340,6 +341,10 @@ fn central(app: &mut EaselApp, ui: &mut egui::Ui) {
         _ => {}
     }
 
+    if matches!(app.view, CentralView::Empty) && app.is_easel_mini() {
+        return easel_mini_welcome(app, ui);
+    }
+
     let view = app.view.clone();
     match view {
         CentralView::Empty => {
@@ -499,6 +504,61 @@ fn gallery_strip(app: &mut EaselApp, ui: &mut egui::Ui) {
                 app.view = CentralView::Gallery(i);
             }
         });
+    });
+}
+
+/// Prompts Easel Mini can draw (its grammar: assets/models/easel-mini/README.md).
+pub const EASEL_MINI_EXAMPLES: [&str; 5] = [
+    "a red circle above a blue square",
+    "a yellow star in the top left corner",
+    "a green heart to the right of an orange triangle",
+    "the sun over the sea at sunset",
+    "a house with a tree at night",
+];
+
+/// What the window shows before the first image while Easel Mini is the model: what it is,
+/// prompts to try, and the real models beside it.
+fn easel_mini_welcome(app: &mut EaselApp, ui: &mut egui::Ui) {
+    ui.vertical_centered(|ui| {
+        ui.add_space(40.0);
+        ui.heading(RichText::new("Welcome to Easel").size(28.0));
+        ui.add_space(10.0);
+        ui.label("Easel Mini is loaded: a small model that comes with Easel, so you can paint right away.");
+        ui.label("It knows simple shapes, twelve colours, positions and a few scenes, nothing more. Try:");
+        ui.add_space(8.0);
+        for example in EASEL_MINI_EXAMPLES {
+            if ui.button(RichText::new(example).size(16.0)).clicked() {
+                app.settings.prompt = example.to_string();
+                app.generate();
+            }
+        }
+        ui.add_space(16.0);
+        ui.label("For real pictures, get a Stable Diffusion model (it stays on this computer):");
+        ui.add_space(4.0);
+        for curated in easel_engine::hub::CURATED {
+            let downloading = app.downloads.get(curated.repo).is_some_and(|d| d.running);
+            ui.horizontal(|ui| {
+                ui.add_space((ui.available_width() - 320.0).max(0.0) / 2.0);
+                match app.curated_local.get(curated.repo).cloned() {
+                    Some(path) => {
+                        if ui.button("Load").clicked() {
+                            app.load_model(path);
+                        }
+                    }
+                    None => {
+                        if ui.add_enabled(!downloading, egui::Button::new("Download")).clicked() {
+                            app.start_download(curated.repo);
+                        }
+                    }
+                }
+                ui.label(curated.title);
+                if downloading {
+                    ui.spinner();
+                }
+            });
+        }
+        ui.add_space(8.0);
+        ui.label(RichText::new("Or open a model folder or checkpoint on the left, or drop one on this window.").weak());
     });
 }
 

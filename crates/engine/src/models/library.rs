@@ -17,6 +17,25 @@ pub struct LocalModel {
     pub problem: Option<String>,
 }
 
+/// The folder name of Easel Mini, the small model that ships in `assets/models/`.
+pub const EASEL_MINI: &str = "easel-mini";
+
+/// Where Easel Mini is: `$EASEL_MINI_MODEL` if set, else `assets/models/easel-mini` beside the
+/// executable or two or three levels up (a `target/release` or `target/<triple>/release`
+/// build), else in the source tree Easel was built from. None when none of them has it.
+pub fn easel_mini() -> Option<PathBuf> {
+    let relative = Path::new("assets/models").join(EASEL_MINI);
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = std::env::var_os("EASEL_MINI_MODEL") {
+        candidates.push(PathBuf::from(path));
+    }
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        candidates.extend(exe_dir.ancestors().take(4).map(|dir| dir.join(&relative)));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(&relative));
+    candidates.into_iter().find(|dir| dir.join("model_index.json").is_file())
+}
+
 fn size_of(path: &Path) -> u64 {
     if path.is_file() {
         return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
