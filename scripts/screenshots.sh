@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Screenshots of the real window under Xvfb (Mesa's software renderer), mid-generation and
-# finished, for the README. Usage: scripts/screenshots.sh MODEL_DIR OUT_DIR [STEPS] [SIZE]
+# finished, for the README. Usage: scripts/screenshots.sh MODEL_DIR|default OUT_DIR [STEPS] [SIZE]
+# ("default": no model chosen, so the app starts with Easel Mini). PROMPT and SAMPLER override
+# the prompt and sampler; BATCH makes several images (the gallery).
 # Needs: xvfb, xdotool, imagemagick (import), mesa-vulkan-drivers; a release build.
 set -euo pipefail
-model=$(readlink -f "$1"); out=$(readlink -f "$2"); steps=${3:-6}; size=${4:-256}
+if [ "$1" = default ]; then model=""; else model=$(readlink -f "$1"); fi
+out=$(readlink -f "$2"); steps=${3:-6}; size=${4:-256}
 mkdir -p "$out"
 data=$(mktemp -d)
 mkdir -p "$data/easel"
 # Start from a prepared settings store (eframe keeps it in $XDG_DATA_HOME/easel/app.ron).
-python3 - "$data/easel/app.ron" "$model" "$out/outputs" "$steps" "$size" <<'PY'
+python3 - "$data/easel/app.ron" "$model" "$out/outputs" "$steps" "$size" \
+    "${PROMPT:-a lighthouse on a cliff at dusk, oil painting}" "${SAMPLER:-dpmpp_2m}" "${BATCH:-1}" <<'PY'
 import json, sys
-path, model, outputs, steps, size = sys.argv[1:]
-settings = {"model_path": model, "outputs_dir": outputs, "prompt": "a lighthouse on a cliff at dusk, oil painting",
-            "negative_prompt": "blurry, low quality", "steps": int(steps), "guidance": 7.0, "sampler": "dpmpp_2m_karras",
-            "seed": 1234, "random_seed": False, "width": int(size), "height": int(size)}
+path, model, outputs, steps, size, prompt, sampler, batch = sys.argv[1:]
+settings = {"model_path": model or None, "outputs_dir": outputs, "prompt": prompt,
+            "negative_prompt": "", "steps": int(steps), "guidance": 7.0, "sampler": sampler,
+            "seed": 1234, "random_seed": False, "width": int(size), "height": int(size), "batch_count": int(batch)}
 open(path, "w").write('{"easel-settings": %s}' % json.dumps(json.dumps(settings)))
 PY
 export DISPLAY=:97
@@ -30,7 +34,7 @@ xdotool windowfocus --sync "$window" key ctrl+Return
 sleep "${MID_SECONDS:-20}"
 import -window root "$out/generating.png"
 for _ in $(seq 1 240); do
-  ls "$out/outputs"/*.png >/dev/null 2>&1 && break
+  [ "$(ls "$out/outputs"/*.png 2>/dev/null | wc -l)" -ge "${BATCH:-1}" ] && break
   sleep 2
 done
 sleep 3
