@@ -2,7 +2,8 @@
 # Screenshots of the real window under Xvfb (Mesa's software renderer), mid-generation and
 # finished, for the README. Usage: scripts/screenshots.sh MODEL_DIR|default OUT_DIR [STEPS] [SIZE]
 # ("default": no model chosen, so the app starts with Easel Mini). PROMPT and SAMPLER override
-# the prompt and sampler; BATCH makes several images (the gallery).
+# the prompt and sampler; BATCH makes several images (the gallery); EASEL_BIN the binary
+# (default target/release/easel). PNGs already in OUT_DIR/outputs show in the gallery.
 # Needs: xvfb, xdotool, imagemagick (import), mesa-vulkan-drivers; a release build.
 set -euo pipefail
 if [ "$1" = default ]; then model=""; else model=$(readlink -f "$1"); fi
@@ -25,16 +26,17 @@ Xvfb "$DISPLAY" -screen 0 1280x820x24 >/dev/null 2>&1 &
 xvfb=$!
 trap 'kill $app $xvfb 2>/dev/null || true; rm -rf "$data"' EXIT
 sleep 1
-XDG_DATA_HOME="$data" ./target/release/easel &
+XDG_DATA_HOME="$data" "${EASEL_BIN:-./target/release/easel}" &
 app=$!
-sleep 25   # window up and the model loaded
+sleep "${READY_SECONDS:-25}"   # window up and the model loaded
 import -window root "$out/ready.png"
+before=$(ls "$out/outputs"/*.png 2>/dev/null | wc -l)
 window=$(xdotool search --name '^Easel$' | head -1)
 xdotool windowfocus --sync "$window" key ctrl+Return
 sleep "${MID_SECONDS:-20}"
 import -window root "$out/generating.png"
 for _ in $(seq 1 240); do
-  [ "$(ls "$out/outputs"/*.png 2>/dev/null | wc -l)" -ge "${BATCH:-1}" ] && break
+  [ "$(ls "$out/outputs"/*.png 2>/dev/null | wc -l)" -ge "$((before + ${BATCH:-1}))" ] && break
   sleep 2
 done
 sleep 3

@@ -121,7 +121,7 @@ pub struct SamplerArgs {
     /// the Karras schedule).
     #[arg(long, default_value = "euler", value_parser = parse_sampler)]
     pub sampler: (SamplerId, Option<Schedule>),
-    /// default (the model's own) or karras [works with: dpmpp_2m].
+    /// default (the model's own) or karras [works with: euler, dpmpp_2m].
     #[arg(long)]
     pub schedule: Option<Schedule>,
 }

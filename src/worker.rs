@@ -220,7 +220,8 @@ impl Worker {
     /// Starts a new worker thread if the last one ended (a bug that escaped the per-command
     /// recovery). Returns true when it did: the model must then be loaded again.
     pub fn restart_if_dead(&mut self) -> bool {
-        if self.is_alive() {
+        // A thread that could not be started at all is not retried every frame.
+        if !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
             return false;
         }
         self.cancel.store(NO_JOB, Ordering::SeqCst);

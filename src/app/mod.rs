@@ -107,6 +107,8 @@ pub struct EaselApp {
     pub last_seed: Option<u64>,
     worker: Worker,
     image_loader: gallery::ImageLoader,
+    /// Steps, guidance and size a model change may replace (see `adopt_model_defaults`).
+    previous_defaults: (usize, f64, usize),
     next_job: JobId,
     tokenizer: Option<ClipTokenizer>,
     token_counts: [(String, usize); 2],
@@ -161,6 +163,10 @@ impl EaselApp {
             last_seed: None,
             worker,
             image_loader: gallery::ImageLoader::spawn(repaint),
+            previous_defaults: {
+                let d = Settings::default();
+                (d.steps, d.guidance, d.width)
+            },
             next_job: 1,
             tokenizer: ClipTokenizer::bundled(EOS_TOKEN_ID).ok(),
             token_counts: Default::default(),
@@ -265,6 +271,24 @@ impl EaselApp {
         if let Some(path) = self.settings.model_path.clone() {
             self.load_model(path);
         }
+    }
+
+    /// A newly loaded model's steps, guidance and size replace those the artist had not
+    /// changed from the previous model's defaults (or from Easel's, for the first model):
+    /// Turbo wants 1 step and no guidance, Easel Mini 128×128.
+    fn adopt_model_defaults(&mut self, model: &ModelSummary) {
+        let s = &mut self.settings;
+        let (steps, guidance, size) = self.previous_defaults;
+        if s.steps == steps {
+            s.steps = model.default_steps;
+        }
+        if s.guidance == guidance {
+            s.guidance = model.default_guidance;
+        }
+        if (s.width, s.height) == (size, size) {
+            (s.width, s.height) = (model.default_size, model.default_size);
+        }
+        self.previous_defaults = (model.default_steps, model.default_guidance, model.default_size);
     }
 
     /// Whether the loaded model is Easel Mini, the one that ships with Easel.
@@ -384,6 +408,7 @@ impl EaselApp {
             match event {
                 Event::ModelLoading { .. } => {}
                 Event::ModelLoaded { model, seconds } => {
+                    self.adopt_model_defaults(&model);
                     self.notify(
                         NoticeKind::Info,
                         format!("Loaded {} ({}) in {seconds:.1} s.", model.name, model.family),
@@ -608,6 +633,22 @@ mod tests {
             app.handle_events(ctx);
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_loaded_model_brings_its_defaults_where_the_artist_changed_nothing() {
+        let ctx = egui::Context::default();
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures/models/sd1-tiny");
+        // Easel's defaults (512×512): the tiny model's native 64×64 replaces them...
+        let mut app = EaselApp::with_default_model(&ctx, Settings::default(), false, Some(model.clone()));
+        run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
+        assert_eq!((app.settings.width, app.settings.height), (64, 64));
+        assert_eq!(app.settings.model_path, None, "the default model is not remembered as a choice");
+        // ...but a size the artist chose stays.
+        let chosen = Settings { width: 96, height: 64, steps: 12, ..Default::default() };
+        let mut app = EaselApp::with_default_model(&ctx, chosen, false, Some(model));
+        run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
+        assert_eq!((app.settings.width, app.settings.height, app.settings.steps), (96, 64, 12));
     }
 
     #[test]

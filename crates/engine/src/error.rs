@@ -66,7 +66,37 @@ pub enum Error {
     Cancelled,
 
     #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set (many desktops set
+/// it), and prints it as part of the message: a user is shown the message alone.
+impl From<candle_core::Error> for Error {
+    fn from(error: candle_core::Error) -> Self {
+        fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+            match error {
+                candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+                other => other,
+            }
+        }
+        Error::Tensor(without_backtrace(error))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn candle_errors_reach_the_user_without_a_backtrace() {
+        let with_backtrace = candle_core::Error::Msg("shapes differ".into()).bt();
+        let forced = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shapes differ".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        for error in [with_backtrace, forced] {
+            let message = super::Error::from(error).to_string();
+            assert_eq!(message, "shapes differ");
+        }
+    }
+}

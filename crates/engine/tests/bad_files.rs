@@ -70,3 +70,29 @@ fn well_formed_files_of_the_wrong_kind_pass_the_container_check() {
         assert!(validate_safetensors(&file).unwrap().len() > 10, "{model}");
     }
 }
+
+/// Config numbers that would divide by zero or index past the end inside a layer are refused
+/// when the folder is read, naming the file and the setting.
+#[test]
+fn impossible_configs_are_refused_before_loading() {
+    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+        ("unet", "block_out_channels", serde_json::json!([]), "block_out_channels"),
+        ("unet", "norm_num_groups", serde_json::json!(0), "norm_num_groups"),
+        ("unet", "attention_head_dim", serde_json::json!(0), "attention heads"),
+        ("vae", "block_out_channels", serde_json::json!([]), "block_out_channels"),
+        ("vae", "norm_num_groups", serde_json::json!(3), "norm_num_groups"),
+        ("text_encoder", "num_attention_heads", serde_json::json!(4), "num_attention_heads"),
+    ];
+    for (component, key, value, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        common::copy_dir(&common::model_dir("sd1-tiny"), dir.path());
+        let config_path = dir.path().join(component).join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config[key] = value.clone();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let error = easel_engine::models::inspect_model(dir.path()).err().map(|e| e.to_string());
+        let error = error.unwrap_or_else(|| panic!("{component}.{key} = {value} was accepted"));
+        assert!(error.contains(expected) && error.contains(component), "{component}.{key} = {value}: {error}");
+    }
+}

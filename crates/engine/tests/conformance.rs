@@ -185,7 +185,9 @@ fn every_sampler_matches_diffusers_end_to_end() {
     for model in MODELS {
         let reference = Reference::load(model);
         let pipeline = load(model);
-        for (sampler, schedule) in SamplerId::combinations() {
+        // The pairs the reference has (Euler + Karras is checked at the scheduler level).
+        let pairs = SamplerId::combinations().filter(|&p| p != (SamplerId::Euler, Schedule::Karras));
+        for (sampler, schedule) in pairs {
             let id = sampler.combined_id(schedule);
             let expected_timesteps = reference.f64s(&format!("sampler.{id}.timesteps"));
             let scheduler = easel_engine::schedulers::build_scheduler(

@@ -135,6 +135,11 @@ impl ModelInfo {
 
     /// Native resolution: 512 for SD 1.x and SD-Turbo, 768 for SD 2.x v-prediction, 1024 for SDXL.
     pub fn default_size(&self) -> usize {
+        // As diffusers' pipelines do: the U-Net's trained latent size times the VAE's factor
+        // (SDXL-Turbo and Easel Mini differ from their family's usual size).
+        if let Some(latent) = self.unet.sample_size.filter(|&s| s > 0) {
+            return latent * self.vae.downscale_factor();
+        }
         match self.family {
             Family::Sdxl => 1024,
             Family::Sd2 if self.prediction_type == PredictionType::VPrediction => 768,

@@ -137,7 +137,7 @@ impl SamplerId {
     /// The schedules this sampler runs exactly as diffusers does (checked against it).
     pub fn schedules(&self) -> &'static [Schedule] {
         match self {
-            SamplerId::DpmPp2m => &Schedule::ALL,
+            SamplerId::Euler | SamplerId::DpmPp2m => &Schedule::ALL,
             _ => &[Schedule::Default],
         }
     }
@@ -280,6 +280,12 @@ pub fn build_scheduler(
     sampler.check_schedule(schedule)?;
     let karras = schedule == Schedule::Karras;
     Ok(match sampler {
+        // `EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True)`: the same as a
+        // config that says so (checked against diffusers on such a config, x_karras_sample).
+        SamplerId::Euler if karras => {
+            let config = SchedulerConfig { use_karras_sigmas: Some(true), ..config.clone() };
+            Box::new(euler::EulerDiscrete::new(&config, num_inference_steps)?)
+        }
         SamplerId::Euler => Box::new(euler::EulerDiscrete::new(config, num_inference_steps)?),
         SamplerId::EulerAncestral => {
             Box::new(euler_ancestral::EulerAncestralDiscrete::new(config, num_inference_steps)?)

@@ -373,7 +373,7 @@ fn sampler_ids_round_trip() {
         let expected = (schedule != Schedule::Default).then_some(schedule);
         assert_eq!(SamplerId::parse_with_schedule(&combined).unwrap(), (s, expected), "{combined}");
     }
-    assert_eq!(SamplerId::combinations().count(), 6);
+    assert_eq!(SamplerId::combinations().count(), 7);
     let err = "euler_ancestral".parse::<SamplerId>().unwrap_err().to_string();
     assert!(err.contains("euler_a") && err.contains("dpmpp_2m"), "{err}");
     assert!("dpmpp_2m_karras".parse::<SamplerId>().is_err(), "the combined id is not a sampler");
@@ -391,7 +391,8 @@ fn a1111_names() {
     assert_eq!(SamplerId::from_a1111("DPM++ 2M", Some("Automatic")), Some((DpmPp2m, Schedule::Default)));
     assert_eq!(SamplerId::from_a1111("Euler a", None), Some((EulerAncestral, Schedule::Default)));
     assert_eq!(SamplerId::from_a1111("euler a", Some("")), Some((EulerAncestral, Schedule::Default)));
-    assert_eq!(SamplerId::from_a1111("Euler", Some("Karras")), None);
+    assert_eq!(SamplerId::from_a1111("Euler", Some("Karras")), Some((Euler, Schedule::Karras)));
+    assert_eq!(SamplerId::from_a1111("DDIM", Some("Karras")), None);
     assert_eq!(SamplerId::from_a1111("DPM++ 2M SDE", None), None);
     assert_eq!(SamplerId::from_a1111("DPM++ 2M Karras", Some("Exponential")), None);
 }
@@ -402,6 +403,18 @@ fn a_schedule_a_sampler_does_not_run_is_refused_by_name() {
     let err = build_scheduler(SamplerId::Ddim, Schedule::Karras, &cfg, 4).err().unwrap().to_string();
     assert!(err.contains("karras") && err.contains("ddim") && err.contains("dpmpp_2m"), "{err}");
     assert!(build_scheduler(SamplerId::DpmPp2m, Schedule::Karras, &cfg, 4).is_ok());
+}
+
+#[test]
+fn euler_with_the_karras_schedule_is_euler_on_a_karras_config() {
+    let cfg = sd15();
+    let karras_config = SchedulerConfig { use_karras_sigmas: Some(true), ..cfg.clone() };
+    let chosen = build_scheduler(SamplerId::Euler, Schedule::Karras, &cfg, 9).unwrap();
+    let configured = build_scheduler(SamplerId::Euler, Schedule::Default, &karras_config, 9).unwrap();
+    let plain = build_scheduler(SamplerId::Euler, Schedule::Default, &cfg, 9).unwrap();
+    assert_eq!(chosen.timesteps(), configured.timesteps());
+    assert_eq!(chosen.sigmas(), configured.sigmas());
+    assert_ne!(chosen.sigmas(), plain.sigmas(), "the schedule changes the sigmas");
 }
 
 fn sd15() -> SchedulerConfig {
