@@ -327,3 +327,26 @@ fn the_gallery_shows_earlier_images_after_a_restart_and_reuses_their_parameters(
     let s = &h.state().settings;
     assert_eq!((s.prompt.as_str(), s.steps, s.seed), ("a red fox", 3, 5), "the first image's own settings");
 }
+
+#[test]
+fn with_no_model_chosen_the_app_paints_with_easel_mini() {
+    let outputs = tempfile::tempdir().unwrap();
+    let first_run = Settings { outputs_dir: Some(outputs.path().to_path_buf()), ..Default::default() };
+    let mut h = harness(first_run);
+    step_until(&mut h, "Easel Mini to load", model_ready);
+    assert!(h.state().is_easel_mini());
+    assert_eq!(h.state().settings.model_path, None, "not remembered as the artist's choice");
+    assert_eq!((h.state().settings.width, h.state().settings.height), (128, 128), "its native size");
+    assert!(h.query_by_label_contains("Easel Mini is loaded").is_some());
+    assert!(h.query_by_label_contains("SD-Turbo").is_some(), "the real models are offered beside it");
+    // One click on an example paints it.
+    h.get_by_label("a red circle above a blue square").click();
+    step_until(&mut h, "the image", |app| !app.gallery.is_empty());
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    let saved = png_files(outputs.path());
+    assert_eq!(saved.len(), 1);
+    let parameters = read_png_parameters(&saved[0]).unwrap().unwrap();
+    assert!(parameters.starts_with("a red circle above a blue square"), "{parameters}");
+    assert!(parameters.contains("Model: easel-mini"), "{parameters}");
+}

@@ -401,3 +401,19 @@ if __name__ == "__main__":
             f.write(f"{i}: {caption}\n")
     sheet.save(os.path.join(args.out, "sheet.png"))
     print(f"{len(HELDOUT_CASES)} held-out cases; sheet in {args.out}")
+
+
+def draw_heldout(path, seed=7):
+    """The held-out captions drawn as the training data would draw them, side by side in one
+    PNG: the semantic test's checker must recognise these before it judges the model."""
+    rng = random.Random(seed)
+    sheet = Image.new("RGB", (SIZE * len(HELDOUT_CASES), SIZE))
+    for i, case in enumerate(HELDOUT_CASES):
+        if case["kind"] == "single":
+            _, background, objects, _ = sample_single(rng, case["colour"], case["shape"], case["position"], "", False)
+        else:
+            _, background, objects, _ = sample_pair(
+                rng, case["colour"], case["shape"], case["relation"], case["colour_2"], case["shape_2"], False
+            )
+        sheet.paste(render(background, objects, rng), (i * SIZE, 0))
+    sheet.save(path)
