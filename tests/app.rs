@@ -340,13 +340,13 @@ fn with_no_model_chosen_the_app_paints_with_easel_mini() {
     assert!(h.query_by_label_contains("Easel Mini is loaded").is_some());
     assert!(h.query_by_label_contains("SD-Turbo").is_some(), "the real models are offered beside it");
     // One click on an example paints it.
-    h.get_by_label("a red circle above a blue square").click();
+    h.get_by_label("the sun over the sea at sunset").click();
     step_until(&mut h, "the image", |app| !app.gallery.is_empty());
     let app = h.state();
     assert!(errors(app).is_empty(), "{:?}", errors(app));
     let saved = png_files(outputs.path());
     assert_eq!(saved.len(), 1);
     let parameters = read_png_parameters(&saved[0]).unwrap().unwrap();
-    assert!(parameters.starts_with("a red circle above a blue square"), "{parameters}");
+    assert!(parameters.starts_with("the sun over the sea at sunset"), "{parameters}");
     assert!(parameters.contains("Model: easel-mini"), "{parameters}");
 }

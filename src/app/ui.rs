@@ -509,11 +509,11 @@ fn gallery_strip(app: &mut EaselApp, ui: &mut egui::Ui) {
 
 /// Prompts Easel Mini can draw (its grammar: assets/models/easel-mini/README.md).
 pub const EASEL_MINI_EXAMPLES: [&str; 5] = [
-    "a red circle above a blue square",
-    "a yellow star in the top left corner",
-    "a green heart to the right of an orange triangle",
     "the sun over the sea at sunset",
-    "a house with a tree at night",
+    "a house with a tree",
+    "mountains at night",
+    "a yellow star on a purple background",
+    "a red circle above a blue square",
 ];
 
 /// What the window shows before the first image while Easel Mini is the model: what it is,
@@ -524,7 +524,9 @@ fn easel_mini_welcome(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.heading(RichText::new("Welcome to Easel").size(28.0));
         ui.add_space(10.0);
         ui.label("Easel Mini is loaded: a small model that comes with Easel, so you can paint right away.");
-        ui.label("It knows simple shapes, twelve colours, positions and a few scenes, nothing more. Try:");
+        ui.label(
+            "It knows twelve colours, simple shapes and a few scenes (it is still learning where things go). Try:",
+        );
         ui.add_space(8.0);
         for example in EASEL_MINI_EXAMPLES {
             if ui.button(RichText::new(example).size(16.0)).clicked() {
