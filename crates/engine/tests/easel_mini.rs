@@ -156,6 +156,22 @@ fn percent((ok, n): (usize, usize)) -> f64 {
     100.0 * ok as f64 / n.max(1) as f64
 }
 
+/// Easel Mini's native 128×128 with DPM++ 2M and the CPU generator.
+fn request(prompt: &str, steps: usize, guidance_scale: f64, seed: u64) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        steps,
+        guidance_scale,
+        seed,
+        width: 128,
+        height: 128,
+        sampler: SamplerId::DpmPp2m,
+        schedule: Schedule::Default,
+        rng: RngKind::Cpu,
+    }
+}
+
 /// Adds `image`'s marks for `case` to `score`.
 fn score_image(image: &RgbImage, case: &Value, palette: &Palette, score: &mut Score) {
     let labels: Vec<Option<usize>> = image.data.chunks(3).map(|p| palette.classify(p)).collect();
@@ -185,20 +201,9 @@ fn judge(pipeline: &Pipeline, cases: &[Value], palette: &Palette, guidance: f64,
     let mut score = Score::default();
     for case in cases {
         for &seed in seeds {
-            let request = GenerationRequest {
-                prompt: case["caption"].as_str().unwrap().into(),
-                negative_prompt: String::new(),
-                // DPM++ 2M needs fewer steps than Euler for the same picture: 15 keep the
-                // suite short (20 is what an artist would use).
-                steps: 15,
-                guidance_scale: guidance,
-                seed,
-                width: 128,
-                height: 128,
-                sampler: SamplerId::DpmPp2m,
-                schedule: Schedule::Default,
-                rng: RngKind::Cpu,
-            };
+            // DPM++ 2M needs fewer steps than Euler for the same picture: 15 keep the suite
+            // short (20 is what an artist would use).
+            let request = request(case["caption"].as_str().unwrap(), 15, guidance, seed);
             let image = pipeline.generate(&request, &mut |_| ControlFlow::Continue(())).unwrap();
             score_image(&image, case, palette, &mut score);
         }
@@ -279,18 +284,7 @@ fn easel_mini_matches_diffusers() {
     let reference_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/easel-mini/diffusers.png");
     let reference = easel_engine::metadata::read_png(&reference_path).unwrap();
     let pipeline = Pipeline::load(&model_dir(), LoadOptions::default()).unwrap();
-    let request = GenerationRequest {
-        prompt: "a red circle above a blue square".into(),
-        negative_prompt: String::new(),
-        steps: 20,
-        guidance_scale: 6.0,
-        seed: 1,
-        width: 128,
-        height: 128,
-        sampler: SamplerId::DpmPp2m,
-        schedule: Schedule::Default,
-        rng: RngKind::Cpu,
-    };
+    let request = request("a red circle above a blue square", 20, 6.0, 1);
     let image = pipeline.generate(&request, &mut |_| ControlFlow::Continue(())).unwrap();
     let mse = image.data.iter().zip(&reference.data).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>()
         / image.data.len() as f64;
