@@ -140,7 +140,7 @@ def diffusers_bench(a):
     return {
         "impl": f"diffusers {diffusers.__version__}, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
-        # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS limit it (README).
+        # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS limit it (docs/PERFORMANCE.md).
         "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),
         "model_load_s": load_s,
         "text_encoding_s": text_s,

@@ -321,7 +321,7 @@ pub struct LoadOptions {
     /// A VAE to use instead of the model's own: a diffusers `vae/` folder or a `.safetensors` file.
     pub vae_override: Option<PathBuf>,
     /// The CPU bf16 mode: U-Net weights kept in bf16 (half the memory) and multiplied with
-    /// AVX-512-BF16, activations and accumulation in f32. Not exact; see the README for how far
+    /// AVX-512-BF16, activations and accumulation in f32. Not exact; see docs/PERFORMANCE.md for how far
     /// its images are from the f32 ones.
     pub cpu_bf16: bool,
     /// On the CPU in f32, convolution and linear weights that the checkpoint stores in f16 stay
