@@ -108,6 +108,13 @@ class Progress:
         print("\r" + line if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
 
+def set_lr(optimizer, base, step, total, warmup, floor):
+    """Linear warm-up over `warmup` steps, then cosine from `base` down to `floor` x `base`."""
+    lr = base * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / total)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -160,9 +167,7 @@ def train_vae(args):
     vae.train()
     progress = Progress("vae", args.vae_steps, step)
     while step < args.vae_steps:
-        lr = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, args.vae_lr, step, args.vae_steps, warmup=100, floor=0.1)
         # Random 64x64 crops: the VAE is convolutional, and a quarter of the pixels is a
         # quarter of the time (its mid-block attention sees 8x8 instead of 16x16 latents).
         full = images_to_tensor([grammar.sample(rng)[1] for _ in range(args.vae_batch)])
@@ -227,9 +232,7 @@ def train_decoder(args):
     vae.decoder.train()
     progress = Progress("decoder", args.decoder_steps, step)
     while step < args.decoder_steps:
-        lr = args.decoder_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, args.decoder_lr, step, args.decoder_steps, warmup=50, floor=0.05)
         batch = images_to_tensor([grammar.sample(rng)[1] for _ in range(args.decoder_batch)])
         with torch.no_grad():
             latents = vae.encode(batch).latent_dist.mean
@@ -347,10 +350,7 @@ def train_unet(args):
     text.train()
     progress = Progress("unet", args.unet_steps, step)
     while step < args.unet_steps:
-        warm = min(1.0, (step + 1) / 500)
-        lr = args.unet_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, args.unet_lr, step, args.unet_steps, warmup=500, floor=0.1)
         index = torch.randint(0, len(ids_all), (args.unet_batch,), generator=generator)
         x0 = latents_all[index]
         ids = ids_all[index].clone()
