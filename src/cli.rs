@@ -23,6 +23,26 @@ use easel_engine::schedulers::{SamplerId, Schedule};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Print the engine's log on stderr: what it loads and why, and the backtraces of errors
+    /// (never part of an error message). `EASEL_LOG=debug` does the same.
+    #[arg(long, global = true)]
+    pub verbose: bool,
+}
+
+/// Sends the log to stderr: Easel's own at debug level with `--verbose`, anything as
+/// `EASEL_LOG` says (env_logger's syntax, e.g. `debug` or `wgpu=warn`); nothing otherwise, as
+/// what a user needs to know is in the messages.
+pub fn init_logging(verbose: bool) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(log::LevelFilter::Off);
+    if let Ok(spec) = std::env::var("EASEL_LOG") {
+        builder.parse_filters(&spec);
+    }
+    if verbose {
+        builder.filter_module("easel", log::LevelFilter::Debug).filter_module("easel_engine", log::LevelFilter::Debug);
+    }
+    // A second call (tests run several CLIs in one process) keeps the first logger.
+    let _ = builder.try_init();
 }
 
 #[derive(Subcommand, Debug)]

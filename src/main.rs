@@ -56,6 +56,7 @@ fn configure_allocator() {
 fn main() -> std::process::ExitCode {
     configure_allocator();
     let args = easel::cli::Cli::parse();
+    easel::cli::init_logging(args.verbose);
     let result = match args.command {
         None => easel::app::run(),
         Some(command) => easel::cli::run(command),

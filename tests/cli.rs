@@ -257,6 +257,43 @@ fn generate_from_a_single_file_checkpoint() {
     assert_eq!(params.model_hash.as_deref(), Some(&sha[..10]), "A1111's short model hash");
 }
 
+/// The issue users hit: an inconsistent single file, with `RUST_BACKTRACE=1` set as many desktops
+/// have it. The message names the tensor and no backtrace reaches the user; `--verbose` puts
+/// it in the log.
+#[test]
+fn an_inconsistent_file_gets_a_message_and_no_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::unpack_single_file("sd1-single", dir.path());
+    let mut tensors = candle_core::safetensors::load(&original, &candle_core::Device::Cpu).unwrap();
+    let emb = "model.diffusion_model.middle_block.0.emb_layers.1.weight";
+    let transposed = tensors[emb].t().unwrap().contiguous().unwrap();
+    tensors.insert(emb.to_string(), transposed);
+    let bad = dir.path().join("inconsistent.safetensors");
+    candle_core::safetensors::save(&tensors, &bad).unwrap();
+    let out_path = dir.path().join("never.png");
+    for verbose in [false, true] {
+        let mut args = vec!["generate", "--model", bad.to_str().unwrap(), "--prompt", "x", "--width", "64"];
+        args.extend(["--height", "64", "--output", out_path.to_str().unwrap()]);
+        if verbose {
+            args.push("--verbose");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+            .args(&args)
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let text = stderr(&out);
+        assert!(!out.status.success() && !out_path.exists(), "{text}");
+        let error = text.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{text}"));
+        assert!(error.contains(emb) && error.contains("expected [64, 128]"), "{text}");
+        assert!(!error.contains("backtrace"), "{text}");
+        if !verbose {
+            assert!(!text.contains("stack backtrace") && !text.contains("backtrace of"), "{text}");
+        }
+    }
+}
+
 #[test]
 fn pickle_checkpoints_are_refused_without_being_unpickled() {
     let marker = std::path::Path::new("/tmp/easel-bad-pickle-was-unpickled");

@@ -70,15 +70,25 @@ pub enum Error {
 }
 
 /// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set (many desktops set
-/// it), and prints it as part of the message: a user is shown the message alone.
+/// it), and prints it as part of the message: a user is shown the message alone, and the
+/// backtrace goes to the log (`easel --verbose`, or `EASEL_LOG=debug`).
+pub(crate) fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    match error {
+        candle_core::Error::WithBacktrace { inner, backtrace } => {
+            log::debug!("backtrace of \"{inner}\":\n{backtrace}");
+            without_backtrace(*inner)
+        }
+        other => other,
+    }
+}
+
+/// The message of a candle error for the user, its backtrace logged (see [`without_backtrace`]).
+pub(crate) fn candle_message(error: candle_core::Error) -> String {
+    without_backtrace(error).to_string()
+}
+
 impl From<candle_core::Error> for Error {
     fn from(error: candle_core::Error) -> Self {
-        fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
-            match error {
-                candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
-                other => other,
-            }
-        }
         Error::Tensor(without_backtrace(error))
     }
 }
@@ -98,5 +108,10 @@ mod tests {
             let message = super::Error::from(error).to_string();
             assert_eq!(message, "shapes differ");
         }
+        let forced = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shapes differ".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(super::candle_message(forced), "shapes differ");
     }
 }

@@ -23,7 +23,19 @@ fn reference(name: &str) -> Reference {
 #[test]
 fn single_files_match_diffusers_from_single_file() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, family) in [("sd1-single", Family::Sd1), ("sd2v-single", Family::Sd2), ("sdxl-single", Family::Sdxl)] {
+    // The stock tiny layouts, then off-standard ones as community checkpoints have them (every
+    // number read from the shapes): linear projections on SD 1.x, a level without attention,
+    // non-stock time-embedding widths, uneven per-layer depths and a narrow add-time embedding
+    // (SDXL, as SSD-1B / Vega), no mid block (BK-SDM).
+    for (name, family) in [
+        ("sd1-single", Family::Sd1),
+        ("sd2v-single", Family::Sd2),
+        ("sdxl-single", Family::Sdxl),
+        ("sd1-offstd", Family::Sd1),
+        ("sd2v-offstd", Family::Sd2),
+        ("sdxl-offstd", Family::Sdxl),
+        ("sd1-nomid", Family::Sd1),
+    ] {
         let path = unpack_single_file(name, dir.path());
         let r = reference(name);
         let info = inspect_model(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -71,6 +83,14 @@ fn single_files_match_diffusers_from_single_file() {
         };
         let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
         assert_close(&format!("{name} euler latents"), &latents, r.tensor("euler.latents"), 2e-5);
+
+        // The whole picture against diffusers' (values in [-1, 1], a peak-to-peak range of 2).
+        let image = pipeline.decode_latents(&latents).unwrap();
+        let (ours, theirs) = (values(&image), values(r.tensor("vae.image")));
+        let mse = ours.iter().zip(&theirs).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / ours.len() as f64;
+        let psnr = 10.0 * (4.0 / mse.max(1e-20)).log10();
+        eprintln!("{name}: image PSNR {psnr:.1} dB against diffusers");
+        assert!(psnr >= 60.0, "{name}: image PSNR {psnr:.1} dB");
     }
 }
 
@@ -175,4 +195,56 @@ fn sd2_base_checkpoints_predict_noise() {
     let renamed = dir.path().join("v2-1_512-ema-pruned-base.safetensors");
     std::fs::rename(&path, &renamed).unwrap();
     assert_eq!(inspect_model(&renamed).unwrap().prediction_type, PredictionType::Epsilon);
+}
+
+/// `name`'s tensors with `change` applied, written as `<out>.safetensors` in `dir`.
+fn altered(
+    name: &str,
+    dir: &std::path::Path,
+    out: &str,
+    change: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) -> std::path::PathBuf {
+    let original = unpack_single_file(name, dir);
+    let mut tensors = candle_core::safetensors::load(&original, &candle_core::Device::Cpu).unwrap();
+    change(&mut tensors);
+    let path = dir.join(format!("{out}.safetensors"));
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+/// Files whose shapes disagree with each other are refused when they are read or loaded, with
+/// a message naming the tensor and the shape it should have: never found inside a step.
+#[test]
+fn inconsistent_files_are_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let narrow = |tensors: &mut std::collections::HashMap<String, candle_core::Tensor>, key: &str, dim, len| {
+        let t = tensors[key].narrow(dim, 0, len).unwrap().contiguous().unwrap();
+        tensors.insert(key.to_string(), t);
+    };
+    let label = "model.diffusion_model.label_emb.0.0.weight";
+    // SDXL's add embedding takes pooled (128) + 6 × k: 1663 is no such width.
+    let sdxl = altered("sdxl-single", dir.path(), "sdxl-bad-label", |t| narrow(t, label, 1, 1663));
+    let error = inspect_model(&sdxl).unwrap_err().to_string();
+    assert!(error.contains(label) && error.contains("pooled text width 128"), "{error}");
+
+    // The U-Net's cross-attention must take the text encoder's width (64 here).
+    let to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+    let sd1 = altered("sd1-single", dir.path(), "sd1-bad-context", |t| narrow(t, to_k, 1, 48));
+    let error = inspect_model(&sd1).unwrap_err().to_string();
+    assert!(error.contains(to_k) && error.contains("width 64"), "{error}");
+
+    // A transposed matrix has the right number of values but not the right shape: it is
+    // refused while loading (also where weights are read in place), named as the file names it.
+    let emb = "model.diffusion_model.middle_block.0.emb_layers.1.weight";
+    let sd1 = altered("sd1-single", dir.path(), "sd1-transposed", |t| {
+        let transposed = t[emb].t().unwrap().contiguous().unwrap();
+        t.insert(emb.to_string(), transposed);
+    });
+    inspect_model(&sd1).expect("the header alone looks like a model");
+    for map_weights in [true, false] {
+        let options = LoadOptions { map_weights, ..LoadOptions::default() };
+        let error = Pipeline::load(&sd1, options).err().expect("a transposed tensor must be refused").to_string();
+        assert!(error.contains(emb) && error.contains("expected [64, 128]"), "{error}");
+        assert!(!error.contains("backtrace") && error.lines().count() <= 2, "{error}");
+    }
 }

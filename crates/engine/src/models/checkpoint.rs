@@ -269,6 +269,14 @@ impl Checkpoint {
         self.tensors.get(name).is_ok()
     }
 
+    /// The file's name for a diffusers name, for messages.
+    fn stored_name(&self, name: &str) -> Option<String> {
+        match (self.resolve)(name)? {
+            Source::Plain(s) | Source::Conv1x1AsLinear(s) | Source::Transposed(s) => Some(s),
+            Source::QkvPart { name, .. } => Some(name),
+        }
+    }
+
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
         let source =
             (self.resolve)(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
@@ -303,6 +311,22 @@ impl Checkpoint {
         };
         let view = self.tensors.get(&stored).ok()?;
         let dtype = DType::try_from(view.dtype()).ok()?;
+        // The same number of elements in another shape (a transposed matrix, say) is not the
+        // same tensor: the copying load then reports the mismatch.
+        let stored_shape = view.shape();
+        let same_shape = match part {
+            None => {
+                stored_shape == shape.dims()
+                    || (stored_shape.len() == 4 && stored_shape[2..] == [1, 1] && stored_shape[..2] == *shape.dims())
+            }
+            Some(_) => {
+                stored_shape.first().map(|rows| rows / 3) == shape.dims().first().copied()
+                    && stored_shape.get(1..) == shape.dims().get(1..)
+            }
+        };
+        if !same_shape {
+            return None;
+        }
         let data = view.data();
         let bytes = match part {
             None => data,
@@ -405,11 +429,22 @@ pub struct RenamingBackend(pub Arc<Checkpoint>);
 
 impl SimpleBackend for RenamingBackend {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let tensor = self.0.load(name, dev)?;
+        let stored = || match self.0.stored_name(name) {
+            Some(stored) if stored != name => format!("{stored} (diffusers' {name})"),
+            _ => name.to_string(),
+        };
+        let tensor = self.0.load(name, dev).map_err(|e| match e {
+            candle_core::Error::CannotFindTensor { .. } => {
+                candle_core::Error::Msg(format!("missing tensor {}", stored()))
+            }
+            other => other,
+        })?;
         if tensor.shape() != &s {
             candle_core::bail!(
-                "shape mismatch for {name}: the checkpoint has {:?}, the architecture needs {s:?}",
-                tensor.dims()
+                "{} has shape {:?}, expected {:?} (from the shapes of the other tensors)",
+                stored(),
+                tensor.dims(),
+                s.dims()
             );
         }
         served_as(tensor, dtype)

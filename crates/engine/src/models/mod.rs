@@ -25,7 +25,7 @@ use crate::schedulers::PredictionType;
 use crate::{Error, Result};
 use clip::{ClipTextConfig, ClipTextModel};
 use unet::{UNet2DConditionModel, UNetConfig};
-use vae::{VaeConfig, VaeDecoder};
+use vae::{VaeConfig, VaeDecoder, VaeEncoder};
 
 /// The architecture family: decides text encoders, conditioning and default settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,7 +441,7 @@ fn load_component<T>(
     let weights = model_weights(&files, dtype, &options.device)?;
     weights
         .build_with_pages(options.map_weights, build)
-        .map_err(|e| model_error(&dir, format!("weights do not match the config: {e}")))
+        .map_err(|e| model_error(&dir, format!("weights do not match the config: {}", crate::error::candle_message(e))))
 }
 
 /// Reads what a model path holds without loading weights: a diffusers folder or a single file.
@@ -521,22 +521,40 @@ impl StableDiffusion {
 
 /// Loads (or reloads, e.g. in f32 after an f16 overflow) the VAE decoder of a model.
 pub fn load_vae(info: &ModelInfo, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
+    load_vae_half(info, options, VaeDecoder::new)
+}
+
+/// The VAE's encoder (image-to-image), from the same files as its decoder: loaded only when an
+/// init image is to be encoded, since text-to-image never needs it.
+pub fn load_vae_encoder(info: &ModelInfo, options: &LoadOptions) -> Result<(VaeEncoder, MappedPages)> {
+    load_vae_half(info, options, VaeEncoder::new)
+}
+
+/// The model's VAE (or the override), built by `build` from the weights and the config.
+pub(crate) fn load_vae_half<T>(
+    info: &ModelInfo,
+    options: &LoadOptions,
+    build: fn(VarBuilder<'static>, VaeConfig) -> candle_core::Result<T>,
+) -> Result<(T, MappedPages)> {
     if let Some(path) = &options.vae_override {
-        return load_vae_override(path, info.family, options);
+        return load_vae_override(path, info.family, options, build);
     }
     if info.path.is_file() {
-        return single_file::load_checkpoint_vae(info, options);
+        return single_file::load_checkpoint_vae(info, options, build);
     }
     let dtype = options.weights_dtype(options.vae_dtype);
-    load_component(&info.path, "vae", "diffusion_pytorch_model", dtype, options, |vb| {
-        VaeDecoder::new(vb, info.vae.clone())
-    })
+    load_component(&info.path, "vae", "diffusion_pytorch_model", dtype, options, |vb| build(vb, info.vae.clone()))
 }
 
 /// A replacement VAE: a diffusers `vae/` folder (config.json + weights) or a single file in
 /// either naming (original `encoder.*`/`decoder.*`, with or without `first_stage_model.`, or
 /// diffusers' names as in madebyollin/sdxl-vae-fp16-fix).
-pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
+pub fn load_vae_override<T>(
+    path: &Path,
+    family: Family,
+    options: &LoadOptions,
+    build: fn(VarBuilder<'static>, VaeConfig) -> candle_core::Result<T>,
+) -> Result<(T, MappedPages)> {
     if path.is_dir() {
         let config: VaeConfig = read_json(&path.join("config.json"))?;
         if let Some(problem) = config.problem() {
@@ -544,12 +562,12 @@ pub fn load_vae_override(path: &Path, family: Family, options: &LoadOptions) -> 
         }
         let files = component_weights(path, "diffusion_pytorch_model")?;
         let weights = model_weights(&files, options.weights_dtype(options.vae_dtype), &options.device)?;
-        return weights
-            .build_with_pages(options.map_weights, |vb| VaeDecoder::new(vb, config))
-            .map_err(|e| model_error(path, format!("weights do not match the config: {e}")));
+        return weights.build_with_pages(options.map_weights, |vb| build(vb, config)).map_err(|e| {
+            model_error(path, format!("weights do not match the config: {}", crate::error::candle_message(e)))
+        });
     }
     if !path.is_file() {
         return Err(model_error(path, "no such VAE file or folder"));
     }
-    single_file::load_vae_file(path, family, options)
+    single_file::load_vae_file(path, family, options, build)
 }

@@ -15,10 +15,12 @@ use super::clip::{ClipTextConfig, ClipTextModel};
 use super::mapped::{MappedPages, ModelWeights};
 use super::safetensors_check::validate_safetensors;
 use super::unet::{UNet2DConditionModel, UNetConfig};
-use super::vae::{VaeConfig, VaeDecoder};
+use super::vae::VaeConfig;
 use super::{ComponentPages, Family, LoadOptions, ModelInfo, SchedulerSource, StableDiffusion};
+use crate::error::candle_message;
 use crate::schedulers::PredictionType;
 use crate::{Error, Result};
+use candle_nn::VarBuilder;
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
@@ -99,78 +101,190 @@ fn not_a_checkpoint(keys: &Keys) -> Option<&'static str> {
     None
 }
 
-fn infer_unet(keys: &Keys, family: Family) -> Result<UNetConfig> {
+/// What the text encoders give the U-Net, for checking the U-Net's shapes against them.
+struct TextWidths {
+    /// Width of the cross-attention context (both towers' hidden sizes together for SDXL).
+    context: usize,
+    /// Width of SDXL's pooled embedding (the second tower's projection), with the tensor it
+    /// comes from.
+    pooled: Option<(usize, String)>,
+}
+
+/// The U-Net's first convolution: (its channels, its input channels). Read before anything
+/// else, as other input widths are complete models of another kind, named as such.
+fn unet_input(keys: &Keys) -> Result<(usize, usize)> {
     let conv_in = format!("{UNET}input_blocks.0.0.weight");
     let conv_in_dims = keys.dims(&conv_in)?;
     if conv_in_dims.len() != 4 {
         return Err(keys.error(format!("{conv_in} has shape {conv_in_dims:?}, expected [channels, in, 3, 3]")));
     }
-    let (c0, in_channels) = (conv_in_dims[0], conv_in_dims[1]);
-    // Named before anything else is checked: these are complete models of another kind.
-    match in_channels {
-        4 => {}
-        9 => return Err(keys.error("this is an inpainting checkpoint (9-channel U-Net), which Easel does not run yet")),
-        n => {
-            return Err(keys.error(format!("the U-Net takes {n} input channels (e.g. instruct-pix2pix): not supported")))
-        }
+    match conv_in_dims[1] {
+        4 => Ok((conv_in_dims[0], 4)),
+        9 => Err(keys.error("this is an inpainting checkpoint (9-channel U-Net), which Easel does not run yet")),
+        n => Err(keys.error(format!("the U-Net takes {n} input channels (e.g. instruct-pix2pix): not supported"))),
     }
+}
+
+fn infer_unet(keys: &Keys, family: Family, text: &TextWidths) -> Result<UNetConfig> {
+    let (c0, in_channels) = unet_input(keys)?;
     let per_level = (1..64).find(|n| keys.has(&format!("{UNET}input_blocks.{n}.0.op.weight"))).unwrap_or(0);
     if per_level < 2 {
         return Err(keys.error("the U-Net is missing its input blocks (no downsampler found)"));
     }
     let layers = per_level - 1;
-    let last_input = keys.count(|i| format!("{UNET}input_blocks.{i}.")) - 1;
-    let levels = (last_input + 1) / per_level;
+    let inputs = keys.count(|i| format!("{UNET}input_blocks.{i}."));
+    // conv_in, then per level its resnets and (but the last) a downsampler.
+    if inputs < per_level || !inputs.is_multiple_of(per_level) {
+        return Err(keys.error(format!(
+            "the U-Net's {inputs} input blocks do not make levels of {layers} resnets and a downsampler \
+             (levels with different numbers of resnets are not supported)"
+        )));
+    }
+    let levels = inputs / per_level;
+    let attention_depth = |block: &str| keys.count(|k| format!("{UNET}{block}.1.transformer_blocks.{k}."));
     let mut channels = Vec::new();
-    let mut depth = Vec::new();
+    let mut down_depths: Vec<Vec<usize>> = Vec::new();
     for level in 0..levels {
         let first = 1 + level * per_level;
         channels.push(keys.dim(&format!("{UNET}input_blocks.{first}.0.out_layers.3.weight"), 0)?);
-        depth.push(keys.count(|k| format!("{UNET}input_blocks.{first}.1.transformer_blocks.{k}.")));
+        down_depths.push((0..layers).map(|j| attention_depth(&format!("input_blocks.{}", first + j))).collect());
     }
-    let mid_depth = keys.count(|k| format!("{UNET}middle_block.1.transformer_blocks.{k}."));
-    let Some(attention_level) = depth.iter().position(|d| *d > 0) else {
+    let up_depths: Vec<Vec<usize>> = (0..levels)
+        .map(|i| (0..=layers).map(|j| attention_depth(&format!("output_blocks.{}", i * per_level + j))).collect())
+        .collect();
+    let has_mid = keys.any_prefix(&format!("{UNET}middle_block."));
+    let mid_depth = attention_depth("middle_block");
+    let partial = |depths: &[Vec<usize>], what: &str| {
+        depths.iter().enumerate().find(|(_, d)| d.contains(&0) && d.iter().any(|n| *n > 0)).map(|(i, d)| {
+            keys.error(format!(
+                "{what} {i} has attention in some of its layers only ({d:?} transformer blocks): not supported"
+            ))
+        })
+    };
+    if let Some(error) = partial(&down_depths, "down level").or_else(|| partial(&up_depths, "up block")) {
+        return Err(error);
+    }
+    let with_attention = |d: &Vec<usize>| d.iter().any(|n| *n > 0);
+    let Some(attention_level) = down_depths.iter().position(with_attention) else {
         return Err(keys.error("the U-Net has no attention blocks"));
     };
     let attn_prefix = format!("{UNET}input_blocks.{}.1.", 1 + attention_level * per_level);
     let linear = keys.dims(&format!("{attn_prefix}proj_in.weight"))?.len() == 2;
-    let context = keys.dim(&format!("{attn_prefix}transformer_blocks.0.attn2.to_k.weight"), 1)?;
+    let to_k = format!("{attn_prefix}transformer_blocks.0.attn2.to_k.weight");
+    let context = keys.dim(&to_k, 1)?;
+    if context != text.context {
+        return Err(keys.error(format!(
+            "{to_k} has shape {:?}: its second number must be the text encoders' width {} (the shapes \
+             of this file disagree)",
+            keys.dims(&to_k)?,
+            text.context
+        )));
+    }
     let heads: Vec<usize> = match family {
         Family::Sd1 => vec![8; levels],
         _ => channels.iter().map(|c| (c / 64).max(1)).collect(),
     };
-    // The mid block uses the last level's depth in diffusers' config; keep that level's entry
-    // at the mid depth when the level itself has no attention (SD 2.x tiny, SDXL real).
-    let mut layers_per_level: Vec<usize> = depth.iter().map(|d| (*d).max(1)).collect();
-    if let Some(last) = layers_per_level.last_mut() {
-        if depth[levels - 1] == 0 {
-            *last = mid_depth.max(1);
+    // One entry per level: a number, or one per layer where the layers differ (SSD-1B, Vega).
+    let level_depth = |d: &[usize]| {
+        if d.iter().all(|n| *n == d[0]) {
+            json!(d[0].max(1))
+        } else {
+            json!(d)
         }
+    };
+    let mut down_entries: Vec<serde_json::Value> = down_depths.iter().map(|d| level_depth(d)).collect();
+    // The mid block takes the last level's depth in diffusers' config: where that level has no
+    // attention of its own, its entry can carry the mid block's (SDXL's real layout).
+    if !with_attention(&down_depths[levels - 1]) {
+        down_entries[levels - 1] = json!(mid_depth.max(1));
     }
-    let down: Vec<&str> = depth.iter().map(|d| if *d > 0 { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
-    let up: Vec<&str> = depth.iter().rev().map(|d| if *d > 0 { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect();
+    let down: Vec<&str> =
+        down_depths.iter().map(|d| if with_attention(d) { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
+    let up: Vec<&str> =
+        up_depths.iter().map(|d| if with_attention(d) { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect();
+    let time_embed = format!("{UNET}time_embed.0.weight");
+    let time_dims = keys.dims(&time_embed)?;
+    if time_dims.len() != 2 || time_dims[1] != c0 {
+        return Err(keys.error(format!(
+            "{time_embed} has shape {time_dims:?}, expected [width, {c0}] (the first level's channels)"
+        )));
+    }
     let mut config = json!({
         "in_channels": in_channels,
         "out_channels": keys.dim(&format!("{UNET}out.2.weight"), 0)?,
         "block_out_channels": channels,
         "down_block_types": down,
         "up_block_types": up,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "mid_block_type": if has_mid { json!("UNetMidBlock2DCrossAttn") } else { json!(null) },
         "layers_per_block": layers,
         "num_attention_heads": heads,
         "cross_attention_dim": context,
-        "transformer_layers_per_block": layers_per_level,
+        "transformer_layers_per_block": down_entries,
         "use_linear_projection": linear,
+        "time_embedding_dim": time_dims[0],
     });
+    let mirrored = up_depths
+        .iter()
+        .enumerate()
+        .all(|(i, d)| !with_attention(d) || d.iter().all(|n| down_depths[levels - 1 - i].iter().all(|m| m == n)));
+    if !mirrored || down_depths.iter().any(|d| !d.iter().all(|n| *n == d[0])) {
+        config["reverse_transformer_layers_per_block"] =
+            json!(up_depths.iter().map(|d| level_depth(d)).collect::<Vec<_>>());
+    }
     if family == Family::Sdxl {
+        let label = format!("{UNET}label_emb.0.0.weight");
+        let in_dim = keys.dim(&label, 1)?;
+        let Some((pooled, pooled_tensor)) = &text.pooled else {
+            return Err(keys.error("an SDXL checkpoint without the second text encoder's projection"));
+        };
+        // The input is the pooled text embedding and six sinusoidal embeddings of the size and
+        // crop numbers: its width says how wide each of those is.
+        let time_ids = in_dim.checked_sub(*pooled).filter(|w| *w > 0 && w % 6 == 0);
+        let Some(time_ids) = time_ids else {
+            return Err(keys.error(format!(
+                "{label} has shape {:?}: its input must be the pooled text width {pooled} ({pooled_tensor}) \
+                 plus 6 time-id embeddings (the shapes of this file disagree)",
+                keys.dims(&label)?
+            )));
+        };
         config["addition_embed_type"] = json!("text_time");
-        config["addition_time_embed_dim"] = json!(256);
-        config["projection_class_embeddings_input_dim"] = json!(keys.dim(&format!("{UNET}label_emb.0.0.weight"), 1)?);
+        config["addition_time_embed_dim"] = json!(time_ids / 6);
+        config["projection_class_embeddings_input_dim"] = json!(in_dim);
     }
     if c0 != channels[0] {
         return Err(keys.error("the U-Net's first block does not match its input convolution"));
     }
-    serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the U-Net: {e}")))
+    let config: UNetConfig =
+        serde_json::from_value(config).map_err(|e| keys.error(format!("could not describe the U-Net: {e}")))?;
+    // The config must give every block the depth the file has (a layout diffusers' config
+    // cannot express is refused here, not found missing while loading).
+    let depth_error = |what: String, file: usize, config: usize| {
+        keys.error(format!(
+            "{what} has {file} transformer blocks, which a diffusers config cannot express with the rest ({config})"
+        ))
+    };
+    for (level, d) in down_depths.iter().enumerate().filter(|(_, d)| with_attention(d)) {
+        for (j, n) in d.iter().enumerate() {
+            if config.down_depth(level, j) != *n {
+                return Err(depth_error(
+                    format!("input block {}", 1 + level * per_level + j),
+                    *n,
+                    config.down_depth(level, j),
+                ));
+            }
+        }
+    }
+    for (i, d) in up_depths.iter().enumerate().filter(|(_, d)| with_attention(d)) {
+        for (j, n) in d.iter().enumerate() {
+            if config.up_depth(i, j) != *n {
+                return Err(depth_error(format!("output block {}", i * per_level + j), *n, config.up_depth(i, j)));
+            }
+        }
+    }
+    if has_mid && config.mid_depth() != mid_depth {
+        return Err(depth_error("the middle block".into(), mid_depth, config.mid_depth()));
+    }
+    Ok(config)
 }
 
 fn infer_vae(keys: &Keys, family: Family) -> Result<VaeConfig> {
@@ -267,8 +381,7 @@ fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
     if !keys.any_prefix(UNET) {
         return Err(keys.error("no U-Net (model.diffusion_model.*) in this file"));
     }
-    let unet = infer_unet(keys, family)?;
-    let vae = infer_vae(keys, family)?;
+    unet_input(keys)?;
     let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     // Turbo models share their base's architecture; only the file name tells them apart (as in
     // the official releases: sd_turbo.safetensors, sd_xl_turbo_1.0_fp16.safetensors).
@@ -292,6 +405,21 @@ fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
             if turbo { SDXL_TURBO_SCHEDULER } else { SDXL_SCHEDULER },
         ),
     };
+    let widths = TextWidths {
+        context: text_encoder.hidden_size + text_encoder_2.as_ref().map_or(0, |t| t.hidden_size),
+        pooled: text_encoder_2
+            .as_ref()
+            .map(|t| (t.projection_dim.unwrap_or(t.hidden_size), format!("{SDXL_CLIP_G}text_projection"))),
+    };
+    let unet = infer_unet(keys, family, &widths)?;
+    let vae = infer_vae(keys, family)?;
+    if unet.out_channels != vae.latent_channels {
+        return Err(keys.error(format!(
+            "{UNET}out.2.weight gives {} latent channels, the VAE ({VAE}decoder.conv_in.weight) {}: the shapes \
+             of this file disagree",
+            unet.out_channels, vae.latent_channels
+        )));
+    }
     let scheduler_json: serde_json::Value = serde_json::from_str(scheduler).map_err(|e| keys.error(e.to_string()))?;
     Ok(ModelInfo {
         path: path.to_path_buf(),
@@ -329,8 +457,10 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
     let (dtype, device) = (options.weights_dtype(options.dtype), options.device.clone());
     // Checked first: a refused bf16 mode should not cost a text-encoder load.
     let unet_dtype = options.unet_weights_dtype()?;
-    let wrap =
-        |what: &str, e: candle_core::Error| Error::Model { path: path.to_path_buf(), message: format!("{what}: {e}") };
+    let wrap = |what: &str, e: candle_core::Error| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("{what}: {}", candle_message(e)),
+    };
 
     let layers = info.unet.layers_per_block_count();
     let unet_names = names.clone();
@@ -396,17 +526,27 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
 }
 
 /// The VAE inside a single-file checkpoint (also used to redo a decode in f32).
-pub fn load_checkpoint_vae(info: &ModelInfo, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
+pub fn load_checkpoint_vae<T>(
+    info: &ModelInfo,
+    options: &LoadOptions,
+    build: fn(VarBuilder<'static>, VaeConfig) -> candle_core::Result<T>,
+) -> Result<(T, MappedPages)> {
     let path = info.path.as_path();
     let weights = ldm_vae_weights(path, VAE, info.vae.block_out_channels.len(), options)?;
-    weights.build_with_pages(options.map_weights, |vb| VaeDecoder::new(vb, info.vae.clone())).map_err(|e| {
-        Error::Model { path: path.to_path_buf(), message: format!("the VAE does not match its inferred shape: {e}") }
+    weights.build_with_pages(options.map_weights, |vb| build(vb, info.vae.clone())).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("the VAE does not match its inferred shape: {}", candle_message(e)),
     })
 }
 
 /// A standalone VAE file, in the original naming (optionally under `first_stage_model.`) or in
 /// diffusers' naming; its shape is inferred, its scaling factor is the family's.
-pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Result<(VaeDecoder, MappedPages)> {
+pub fn load_vae_file<T>(
+    path: &Path,
+    family: Family,
+    options: &LoadOptions,
+    build: fn(VarBuilder<'static>, VaeConfig) -> candle_core::Result<T>,
+) -> Result<(T, MappedPages)> {
     let keys = open_keys(path)?;
     let prefix = if keys.any_prefix(VAE) { VAE } else { "" };
     let diffusers_names = keys.any_prefix("decoder.up_blocks.");
@@ -435,8 +575,8 @@ pub fn load_vae_file(path: &Path, family: Family, options: &LoadOptions) -> Resu
         ldm_vae_weights(path, prefix, config.block_out_channels.len(), options)?
     };
     weights
-        .build_with_pages(options.map_weights, |vb| VaeDecoder::new(vb, config))
-        .map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {e}")))
+        .build_with_pages(options.map_weights, |vb| build(vb, config))
+        .map_err(|e| keys.error(format!("the VAE does not match its inferred shape: {}", candle_message(e))))
 }
 
 /// A VAE in the original naming under `prefix` (`first_stage_model.` in checkpoints, none in

@@ -30,6 +30,55 @@ impl PerBlock {
     }
 }
 
+/// One level's `transformer_layers_per_block`: the same depth for each of its layers, or one per
+/// layer (uneven U-Nets such as SSD-1B and Segmind Vega).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum LevelDepth {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl LevelDepth {
+    fn layer(&self, layer: usize) -> usize {
+        match self {
+            LevelDepth::One(v) => *v,
+            LevelDepth::Each(v) => v.get(layer).or(v.last()).copied().unwrap_or(1),
+        }
+    }
+
+    fn is_uneven(&self) -> bool {
+        matches!(self, LevelDepth::Each(_))
+    }
+}
+
+/// `transformer_layers_per_block`: once for all levels, or per level (each once or per layer).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Depths {
+    One(usize),
+    Each(Vec<LevelDepth>),
+}
+
+impl Depths {
+    fn level(&self, level: usize) -> LevelDepth {
+        match self {
+            Depths::One(v) => LevelDepth::One(*v),
+            Depths::Each(v) => v.get(level).or(v.last()).cloned().unwrap_or(LevelDepth::One(1)),
+        }
+    }
+}
+
+/// diffusers' default mid block when a config does not name one; an explicit `null` means none
+/// (BK-SDM removes it).
+fn default_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+fn nullable<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(deserializer)
+}
+
 fn default_true() -> bool {
     true
 }
@@ -52,7 +101,7 @@ pub struct UNetConfig {
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default)]
+    #[serde(default = "default_mid_block", deserialize_with = "nullable")]
     pub mid_block_type: Option<String>,
     pub layers_per_block: PerBlock,
     /// Despite the name, diffusers uses this as the number of heads when
@@ -63,7 +112,14 @@ pub struct UNetConfig {
     pub num_attention_heads: Option<PerBlock>,
     pub cross_attention_dim: PerBlock,
     #[serde(default)]
-    pub transformer_layers_per_block: Option<PerBlock>,
+    pub transformer_layers_per_block: Option<Depths>,
+    /// The up blocks' depths where they do not mirror the down blocks (diffusers requires it
+    /// with per-layer depths), per up block, deepest level first.
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<LevelDepth>>,
+    /// The time embedding's width; diffusers' default is 4 × the first level's channels.
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
     #[serde(default)]
     pub use_linear_projection: bool,
     #[serde(default = "default_groups")]
@@ -113,6 +169,17 @@ impl UNetConfig {
                 return Some(format!("mid_block_type \"{mid}\""));
             }
         }
+        let uneven = match &self.transformer_layers_per_block {
+            Some(Depths::Each(levels)) => levels.iter().any(LevelDepth::is_uneven),
+            _ => false,
+        };
+        if uneven && self.reverse_transformer_layers_per_block.is_none() {
+            // As diffusers: the up blocks' per-layer depths cannot be guessed.
+            return Some("per-layer transformer_layers_per_block without reverse_transformer_layers_per_block".into());
+        }
+        if self.time_embedding_dim == Some(0) {
+            return Some("time_embedding_dim is zero".into());
+        }
         for t in self.down_block_types.iter().chain(&self.up_block_types) {
             if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D" | "CrossAttnUpBlock2D" | "UpBlock2D") {
                 return Some(format!("block type \"{t}\""));
@@ -152,8 +219,27 @@ impl UNetConfig {
         self.num_attention_heads.as_ref().or(self.attention_head_dim.as_ref()).map(|h| h.get(block)).unwrap_or(8)
     }
 
-    fn transformer_layers(&self, block: usize) -> usize {
-        self.transformer_layers_per_block.as_ref().map(|t| t.get(block)).unwrap_or(1)
+    /// Transformer blocks in layer `layer` of down block `level`.
+    pub fn down_depth(&self, level: usize, layer: usize) -> usize {
+        self.transformer_layers_per_block.as_ref().map(|t| t.level(level).layer(layer)).unwrap_or(1)
+    }
+
+    /// Transformer blocks in the mid block (diffusers: the last level's entry, first layer).
+    pub fn mid_depth(&self) -> usize {
+        self.down_depth(self.block_out_channels.len().saturating_sub(1), 0)
+    }
+
+    /// Transformer blocks in layer `layer` of up block `block` (block 0 mirrors the deepest level).
+    pub fn up_depth(&self, block: usize, layer: usize) -> usize {
+        match &self.reverse_transformer_layers_per_block {
+            Some(reverse) => reverse.get(block).or(reverse.last()).map(|d| d.layer(layer)).unwrap_or(1),
+            None => self.down_depth(self.block_out_channels.len().saturating_sub(1).saturating_sub(block), layer),
+        }
+    }
+
+    /// The time embedding's width.
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim.unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
     }
 
     /// Resnets per down block (the same at every level in every SD model).
@@ -259,7 +345,7 @@ pub struct UNet2DConditionModel {
     time_embedding: TimestepEmbedding,
     add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -272,7 +358,7 @@ impl UNet2DConditionModel {
         }
         let ch = &config.block_out_channels;
         let n_blocks = ch.len();
-        let time_embed_dim = ch[0] * 4;
+        let time_embed_dim = config.time_embed_dim();
         let groups = config.norm_num_groups;
         let context_dim = config.context_dim();
         let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
@@ -287,13 +373,13 @@ impl UNet2DConditionModel {
                 },
             )
         };
-        let transformer = |vb: VarBuilder, channels: usize, block: usize, layers: usize| {
+        let transformer = |vb: VarBuilder, channels: usize, block: usize, depth: usize| {
             SpatialTransformer::new(
                 vb,
                 &SpatialTransformerConfig {
                     channels,
                     heads: config.heads(block),
-                    layers,
+                    layers: depth,
                     context_dim,
                     norm_groups: groups,
                     use_linear_projection: config.use_linear_projection,
@@ -332,12 +418,7 @@ impl UNet2DConditionModel {
                 let cin = if j == 0 { cin_block } else { cout };
                 resnets.push(resnet(vb.pp(format!("resnets.{j}")), cin, cout)?);
                 if with_attention {
-                    attentions.push(transformer(
-                        vb.pp(format!("attentions.{j}")),
-                        cout,
-                        i,
-                        config.transformer_layers(i),
-                    )?);
+                    attentions.push(transformer(vb.pp(format!("attentions.{j}")), cout, i, config.down_depth(i, j))?);
                 }
             }
             let downsampler = if i + 1 < n_blocks {
@@ -351,17 +432,15 @@ impl UNet2DConditionModel {
         let last = n_blocks - 1;
         let mid_channels = ch[last];
         let mid_vb = vb.pp("mid_block");
-        let mid_block = MidBlock {
-            resnets: vec![
-                resnet(mid_vb.pp("resnets.0"), mid_channels, mid_channels)?,
-                resnet(mid_vb.pp("resnets.1"), mid_channels, mid_channels)?,
-            ],
-            attentions: vec![transformer(
-                mid_vb.pp("attentions.0"),
-                mid_channels,
-                last,
-                config.transformer_layers(last),
-            )?],
+        let mid_block = match config.mid_block_type {
+            Some(_) => Some(MidBlock {
+                resnets: vec![
+                    resnet(mid_vb.pp("resnets.0"), mid_channels, mid_channels)?,
+                    resnet(mid_vb.pp("resnets.1"), mid_channels, mid_channels)?,
+                ],
+                attentions: vec![transformer(mid_vb.pp("attentions.0"), mid_channels, last, config.mid_depth())?],
+            }),
+            None => None,
         };
 
         let mut up_blocks = Vec::with_capacity(n_blocks);
@@ -380,12 +459,7 @@ impl UNet2DConditionModel {
                 let res_in = if j == 0 { prev_out } else { cout };
                 resnets.push(resnet(vb.pp(format!("resnets.{j}")), res_in + skip, cout)?);
                 if with_attention {
-                    attentions.push(transformer(
-                        vb.pp(format!("attentions.{j}")),
-                        cout,
-                        level,
-                        config.transformer_layers(level),
-                    )?);
+                    attentions.push(transformer(vb.pp(format!("attentions.{j}")), cout, level, config.up_depth(i, j))?);
                 }
             }
             let upsampler = if i < last { Some(Upsample2D::new(vb.pp("upsamplers.0"), cout)?) } else { None };
@@ -459,9 +533,11 @@ impl UNet2DConditionModel {
             }
         }
 
-        xs = self.mid_block.resnets[0].forward(&xs, Some(&emb))?;
-        xs = self.mid_block.attentions[0].forward(&xs, encoder_hidden_states)?;
-        xs = self.mid_block.resnets[1].forward(&xs, Some(&emb))?;
+        if let Some(mid) = &self.mid_block {
+            xs = mid.resnets[0].forward(&xs, Some(&emb))?;
+            xs = mid.attentions[0].forward(&xs, encoder_hidden_states)?;
+            xs = mid.resnets[1].forward(&xs, Some(&emb))?;
+        }
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {

@@ -1,4 +1,5 @@
-//! The decoder half of diffusers' `AutoencoderKL` (latents → pixels), built from `vae/config.json`.
+//! diffusers' `AutoencoderKL`, built from `vae/config.json`: the decoder (latents → pixels), and
+//! the encoder (pixels → the latent distribution) that image-to-image loads when it needs it.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -38,6 +39,10 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    #[serde(default = "default_three")]
+    pub in_channels: usize,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
@@ -172,5 +177,120 @@ impl VaeDecoder {
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+#[derive(Debug)]
+struct DownEncoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    /// diffusers' `Downsample2D` with padding 0: pads one zero row and column at the bottom and
+    /// right, then a stride-2 convolution.
+    downsampler: Option<Conv2d>,
+}
+
+/// The encoder half of `AutoencoderKL`, with `quant_conv`: pixels in [-1, 1] to the mean and
+/// log-variance of the latent distribution.
+#[derive(Debug)]
+pub struct VaeEncoder {
+    config: VaeConfig,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownEncoderBlock>,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Option<VaeAttention>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+}
+
+/// The latent distribution of an image (diffusers' `DiagonalGaussianDistribution`).
+pub struct LatentDistribution {
+    pub mean: Tensor,
+    pub std: Tensor,
+}
+
+impl LatentDistribution {
+    /// `mean + std × noise`, with `noise` drawn as diffusers' `latent_dist.sample(generator)`.
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        self.mean.add(&self.std.mul(noise)?)
+    }
+}
+
+impl VaeEncoder {
+    /// `vb` points at the root of the VAE's weights (the encoder lives under `encoder.`).
+    pub fn new(vb: VarBuilder, config: VaeConfig) -> Result<Self> {
+        let ch = &config.block_out_channels;
+        if ch.is_empty() {
+            candle_core::bail!("VAE config has no block_out_channels");
+        }
+        let groups = config.norm_num_groups;
+        let top = ch[ch.len() - 1];
+        let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
+            ResnetBlock2D::new(
+                vb,
+                &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: 1e-6 },
+            )
+        };
+        let enc = vb.pp("encoder");
+        let mut down_blocks = Vec::with_capacity(ch.len());
+        let mut cin = ch[0];
+        for (i, &cout) in ch.iter().enumerate() {
+            let vb = enc.pp(format!("down_blocks.{i}"));
+            let resnets = (0..config.layers_per_block)
+                .map(|j| resnet(vb.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout))
+                .collect::<Result<Vec<_>>>()?;
+            let downsampler =
+                if i + 1 < ch.len() { Some(conv2d(cout, cout, 3, 2, 0, vb.pp("downsamplers.0.conv"))?) } else { None };
+            down_blocks.push(DownEncoderBlock { resnets, downsampler });
+            cin = cout;
+        }
+        let mid = enc.pp("mid_block");
+        let latent = config.latent_channels;
+        Ok(Self {
+            conv_in: conv2d(config.in_channels, ch[0], 3, 1, 1, enc.pp("conv_in"))?,
+            mid_resnets: [resnet(mid.pp("resnets.0"), top, top)?, resnet(mid.pp("resnets.1"), top, top)?],
+            mid_attention: if config.mid_block_add_attention {
+                Some(VaeAttention::new(mid.pp("attentions.0"), top, groups)?)
+            } else {
+                None
+            },
+            conv_norm_out: group_norm(groups, top, 1e-6, enc.pp("conv_norm_out"))?,
+            conv_out: conv2d(top, 2 * latent, 3, 1, 1, enc.pp("conv_out"))?,
+            quant_conv: if config.use_quant_conv {
+                Some(conv2d(2 * latent, 2 * latent, 1, 1, 0, vb.pp("quant_conv"))?)
+            } else {
+                None
+            },
+            down_blocks,
+            config,
+        })
+    }
+
+    /// Pixels in [-1, 1] (N, 3, H, W) to the latent distribution (not yet times the scaling
+    /// factor), as diffusers' `vae.encode(image).latent_dist`.
+    pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
+        let mut xs = self.conv_in.forward(image)?;
+        for block in &self.down_blocks {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(conv) = &block.downsampler {
+                xs = conv.forward(&xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        xs = self.mid_resnets[0].forward(&xs, None)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_resnets[1].forward(&xs, None)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        let mut moments = self.conv_out.forward(&xs)?;
+        if let Some(conv) = &self.quant_conv {
+            moments = conv.forward(&moments)?;
+        }
+        let latent = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, latent)?;
+        let logvar = moments.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok(LatentDistribution { mean, std })
     }
 }
