@@ -92,6 +92,65 @@ pub struct Pipeline {
     model: StableDiffusion,
     tokenizers: Tokenizers,
     scheduler_config: SchedulerConfig,
+    /// Loaded by the first image-to-image job (text to image never needs it).
+    vae_encoder: std::sync::OnceLock<crate::models::vae::VaeEncoder>,
+}
+
+/// A job's text conditioning, prepared once.
+struct Conditioning {
+    context: Tensor,
+    pooled: Option<Tensor>,
+    time_ids: Option<Tensor>,
+    cfg: bool,
+}
+
+/// What image-to-image starts from: a picture of the requested size and how much to change it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageToImage {
+    pub image: RgbImage,
+    /// 0 < strength ≤ 1: the share of the steps that run (1 = the picture is all noise).
+    pub strength: f64,
+}
+
+impl ImageToImage {
+    /// Checks the init image and strength against the request before any work.
+    pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            return Err(Error::InvalidSetting(format!(
+                "the denoising strength must be above 0 and at most 1, got {}",
+                self.strength
+            )));
+        }
+        if (self.image.width as usize, self.image.height as usize) != (req.width, req.height) {
+            return Err(Error::InvalidSetting(format!(
+                "the init image is {}×{}, the request {}×{}: resize it first",
+                self.image.width, self.image.height, req.width, req.height
+            )));
+        }
+        self.first_step(req.steps).map(|_| ())
+    }
+
+    /// The first of `steps` steps that runs, as diffusers' `get_timesteps`: the last
+    /// `int(steps × strength)` steps run.
+    pub fn first_step(&self, steps: usize) -> Result<usize> {
+        let run = ((steps as f64 * self.strength) as usize).min(steps);
+        if run == 0 {
+            return Err(Error::InvalidSetting(format!(
+                "strength {} of {steps} steps runs no step: raise the strength or the steps",
+                self.strength
+            )));
+        }
+        Ok(steps - run)
+    }
+}
+
+/// The VAE encoder's dtype: SDXL's VAE (`force_upcast`) overflows in f16, so encodes in f32.
+fn encoder_dtype(model: &StableDiffusion) -> DType {
+    if model.info.vae.force_upcast {
+        DType::F32
+    } else {
+        model.options.vae_dtype
+    }
 }
 
 impl Pipeline {
@@ -105,7 +164,7 @@ impl Pipeline {
         let scheduler_config = model.info.scheduler.load()?;
         // Loading freed its conversion buffers; do not hold them until the first generation ends.
         crate::memory::release_free_memory();
-        Ok(Self { model, tokenizers, scheduler_config })
+        Ok(Self { model, tokenizers, scheduler_config, vae_encoder: std::sync::OnceLock::new() })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -132,26 +191,18 @@ impl Pipeline {
         encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt)
     }
 
-    /// The initial latents: `randn(shape)` from the seeded generator times the scheduler's
-    /// initial sigma, as diffusers' `prepare_latents`.
+    /// The shape of the latents for the request.
     fn latent_shape(&self, req: &GenerationRequest) -> (usize, usize, usize, usize) {
         let factor = self.model.info.vae.downscale_factor();
         (1, self.model.info.unet.in_channels, req.height / factor, req.width / factor)
     }
 
-    /// Runs the denoising loop and returns the final latents (not yet divided by the VAE's
-    /// scaling factor). `on_step` may stop the run by returning `ControlFlow::Break`.
-    pub fn denoise(
-        &self,
-        req: &GenerationRequest,
-        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
-    ) -> Result<Tensor> {
-        req.validate(&self.model.info)?;
-        let start = Instant::now();
+    /// The text conditioning of a job, prepared once: cross-attention states (and SDXL's
+    /// pooled vector and size ids), for the rows classifier-free guidance needs.
+    fn conditioning(&self, req: &GenerationRequest) -> Result<Conditioning> {
         let device = &self.model.options.device;
         let dtype = self.model.options.dtype;
         let cond = self.encode_text(&req.prompt, &req.negative_prompt)?;
-        self.model.keep_resident_only(Component::Unet);
         let cfg = req.uses_cfg();
         // Without CFG only the prompt's row is used.
         let context = if cfg { cond.context.clone() } else { cond.context.narrow(0, 1, 1)? };
@@ -169,38 +220,140 @@ impl Pipeline {
         } else {
             None
         };
+        Ok(Conditioning { context, pooled, time_ids, cfg })
+    }
 
+    /// Runs the denoising loop (text to image) and returns the final latents (not yet divided
+    /// by the VAE's scaling factor). `on_step` may stop the run by returning `ControlFlow::Break`.
+    pub fn denoise(
+        &self,
+        req: &GenerationRequest,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        req.validate(&self.model.info)?;
+        let start = Instant::now();
+        let cond = self.conditioning(req)?;
         let mut scheduler = build_scheduler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
         let mut noise = make_generator(req.rng, req.seed);
-        let shape = self.latent_shape(req);
-        let numel = shape.0 * shape.1 * shape.2 * shape.3;
-        let initial = Tensor::from_vec(noise.randn(numel), shape, device)?;
-        let mut latents = (initial * scheduler.init_noise_sigma())?;
+        // diffusers' `prepare_latents`: randn(shape) from the seeded generator × the initial sigma.
+        let initial = self.randn(self.latent_shape(req), noise.as_mut())?;
+        let latents = (initial * scheduler.init_noise_sigma())?;
+        self.denoise_loop(req, &cond, scheduler.as_mut(), latents, 0, noise.as_mut(), start, on_step)
+    }
 
+    /// Image to image: `init.image` encoded, noised to the level `init.strength` asks for and
+    /// denoised from there, as diffusers' `StableDiffusionImg2ImgPipeline` (and the SDXL one):
+    /// the same timesteps for a strength, the same noising per sampler, the same generator draws
+    /// (the VAE posterior's sample, then the noise).
+    pub fn denoise_image(
+        &self,
+        req: &GenerationRequest,
+        init: &ImageToImage,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        req.validate(&self.model.info)?;
+        init.validate(req)?;
+        let start = Instant::now();
+        let mut scheduler = build_scheduler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
+        let steps = scheduler.timesteps().len();
+        let first = init.first_step(steps)?;
+        scheduler.set_begin_index(first)?;
+        let cond = self.conditioning(req)?;
+        let mut noise = make_generator(req.rng, req.seed);
+        let image_latents = self.encode_image(&init.image, noise.as_mut())?;
+        let fresh = self.randn(image_latents.dims4()?, noise.as_mut())?;
+        let latents = scheduler.add_noise(&image_latents, &fresh, first)?;
+        self.denoise_loop(req, &cond, scheduler.as_mut(), latents, first, noise.as_mut(), start, on_step)
+    }
+
+    /// An RGB image as the VAE's scaled latents, sampled from its posterior with `noise` (as
+    /// diffusers' `retrieve_latents(vae.encode(image), generator) * scaling_factor`).
+    pub fn encode_image(&self, image: &RgbImage, noise: &mut dyn crate::rng::NoiseGenerator) -> Result<Tensor> {
+        let device = &self.model.options.device;
+        let (w, h) = (image.width as usize, image.height as usize);
+        if image.data.len() != w * h * 3 {
+            return Err(Error::InvalidSetting(format!("the init image's pixels do not fill {w}×{h}")));
+        }
+        // diffusers' image processor: /255 in float32, then 2x − 1.
+        let pixels: Vec<f32> = image.data.iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+        let pixels = Tensor::from_vec(pixels, (1, h, w, 3), device)?.permute((0, 3, 1, 2))?.contiguous()?;
+        self.model.keep_resident_only(Component::Vae);
+        let encoder = self.vae_encoder()?;
+        let dist = {
+            let _hold = crate::memory::HoldFreedMemory::new();
+            encoder.encode(&pixels.to_dtype(encoder_dtype(&self.model))?)?
+        };
+        let (mean, std) = (dist.mean.to_dtype(DType::F32)?, dist.std.to_dtype(DType::F32)?);
+        let sample =
+            crate::models::vae::LatentDistribution { mean, std }.sample(&self.randn(dist.mean.dims4()?, noise)?)?;
+        if !all_finite(&sample)? {
+            return Err(Error::Model {
+                path: self.model.info.path.join("vae"),
+                message: "the VAE encoder produced NaN/Inf values: its weights look corrupt".into(),
+            });
+        }
+        Ok((sample * self.model.info.vae.scaling_factor)?)
+    }
+
+    /// The VAE encoder, loaded the first time an image is encoded.
+    fn vae_encoder(&self) -> Result<&crate::models::vae::VaeEncoder> {
+        if self.vae_encoder.get().is_none() {
+            let options = LoadOptions { vae_dtype: encoder_dtype(&self.model), ..self.model.options.clone() };
+            let (encoder, _pages) = crate::models::load_vae_encoder(&self.model.info, &options)?;
+            let _ = self.vae_encoder.set(encoder);
+        }
+        self.vae_encoder.get().ok_or_else(|| Error::InvalidSetting("the VAE encoder could not be kept".into()))
+    }
+
+    /// `randn(shape)` from the job's generator, f32 on the model's device.
+    fn randn(&self, shape: (usize, usize, usize, usize), noise: &mut dyn crate::rng::NoiseGenerator) -> Result<Tensor> {
+        let numel = shape.0 * shape.1 * shape.2 * shape.3;
+        Ok(Tensor::from_vec(noise.randn(numel), shape, &self.model.options.device)?)
+    }
+
+    /// The denoising loop from step `first` to the end of `scheduler`'s timesteps.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_loop(
+        &self,
+        req: &GenerationRequest,
+        cond: &Conditioning,
+        scheduler: &mut dyn crate::schedulers::Scheduler,
+        mut latents: Tensor,
+        first: usize,
+        noise: &mut dyn crate::rng::NoiseGenerator,
+        start: Instant,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        let dtype = self.model.options.dtype;
+        self.model.keep_resident_only(Component::Unet);
         let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
+        let total = timesteps.len() - first;
         // Steps free and allocate the same activations: keep them until the loop ends.
         let _hold = crate::memory::HoldFreedMemory::new();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let model_input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        for (i, &t) in timesteps.iter().enumerate().skip(first) {
+            let model_input = if cond.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
-            let added = match (&pooled, &time_ids) {
+            let added = match (&cond.pooled, &cond.time_ids) {
                 (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
                 _ => None,
             };
             // The U-Net sees the timestep as f32, as torch does after `timesteps.float()`.
-            let out = self.model.unet.forward(&model_input, t as f32, &context, added)?.to_dtype(DType::F32)?;
-            let noise_pred = if cfg {
+            let out = self.model.unet.forward(&model_input, t as f32, &cond.context, added)?.to_dtype(DType::F32)?;
+            let noise_pred = if cond.cfg {
                 let uncond = out.narrow(0, 0, 1)?;
                 let text = out.narrow(0, 1, 1)?;
                 (&uncond + ((text - &uncond)? * req.guidance_scale)?)?
             } else {
                 out
             };
-            let step = scheduler.step(&noise_pred, i, &latents, noise.as_mut())?;
+            let step = scheduler.step(&noise_pred, i, &latents, noise)?;
             latents = step.prev_sample;
-            let progress =
-                StepProgress { step: i + 1, total, elapsed: start.elapsed(), denoised: &step.pred_original_sample };
+            let progress = StepProgress {
+                step: i + 1 - first,
+                total,
+                elapsed: start.elapsed(),
+                denoised: &step.pred_original_sample,
+            };
             if on_step(progress).is_break() {
                 return Err(Error::Cancelled);
             }

@@ -71,6 +71,11 @@ impl Scheduler for Ddim {
         Ok(sample.clone())
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let t = *self.timesteps.get(step_index).ok_or_else(|| Error::Scheduler(format!("no step {step_index}")))?;
+        super::add_noise_alpha(original, noise, &self.alphas_cumprod, t)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

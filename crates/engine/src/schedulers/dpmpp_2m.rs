@@ -263,6 +263,18 @@ impl Scheduler for DpmSolverMultistep {
         Ok(sample.clone())
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_index(step_index, self.timesteps.len())?;
+        let (alpha, sigma) = alpha_sigma(self.sigmas[step_index]);
+        Ok((ops::mul(&ops::f32(original)?, alpha)? + ops::mul(&ops::f32(noise)?, sigma)?)?)
+    }
+
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_index(step_index, self.timesteps.len())?;
+        self.next_step = step_index;
+        Ok(())
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

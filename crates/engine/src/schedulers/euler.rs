@@ -117,6 +117,10 @@ impl Scheduler for EulerDiscrete {
         scale_by_sigma(sample, self.sigmas[step_index])
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        super::add_noise_sigma(original, noise, &self.sigmas, step_index)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

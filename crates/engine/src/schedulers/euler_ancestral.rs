@@ -68,6 +68,10 @@ impl Scheduler for EulerAncestralDiscrete {
         scale_by_sigma(sample, self.sigmas[step_index])
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        super::add_noise_sigma(original, noise, &self.sigmas, step_index)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -255,6 +255,16 @@ pub trait Scheduler: Send {
     /// The U-Net's input for step `step_index`.
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
 
+    /// `original` (clean latents) noised to the level of step `step_index`, as diffusers'
+    /// `add_noise(original, noise, timesteps[step_index])`: image-to-image starts there. f32.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+
+    /// Makes `step_index` the first step taken (diffusers' `set_begin_index`): image-to-image
+    /// skips the noisiest steps. Only multistep samplers keep state that needs it.
+    fn set_begin_index(&mut self, _step_index: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// One denoising step. Draws from `noise` exactly when diffusers' step calls `randn_tensor`:
     /// one `randn(numel)` per call for Euler a, DPM-Solver's SDE variant, and LCM except on its
     /// last step. Steps must be taken in order, each once.
@@ -294,6 +304,23 @@ pub fn build_scheduler(
         SamplerId::DpmPp2m => Box::new(dpmpp_2m::DpmSolverMultistep::new(config, num_inference_steps, karras)?),
         SamplerId::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
     })
+}
+
+/// `original + noise × sigma`: the k-diffusion samplers' `add_noise` (Euler, Euler a), in f32.
+pub(crate) fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigmas: &[f32], step_index: usize) -> Result<Tensor> {
+    let sigma = *sigmas.get(step_index).ok_or_else(|| past_end(step_index, sigmas.len()))?;
+    Ok((ops::f32(original)? + ops::mul(&ops::f32(noise)?, sigma)?)?)
+}
+
+/// `sqrt(ᾱ_t) × original + sqrt(1 − ᾱ_t) × noise` at timestep `t`: DDPM's `add_noise` (DDIM,
+/// LCM), the square roots taken of the float32 ᾱ as torch does.
+pub(crate) fn add_noise_alpha(original: &Tensor, noise: &Tensor, alphas_cumprod: &[f32], t: f64) -> Result<Tensor> {
+    let a = *alphas_cumprod.get(t as usize).ok_or_else(|| past_end(t as usize, alphas_cumprod.len()))?;
+    Ok((ops::mul(&ops::f32(original)?, a.sqrt())? + ops::mul(&ops::f32(noise)?, (1.0 - a).sqrt())?)?)
+}
+
+fn past_end(index: usize, len: usize) -> Error {
+    Error::Scheduler(format!("step {index} is past the last of {len} steps"))
 }
 
 /// Refuses a step index past the schedule (a caller bug, reported rather than panicking).

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Image-to-image references from diffusers on the tiny test models.
+
+Writes crates/engine/tests/fixtures/img2img/:
+  init.png                 the 64x64 init image (drawn here, deterministic)
+  reference.json           the cases: model, sampler, strength, the timesteps diffusers ran
+  reference.safetensors    per case: `<case>.latents` (f32, as `output_type="latent"` returns
+                           them) and `<case>.image` (u8 HWC, `vae.decode(latents / scaling)`
+                           rounded as diffusers' `numpy_to_pil`)
+
+Each case is diffusers' StableDiffusionImg2ImgPipeline (SDXL: StableDiffusionXLImg2ImgPipeline)
+built from the text-to-image pipeline's components, the sampler from_config(<the model's
+scheduler_config.json>), `torch.Generator("cpu").manual_seed(SEED)`, default arguments otherwise.
+
+  /work/pyref/bin/python scripts/make_img2img_fixtures.py
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler  # noqa: E402
+from make_tokenizer import load_clip_bpe  # noqa: E402
+
+MODELS = ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"]
+STRENGTHS = [0.3, 0.6, 1.0]
+STEPS = 6
+GUIDANCE = 7.5
+SEED = 11
+SIZE = 64
+
+
+def init_image():
+    """A gradient with a disc and a bar: structure the VAE keeps, so the strength shows."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    array = np.stack([200 * x + 30, 180 * y + 40, 120 + 60 * (1 - x)], -1).astype(np.uint8)
+    image = Image.fromarray(array, "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([10, 12, 34, 36], fill=(230, 40, 40))
+    draw.rectangle([38, 30, 58, 52], fill=(30, 60, 200))
+    return image
+
+
+def load(name, tokenizers):
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    spec = SPECS[name]
+    folder = os.path.join(ROOT, "crates/engine/tests/fixtures/models", name)
+    kw = dict(torch_dtype=torch.float32)
+    if spec["dtype"] == "float16":
+        kw["variant"] = "fp16"
+    if spec["pipeline"] == "StableDiffusionPipeline":
+        base = StableDiffusionPipeline.from_pretrained(folder, tokenizer=tokenizers["tokenizer"], **kw)
+        pipe = StableDiffusionImg2ImgPipeline(**base.components)
+    else:
+        base = StableDiffusionXLPipeline.from_pretrained(
+            folder, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False, **kw
+        )
+        pipe = StableDiffusionXLImg2ImgPipeline(**base.components, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def main():
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    import diffusers
+    import transformers
+    from transformers import CLIPTokenizer
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    out = os.path.join(ROOT, "crates/engine/tests/fixtures/img2img")
+    os.makedirs(out, exist_ok=True)
+    image = init_image()
+    image.save(os.path.join(out, "init.png"))
+
+    encoder, merges = load_clip_bpe()
+    tensors, cases = {}, []
+    for name in MODELS:
+        spec = SPECS[name]
+        toks = {
+            sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
+            for sub, pad in spec["pads"].items()
+        }
+        pipe = load(name, toks)
+        config = dict(pipe.scheduler.config)
+        for sampler in SAMPLERS:
+            for strength in STRENGTHS:
+                pipe.scheduler = make_sampler(sampler, config)
+                ran = []
+
+                def record(p, i, t, kwargs):
+                    ran.append(float(t))
+                    return kwargs
+
+                latents = pipe(
+                    PROMPT,
+                    negative_prompt=NEGATIVE,
+                    image=image,
+                    strength=strength,
+                    num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE,
+                    generator=torch.Generator("cpu").manual_seed(SEED),
+                    output_type="latent",
+                    callback_on_step_end=record,
+                ).images
+                decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+                pixels = ((decoded[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+                key = f"{name}.{sampler}.{strength}"
+                tensors[f"{key}.latents"] = latents.float().contiguous()
+                tensors[f"{key}.image"] = pixels.contiguous()
+                cases.append(dict(model=name, sampler=sampler, strength=strength, timesteps=ran))
+                print(f"{key}: {len(ran)} steps {ran}")
+    reference = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+        seed=SEED,
+        width=SIZE,
+        height=SIZE,
+        init_image="tests/fixtures/img2img/init.png",
+        versions=dict(torch=torch.__version__, diffusers=diffusers.__version__),
+        cases=cases,
+    )
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump(reference, f, indent=1)
+        f.write("\n")
+    save_file(tensors, os.path.join(out, "reference.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
