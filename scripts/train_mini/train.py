@@ -149,6 +149,15 @@ def train_vae(args):
     if os.path.exists(final):
         log("[vae] done already")
         return
+    if args.init_from:
+        # The exported VAE: its encoder is the one the data set was encoded with (the decoder
+        # stage freezes it), its decoder the fine-tuned one; both stages are then done.
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.init_from, "vae")).float()
+        model = {k: v for k, v in vae.state_dict().items()}
+        save_checkpoint(final, model=model)
+        save_checkpoint(os.path.join(args.work, "vae-decoder-final.pt"), model=model)
+        log(f"[vae] taken from {args.init_from}")
+        return
     folder = os.path.join(args.work, "vae-ckpt")
     os.makedirs(folder, exist_ok=True)
     seed_all(args.seed)
@@ -295,8 +304,12 @@ def build_latents(args):
                 scale_samples.append(mean)
             progress.update(start + n, 0.0)
     latents = torch.cat(latents)
-    # Like SD's 0.18215: the factor that gives the latents unit variance.
+    # Like SD's 0.18215: the factor that gives the latents unit variance (a warm start keeps
+    # the factor its U-Net was trained with).
     scaling_factor = float(1.0 / torch.cat(scale_samples).std())
+    if args.init_from:
+        with open(os.path.join(args.init_from, "vae", "config.json")) as f:
+            scaling_factor = json.load(f)["scaling_factor"]
     ids = tokenize(tok, captions)
     save_checkpoint(path, latents=latents, ids=ids, captions=captions, scaling_factor=scaling_factor)
     log(f"[latents] {len(captions)} samples, scaling factor {scaling_factor:.5f}")
@@ -305,9 +318,26 @@ def build_latents(args):
 # --------------------------------------------------------------------------
 # stage 3: U-Net + text encoder
 # --------------------------------------------------------------------------
-def sd15_alphas_cumprod():
+def sd15_alphas_cumprod(zero_terminal_snr=False):
+    """SD 1.5's schedule; with `zero_terminal_snr`, rescaled as diffusers' `rescale_betas_zero_snr`
+    does (Lin et al. 2023): the last timestep is pure noise, so the layout must come from the text."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    if zero_terminal_snr:
+        root = alphas_cumprod.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        alphas_cumprod = ((root - last) * first / (first - last)) ** 2
+    return alphas_cumprod
+
+
+def load_init_weights(folder):
+    """U-Net and text-encoder weights of an exported model (f16 on disk, f32 here)."""
+    from safetensors.torch import load_file
+
+    unet = {k: v.float() for k, v in load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")).items()}
+    text = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    text = {k.removeprefix("text_model."): v.float() for k, v in text.items()}
+    return unet, text
 
 
 def train_unet(args):
@@ -342,15 +372,29 @@ def train_unet(args):
         optimizer.load_state_dict(state["optimizer"])
         ema_unet, ema_text, step = state["ema_unet"], state["ema_text"], state["step"]
         generator.set_state(state["generator"])
+        if state.get("objective", "epsilon") != args.objective:
+            raise SystemExit(f"[unet] {resume} was trained with --objective {state.get('objective', 'epsilon')}")
         log(f"[unet] resumed at step {step}")
+    elif args.init_from:
+        # Warm start: what an earlier model learnt (colours, shapes, the words) carries over,
+        # also when the objective changes; the optimizer and EMA start afresh from it.
+        unet_init, text_init = load_init_weights(args.init_from)
+        unet.load_state_dict(unet_init)
+        missing, unexpected = text.load_state_dict(text_init, strict=False)
+        if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+            raise SystemExit(f"[unet] {args.init_from}: text encoder keys differ: {missing} {unexpected}")
+        ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        ema_text = {k: v.detach().clone() for k, v in text.state_dict().items()}
+        log(f"[unet] starting from the weights in {args.init_from}")
     log(f"[unet] U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
         f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f} M, {len(ids_all)} samples")
-    alphas_cumprod = sd15_alphas_cumprod().float()
+    v_objective = args.objective == "v-zero-snr"
+    alphas_cumprod = sd15_alphas_cumprod(zero_terminal_snr=v_objective).float()
     unet.train()
     text.train()
     progress = Progress("unet", args.unet_steps, step)
     while step < args.unet_steps:
-        set_lr(optimizer, args.unet_lr, step, args.unet_steps, warmup=500, floor=0.1)
+        set_lr(optimizer, args.unet_lr, step, args.unet_steps, warmup=args.unet_warmup, floor=0.1)
         index = torch.randint(0, len(ids_all), (args.unet_batch,), generator=generator)
         x0 = latents_all[index]
         ids = ids_all[index].clone()
@@ -358,16 +402,26 @@ def train_unet(args):
         ids[drop] = empty_ids
         t = torch.randint(0, 1000, (args.unet_batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        # Offset noise: lets the model move a picture's mean colour, which SD's schedule
-        # otherwise leaves to the starting noise (plain and dark backgrounds need it).
-        noise = noise + 0.1 * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator)
+        if not v_objective:
+            # Offset noise: lets the model move a picture's mean colour, which SD's schedule
+            # otherwise leaves to the starting noise (zero terminal SNR does this by itself).
+            noise = noise + 0.1 * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = text(input_ids=ids).last_hidden_state
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         snr = a / (1 - a)
-        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
-        loss = (weight * (pred - noise) ** 2).mean()
+        if v_objective:
+            # v = sqrt(a) eps - sqrt(1 - a) x0; its loss is (1 + snr) times the x0 error, so
+            # min(1, 6 / (1 + snr)) caps the nearly clean steps as min-SNR-5 does, while the pure
+            # noise step (snr = 0, where min-SNR would give weight 0) keeps its full weight: there
+            # the model must draw the whole layout from the caption.
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            weight = torch.clamp(6.0 / (1 + snr), max=1.0)
+        else:
+            target = noise
+            weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+        loss = (weight * (pred - target) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -385,10 +439,11 @@ def train_unet(args):
         if step % args.checkpoint_every == 0 or step == args.unet_steps:
             path = os.path.join(folder, f"step-{step:07d}.pt")
             save_checkpoint(path, unet=unet.state_dict(), text=text.state_dict(), optimizer=optimizer.state_dict(),
-                            ema_unet=ema_unet, ema_text=ema_text, step=step, generator=generator.get_state())
+                            ema_unet=ema_unet, ema_text=ema_text, step=step, generator=generator.get_state(),
+                            objective=args.objective)
             for old in sorted(os.listdir(folder))[:-2]:
                 os.remove(os.path.join(folder, old))
-    save_checkpoint(final, unet=ema_unet, text=ema_text, scaling_factor=data["scaling_factor"])
+    save_checkpoint(final, unet=ema_unet, text=ema_text, scaling_factor=data["scaling_factor"], objective=args.objective)
     log("[unet] finished")
 
 
@@ -412,7 +467,8 @@ def export(args):
             raise SystemExit("[export] no U-Net trained yet")
         checkpoint = torch.load(latest, weights_only=False)
         scaling = torch.load(os.path.join(args.work, "latents.pt"), weights_only=False)["scaling_factor"]
-        state = dict(unet=checkpoint["ema_unet"], text=checkpoint["ema_text"], scaling_factor=scaling)
+        state = dict(unet=checkpoint["ema_unet"], text=checkpoint["ema_text"], scaling_factor=scaling,
+                     objective=checkpoint.get("objective", "epsilon"))
         log(f"[export] from {latest} (training not finished)")
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -436,8 +492,13 @@ def export(args):
         json.dump(config, f, indent=2)
         f.write("\n")
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    scheduler_config = json.loads(SCHEDULER_CONFIGS["sd15"])
+    if state.get("objective", "epsilon") == "v-zero-snr":
+        # What the model was trained on; "trailing" so that sampling starts at the pure-noise step.
+        scheduler_config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
     with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        f.write(SCHEDULER_CONFIGS["sd15"])
+        json.dump(scheduler_config, f, indent=2)
+        f.write("\n")
     encoder, merges = load_clip_bpe()
     tok = CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token="<|endoftext|>", model_max_length=77)
     scheduler = PNDMScheduler.from_pretrained(out, subfolder="scheduler")
@@ -476,6 +537,10 @@ def main():
     parser.add_argument("--unet-lr", type=float, default=5e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--objective", default="v-zero-snr", choices=["v-zero-snr", "epsilon"],
+                        help="v prediction on a zero-terminal-SNR schedule, or SD 1.5's epsilon")
+    parser.add_argument("--init-from", help="an exported model folder to start the VAE and U-Net stages from")
+    parser.add_argument("--unet-warmup", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
