@@ -8,9 +8,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use easel_engine::device::{load_options, DevicePreference};
-use easel_engine::metadata::write_png;
+use easel_engine::metadata::{read_png, write_png};
 use easel_engine::models::inspect_model;
-use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress};
+use easel_engine::pipeline::fit::{fit_image, ResizeMode};
+use easel_engine::pipeline::{GenerationRequest, ImageToImage, Pipeline, StepProgress};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 
@@ -222,6 +223,34 @@ pub struct GenerateArgs {
     /// Replace the output file if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    /// Start from this picture instead of noise (image to image); the size defaults to its own.
+    #[arg(long, value_name = "PNG")]
+    pub init_image: Option<PathBuf>,
+    /// How much of the init image is repainted: above 0, at most 1 (A1111's denoising strength).
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
+    /// How an init image of another size is fitted: resize (stretch), crop (cover, cut evenly)
+    /// or fill (fit inside, edges stretched), as AUTOMATIC1111's resize modes.
+    #[arg(long, default_value = "resize")]
+    pub resize_mode: ResizeMode,
+}
+
+/// The init image, fitted to the request's size (saying so when it had another).
+fn load_init_image(path: &Path, request: &GenerationRequest, mode: ResizeMode, strength: f64) -> Result<ImageToImage> {
+    let image = read_png(path).with_context(|| format!("reading the init image {}", path.display()))?;
+    let (width, height) = (request.width as u32, request.height as u32);
+    if (image.width, image.height) != (width, height) {
+        eprintln!(
+            "note: the init image is {}×{}; fitted to {width}×{height} ({})",
+            image.width,
+            image.height,
+            mode.label()
+        );
+    }
+    let image = fit_image(&image, width, height, mode)?;
+    let init = ImageToImage { image, strength };
+    init.validate(request)?;
+    Ok(init)
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -257,6 +286,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let model = &args.model.model_path()?;
     let info = inspect_model(model)?;
     let size = info.default_size();
+    // Image to image keeps the init image's size unless told otherwise (sides rounded down to
+    // what the model takes).
+    let init_size = match &args.init_image {
+        Some(path) => {
+            let factor = info.vae.downscale_factor();
+            let image = read_png(path).with_context(|| format!("reading the init image {}", path.display()))?;
+            let round = |v: u32| ((v as usize / factor) * factor).max(factor);
+            Some((round(image.width), round(image.height)))
+        }
+        None => None,
+    };
     let seed = args.seed.unwrap_or_else(easel_engine::rng::random_seed);
     let request = GenerationRequest {
         prompt: args.prompt,
@@ -264,13 +304,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
         steps: args.steps.unwrap_or(info.default_steps()),
         guidance_scale: args.guidance.unwrap_or(info.default_guidance()),
         seed,
-        width: args.width.unwrap_or(size),
-        height: args.height.unwrap_or(size),
+        width: args.width.or(init_size.map(|s| s.0)).unwrap_or(size),
+        height: args.height.or(init_size.map(|s| s.1)).unwrap_or(size),
         sampler,
         schedule,
         rng: args.rng,
     };
     request.validate(&info)?;
+    let init = match &args.init_image {
+        Some(path) => Some(load_init_image(path, &request, args.resize_mode, args.strength)?),
+        None => None,
+    };
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
     check_output(&output, args.overwrite)?;
 
@@ -318,7 +362,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let image = pipeline.generate(&request, &mut report)?;
+    let image = pipeline.generate_from(&request, init.as_ref(), &mut report)?;
     if interactive {
         eprintln!();
     }
@@ -327,6 +371,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let model_hash = hashing.join().ok().flatten();
     let mut params = request.to_params(Some(&info.name), model_hash.as_deref());
     params.vae = args.model.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
+    params.denoising_strength = init.as_ref().map(|init| init.strength);
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;
     println!("{}", output.display());

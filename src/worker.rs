@@ -14,7 +14,7 @@ use easel_engine::hub::{DownloadProgress, Downloader};
 use easel_engine::metadata::{write_png, RgbImage};
 use easel_engine::models::{Family, ModelInfo};
 use easel_engine::pipeline::preview::{latent_planes, LatentPlanes};
-use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress};
+use easel_engine::pipeline::{GenerationRequest, ImageToImage, Pipeline, StepProgress};
 
 use crate::app::preview::LatentFrame;
 
@@ -36,6 +36,8 @@ pub enum Command {
     Generate {
         job: JobId,
         request: GenerationRequest,
+        /// Image to image: the picture (already of the request's size) and the strength.
+        init: Option<ImageToImage>,
         save_dir: Option<PathBuf>,
     },
     Shutdown,
@@ -373,7 +375,7 @@ impl WorkerState {
     fn handle(&mut self, command: Command) {
         match command {
             Command::LoadModel { path, vae, cpu_bf16 } => self.load(path, vae, cpu_bf16),
-            Command::Generate { job, request, save_dir } => self.generate(job, request, save_dir),
+            Command::Generate { job, request, init, save_dir } => self.generate(job, request, init, save_dir),
             Command::Shutdown => {}
             #[cfg(test)]
             Command::Panic { .. } => panic!("test: a bug inside a command"),
@@ -403,7 +405,13 @@ impl WorkerState {
         }
     }
 
-    fn generate(&mut self, job: JobId, request: GenerationRequest, save_dir: Option<PathBuf>) {
+    fn generate(
+        &mut self,
+        job: JobId,
+        request: GenerationRequest,
+        init: Option<ImageToImage>,
+        save_dir: Option<PathBuf>,
+    ) {
         let Some(pipeline) = &self.pipeline else {
             return self.emit(Event::JobFailed { job, error: "no model is loaded: open a model first".into() });
         };
@@ -431,14 +439,16 @@ impl WorkerState {
                 ControlFlow::Continue(())
             }
         };
-        let result = pipeline.generate(&request, &mut on_step);
+        let result = pipeline.generate_from(&request, init.as_ref(), &mut on_step);
         let image = match result {
             Ok(image) => Arc::new(image),
             Err(easel_engine::Error::Cancelled) => return self.emit(Event::JobCancelled { job }),
             Err(e) => return self.emit(Event::JobFailed { job, error: e.to_string() }),
         };
         let name = pipeline.info().name.clone();
-        let parameters = request.to_params(Some(&name), self.model_hash.get()).to_infotext();
+        let mut params = request.to_params(Some(&name), self.model_hash.get());
+        params.denoising_strength = init.as_ref().map(|init| init.strength);
+        let parameters = params.to_infotext();
         let saved =
             save_dir.map(|dir| save_numbered(&dir, &image, &parameters, request.seed).map_err(|e| e.to_string()));
         let seconds = started.elapsed().as_secs_f64();
@@ -563,7 +573,7 @@ mod tests {
         assert!(worker.is_alive());
 
         // The model survived the panic: the next job runs on it.
-        worker.send(Command::Generate { job: 8, request: request(), save_dir: None });
+        worker.send(Command::Generate { job: 8, request: request(), init: None, save_dir: None });
         let image = wait_for(&worker, |e| match e {
             Event::JobFinished { job: 8, image, .. } => Some(image),
             Event::JobFailed { job: 8, error } => panic!("{error}"),
@@ -585,7 +595,7 @@ mod tests {
         assert!(worker.restart_if_dead());
         assert!(worker.is_alive());
         // The new thread takes commands (no model yet: it says so).
-        worker.send(Command::Generate { job: 3, request: request(), save_dir: None });
+        worker.send(Command::Generate { job: 3, request: request(), init: None, save_dir: None });
         let error = wait_for(&worker, |e| match e {
             Event::JobFailed { job: 3, error } => Some(error),
             _ => None,

@@ -350,3 +350,57 @@ fn with_no_model_chosen_the_app_paints_with_easel_mini() {
     assert!(parameters.starts_with("the sun over the sea at sunset"), "{parameters}");
     assert!(parameters.contains("Model: easel-mini"), "{parameters}");
 }
+
+fn mse(a: &RgbImage, b: &RgbImage) -> f64 {
+    a.data.iter().zip(&b.data).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.data.len() as f64
+}
+
+/// Image to image in the window: a gallery image becomes the init image, a low strength keeps
+/// it (far closer than a fresh picture of the same prompt), and the PNG records the strength.
+#[test]
+fn a_gallery_image_used_as_init_image_is_kept_at_low_strength() {
+    let outputs = tempfile::tempdir().unwrap();
+    let first = Settings {
+        outputs_dir: Some(outputs.path().to_path_buf()),
+        prompt: "the sun over the sea at sunset".into(),
+        steps: 15,
+        seed: 5,
+        random_seed: false,
+        sampler: SamplerId::DpmPp2m,
+        ..Default::default()
+    };
+    let mut h = harness(first);
+    step_until(&mut h, "Easel Mini to load", model_ready);
+    h.state_mut().generate();
+    step_until(&mut h, "the first image", |app| app.gallery.len() == 1 && app.running.is_none());
+    let init = h.state().gallery[0].image.clone().expect("this session's image");
+
+    // A fresh picture of another prompt, then the same prompt from the first picture.
+    h.state_mut().settings.prompt = "a house with a tree at night".into();
+    h.state_mut().generate();
+    step_until(&mut h, "the text-to-image picture", |app| app.gallery.len() == 2 && app.running.is_none());
+    let fresh = h.state().gallery[1].image.clone().unwrap();
+
+    h.state_mut().view = CentralView::Gallery(0);
+    h.run_steps(2);
+    h.get_by_label("Use as init image").click();
+    h.run_steps(2);
+    assert!(h.state().init_image.is_some(), "the gallery image is the init image");
+    assert!(h.query_by_label_contains("Image to image (on)").is_some(), "the side panel says so");
+    h.state_mut().settings.strength = 0.3;
+    h.state_mut().generate();
+    step_until(&mut h, "the image-to-image picture", |app| app.gallery.len() == 3 && app.running.is_none());
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    let repainted = app.gallery[2].image.clone().unwrap();
+    let (kept, changed) = (mse(&repainted, &init), mse(&fresh, &init));
+    assert!(kept * 4.0 < changed, "strength 0.3 keeps the init image: MSE {kept:.0} vs a fresh picture's {changed:.0}");
+    assert!(kept > 0.0, "and repaints some of it");
+    let newest = png_files(outputs.path()).pop().unwrap();
+    let parameters = read_png_parameters(&newest).unwrap().unwrap();
+    assert!(parameters.contains("Denoising strength: 0.3"), "{parameters}");
+
+    // Cleared: the next job starts from noise again.
+    h.state_mut().clear_init_image();
+    assert!(h.state().init_image.is_none());
+}

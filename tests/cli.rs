@@ -378,3 +378,85 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
     assert_eq!((image.width, image.height), (256, 192));
     assert!(image.data == expected.data, "the binary's image differs from the library's");
 }
+
+/// Image to image through the CLI as a user runs it, against diffusers' img2img pipelines
+/// (crates/engine/tests/fixtures/img2img): the PNG and its `Denoising strength`.
+#[test]
+fn generate_from_an_init_image_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures().join("img2img");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let init = fixtures.join("init.png");
+    for (model, sampler, strength) in
+        [("sd1-tiny", "euler", "0.6"), ("sd2v-tiny", "ddim", "1.0"), ("sdxl-tiny", "dpmpp_2m", "0.3")]
+    {
+        let out_path = dir.path().join(format!("{model}.png"));
+        let model_path = model_dir(model);
+        let steps = json["steps"].to_string();
+        let guidance = json["guidance_scale"].to_string();
+        let seed = json["seed"].to_string();
+        let args = [
+            "generate",
+            "--model",
+            model_path.to_str().unwrap(),
+            "--prompt",
+            json["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            json["negative_prompt"].as_str().unwrap(),
+            "--steps",
+            &steps,
+            "--guidance",
+            &guidance,
+            "--seed",
+            &seed,
+            "--sampler",
+            sampler,
+            "--init-image",
+            init.to_str().unwrap(),
+            "--strength",
+            strength,
+            "--output",
+            out_path.to_str().unwrap(),
+        ];
+        let out = easel(&args);
+        assert!(out.status.success(), "{model}: {}", stderr(&out));
+        let ours = read_png(&out_path).unwrap();
+        assert_eq!((ours.width, ours.height), (64, 64), "the init image's size by default");
+        let theirs: Vec<u8> =
+            tensors[&format!("{model}.{sampler}.{strength}.image")].flatten_all().unwrap().to_vec1().unwrap();
+        let psnr = common::psnr(&ours.data, &theirs);
+        assert!(psnr >= 40.0, "{model} {sampler} {strength}: PSNR {psnr:.1} dB");
+        let params = parse_infotext(&read_png_parameters(&out_path).unwrap().unwrap()).unwrap();
+        assert_eq!(params.denoising_strength, Some(strength.parse().unwrap()), "{model}");
+    }
+
+    // Refused before any work, nothing written: a strength out of range, a file that is no PNG.
+    let not_png = dir.path().join("not.png");
+    std::fs::write(&not_png, b"GIF89a").unwrap();
+    let out_path = dir.path().join("never.png");
+    let sd1 = model_dir("sd1-tiny");
+    for (init, strength, words) in
+        [(&init, "1.5", "strength"), (&init, "0", "strength"), (&not_png, "0.5", "init image")]
+    {
+        let args = [
+            "generate",
+            "--model",
+            sd1.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--init-image",
+            init.to_str().unwrap(),
+            "--strength",
+            strength,
+            "--output",
+            out_path.to_str().unwrap(),
+        ];
+        let out = easel(&args);
+        assert!(!out.status.success() && !out_path.exists(), "{strength}");
+        assert!(stderr(&out).contains(words), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("loaded"), "refused before loading: {}", stderr(&out));
+    }
+}

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use easel_engine::metadata::{read_png, read_png_text, RgbImage};
 use easel_engine::models::clip::EOS_TOKEN_ID;
+use easel_engine::pipeline::fit::fit_image;
 use easel_engine::pipeline::text::ClipTokenizer;
-use easel_engine::pipeline::GenerationRequest;
+use easel_engine::pipeline::{GenerationRequest, ImageToImage};
 use easel_engine::rng::random_seed;
 use eframe::egui;
 
@@ -50,6 +51,16 @@ pub enum ModelState {
 pub struct QueuedJob {
     pub job: JobId,
     pub request: GenerationRequest,
+    /// Image to image: the init image fitted to the request's size, and the strength.
+    pub init: Option<ImageToImage>,
+}
+
+/// The picture image to image starts from (runtime state: it is not persisted).
+pub struct InitImage {
+    pub image: Arc<RgbImage>,
+    /// Where it came from, for the side panel ("00042-7.png", "gallery image").
+    pub name: String,
+    pub texture: Option<egui::TextureHandle>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +116,8 @@ pub struct EaselApp {
     pub view: CentralView,
     pub notices: Vec<Notice>,
     pub last_seed: Option<u64>,
+    /// Set: jobs start from this picture instead of noise.
+    pub init_image: Option<InitImage>,
     worker: Worker,
     image_loader: gallery::ImageLoader,
     /// Steps, guidance and size a model change may replace (see `adopt_model_defaults`).
@@ -161,6 +174,7 @@ impl EaselApp {
             view: CentralView::Empty,
             notices: Vec::new(),
             last_seed: None,
+            init_image: None,
             worker,
             image_loader: gallery::ImageLoader::spawn(repaint),
             previous_defaults: {
@@ -343,6 +357,53 @@ impl EaselApp {
         Ok(request)
     }
 
+    /// The init image fitted to `request`'s size with the strength, when one is set.
+    fn init_for(&self, request: &GenerationRequest) -> Result<Option<ImageToImage>, String> {
+        let Some(init) = &self.init_image else { return Ok(None) };
+        let (w, h) = (request.width as u32, request.height as u32);
+        let image = fit_image(&init.image, w, h, self.settings.resize_mode).map_err(|e| e.to_string())?;
+        let init = ImageToImage { image, strength: self.settings.strength };
+        init.validate(request).map_err(|e| e.to_string())?;
+        Ok(Some(init))
+    }
+
+    /// Makes `image` the init image: the next jobs start from it.
+    pub fn set_init_image(&mut self, image: Arc<RgbImage>, name: impl Into<String>) {
+        self.init_image = Some(InitImage { image, name: name.into(), texture: None });
+    }
+
+    pub fn clear_init_image(&mut self) {
+        self.init_image = None;
+    }
+
+    /// Reads a PNG as the init image, saying what is wrong with a file that is not one.
+    pub fn open_init_image(&mut self, path: &Path) {
+        match read_png(path) {
+            Ok(image) => {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                self.set_init_image(Arc::new(image), name);
+            }
+            Err(e) => self.notify(NoticeKind::Error, format!("Cannot use it as the init image: {e}")),
+        }
+    }
+
+    /// A gallery image as the init image (loaded from disk first when it is not yet).
+    pub fn use_as_init_image(&mut self, index: usize) {
+        let Some(item) = self.gallery.get(index) else { return };
+        let name = item.path.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+        match (&item.image, &item.path) {
+            (Some(image), _) => {
+                let image = image.clone();
+                self.set_init_image(image, name.unwrap_or_else(|| "gallery image".into()));
+            }
+            (None, Some(path)) => {
+                let path = path.clone();
+                self.open_init_image(&path);
+            }
+            (None, None) => {}
+        }
+    }
+
     /// Queues `batch_count` jobs (seed, seed+1, … like AUTOMATIC1111, or fresh random seeds).
     pub fn generate(&mut self) {
         if !matches!(self.model, ModelState::Ready(_)) {
@@ -357,7 +418,14 @@ impl EaselApp {
                 Ok(request) => {
                     let job = self.next_job;
                     self.next_job += 1;
-                    self.queue.push_back(QueuedJob { job, request });
+                    let init = match self.init_for(&request) {
+                        Ok(init) => init,
+                        Err(message) => {
+                            self.notify(NoticeKind::Error, message);
+                            return;
+                        }
+                    };
+                    self.queue.push_back(QueuedJob { job, request, init });
                 }
                 Err(message) => {
                     self.notify(NoticeKind::Error, message);
@@ -386,7 +454,7 @@ impl EaselApp {
         }
         let Some(next) = self.queue.pop_front() else { return };
         let save_dir = self.settings.autosave.then(|| self.settings.outputs_dir());
-        self.worker.send(Command::Generate { job: next.job, request: next.request.clone(), save_dir });
+        self.worker.send(Command::Generate { job: next.job, request: next.request.clone(), init: next.init, save_dir });
         let total = next.request.steps;
         self.running = Some(RunningJob {
             job: next.job,

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use easel_engine::pipeline::fit::ResizeMode;
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -40,6 +41,11 @@ pub struct Settings {
     pub vae_path: Option<PathBuf>,
     /// The CPU bf16 mode (U-Net weights in bf16: faster, half the memory, not bit-exact).
     pub cpu_bf16: bool,
+    /// Image to image: how much of the init image is repainted (A1111's denoising strength).
+    pub strength: f64,
+    /// How an init image of another size is fitted to the image size.
+    #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
+    pub resize_mode: ResizeMode,
 }
 
 impl Default for Settings {
@@ -62,6 +68,8 @@ impl Default for Settings {
             autosave: true,
             models_dir: None,
             vae_path: None,
+            strength: 0.75,
+            resize_mode: ResizeMode::Resize,
             cpu_bf16: false,
         }
     }

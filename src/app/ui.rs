@@ -1,11 +1,12 @@
 //! Drawing the panels. State changes go through `EaselApp` methods so tests can drive them.
 
+use easel_engine::pipeline::fit::ResizeMode;
 use easel_engine::pipeline::text::PROMPT_TOKEN_WINDOW;
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 use eframe::egui::{self, Color32, Key, Modifiers, RichText};
 
-use super::{CentralView, EaselApp, Loading, ModelState, NoticeKind};
+use super::{color_image, CentralView, EaselApp, Loading, ModelState, NoticeKind};
 
 const SIZE_PRESETS: [(&str, usize, usize); 7] = [
     ("512 × 512 (SD 1.x)", 512, 512),
@@ -260,6 +261,7 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         }
     }
     ui.separator();
+    init_image_panel(app, ui);
     models_panel(app, ui);
     ui.collapsing("Saving", |ui| {
         ui.checkbox(&mut app.settings.autosave, "Save every image automatically");
@@ -398,6 +400,7 @@ fn image_view(app: &mut EaselApp, ui: &mut egui::Ui, index: usize) {
     let can_reuse = item.request.is_some() || !parameters.is_empty();
     let loaded = item.image.is_some();
     let mut reuse = false;
+    let mut use_as_init = false;
     ui.horizontal(|ui| {
         if ui.add_enabled(loaded, egui::Button::new("Save as…")).clicked() {
             save_as(app, index);
@@ -408,12 +411,22 @@ fn image_view(app: &mut EaselApp, ui: &mut egui::Ui, index: usize) {
         if ui.add_enabled(can_reuse, egui::Button::new("Reuse parameters")).clicked() {
             reuse = true;
         }
+        if ui
+            .add_enabled(loaded || path.is_some(), egui::Button::new("Use as init image"))
+            .on_hover_text("Start the next images from this one (image to image)")
+            .clicked()
+        {
+            use_as_init = true;
+        }
         if let Some(path) = &path {
             ui.label(RichText::new(path.display().to_string()).small().weak());
         }
     });
     if reuse {
         app.reuse(index);
+    }
+    if use_as_init {
+        app.use_as_init_image(index);
     }
     let Some(item) = app.gallery.get(index) else { return };
     let (Some(image), Some(texture)) = (&item.image, &item.texture) else {
@@ -690,4 +703,53 @@ fn models_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
                 });
             }
         });
+}
+
+/// Image to image: the init image (open one, or "Use as init image" on a gallery image), how
+/// much of it is repainted, and how it is fitted to the image size.
+fn init_image_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
+    let title = if app.init_image.is_some() { "Image to image (on)" } else { "Image to image" };
+    egui::CollapsingHeader::new(title).id_salt("init-image").default_open(app.init_image.is_some()).show(ui, |ui| {
+        let mut clear = false;
+        match &mut app.init_image {
+            Some(init) => {
+                let texture = init.texture.get_or_insert_with(|| {
+                    ui.ctx().load_texture("init-image", color_image(&init.image), egui::TextureOptions::LINEAR)
+                });
+                let side = 128.0 / init.image.width.max(init.image.height) as f32;
+                let size = egui::vec2(init.image.width as f32 * side, init.image.height as f32 * side);
+                ui.horizontal(|ui| {
+                    ui.add(egui::Image::new((texture.id(), size)));
+                    ui.vertical(|ui| {
+                        ui.label(shorten(&init.name, 24));
+                        ui.label(RichText::new(format!("{}×{}", init.image.width, init.image.height)).small().weak());
+                        clear = ui.button("Clear").on_hover_text("Start from noise again").clicked();
+                    });
+                });
+                ui.add(egui::Slider::new(&mut app.settings.strength, 0.01..=1.0).text("Strength"))
+                    .on_hover_text("How much is repainted: low keeps the picture, 1 repaints everything");
+                egui::ComboBox::from_label("Resize mode")
+                    .selected_text(app.settings.resize_mode.label())
+                    .show_ui(ui, |ui| {
+                        for mode in ResizeMode::ALL {
+                            ui.selectable_value(&mut app.settings.resize_mode, mode, mode.label());
+                        }
+                    })
+                    .response
+                    .on_hover_text("How an init image of another size is fitted to the image size");
+            }
+            None => {
+                ui.label(RichText::new("Start from a picture instead of noise.").small());
+                if ui.button("Open image…").clicked() {
+                    if let Some(path) = rfd::FileDialog::new().add_filter("PNG", &["png"]).pick_file() {
+                        app.open_init_image(&path);
+                    }
+                }
+                ui.label(RichText::new("or \"Use as init image\" on a gallery image").small().weak());
+            }
+        }
+        if clear {
+            app.clear_init_image();
+        }
+    });
 }

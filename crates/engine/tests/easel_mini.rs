@@ -14,8 +14,12 @@ use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 use serde_json::Value;
 
+/// The shipped model, or a candidate export in `EASEL_MINI_MODEL` (as the app honours it).
 fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/models/easel-mini")
+    match std::env::var_os("EASEL_MINI_MODEL") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/models/easel-mini"),
+    }
 }
 
 struct Palette(Vec<(String, [f32; 3])>);

@@ -1,6 +1,7 @@
 //! The text-to-image pipeline: text encoding → the denoising loop → VAE decoding, written as
 //! an explicit loop in the shape of diffusers' `StableDiffusionPipeline.__call__`.
 
+pub mod fit;
 pub mod preview;
 pub mod text;
 
@@ -403,7 +404,20 @@ impl Pipeline {
         req: &GenerationRequest,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
-        let latents = self.denoise(req, on_step)?;
+        self.generate_from(req, None, on_step)
+    }
+
+    /// The whole run, from noise or (image to image) from `init`.
+    pub fn generate_from(
+        &self,
+        req: &GenerationRequest,
+        init: Option<&ImageToImage>,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<RgbImage> {
+        let latents = match init {
+            Some(init) => self.denoise_image(req, init, on_step)?,
+            None => self.denoise(req, on_step)?,
+        };
         let image = self.decode_latents(&latents);
         crate::memory::release_free_memory();
         to_rgb8(&image?)
