@@ -75,6 +75,64 @@ def load(name, tokenizers):
     return pipe
 
 
+HIRES_STEPS = 4
+HIRES_SCALE = 2
+HIRES_DENOISE = 0.5
+
+
+@torch.no_grad()
+def hires_cases(encoder, merges, tensors):
+    """AUTOMATIC1111's hires fix in diffusers' terms: text to image (`output_type="latent"`), the
+    latents upscaled by `F.interpolate` (or the decoded picture by PIL's Lanczos), then the img2img
+    pipeline with those latents (or that picture) as `image` and a generator seeded again."""
+    from transformers import CLIPTokenizer
+
+    cases = []
+    for name in ["sd1-tiny", "sdxl-tiny"]:
+        spec = SPECS[name]
+        toks = {
+            sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
+            for sub, pad in spec["pads"].items()
+        }
+        pipe = load(name, toks)
+        components = {k: v for k, v in pipe.components.items()}
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        base_cls = StableDiffusionXLPipeline if "XL" in type(pipe).__name__ else StableDiffusionPipeline
+        for upscaler in ["latent", "latent-nearest", "lanczos"]:
+            sampler = make_sampler("euler", dict(pipe.scheduler.config))
+            components["scheduler"] = sampler
+            base = base_cls(**components)
+            base.set_progress_bar_config(disable=True)
+            common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, output_type="latent")
+            small = base(
+                **common, num_inference_steps=HIRES_STEPS, width=SIZE, height=SIZE,
+                generator=torch.Generator("cpu").manual_seed(SEED),
+            ).images
+            side = SIZE * HIRES_SCALE // 8
+            if upscaler == "lanczos":
+                decoded = pipe.vae.decode(small / pipe.vae.config.scaling_factor).sample
+                picture = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+                image = picture.resize((side * 8, side * 8), Image.LANCZOS)
+            else:
+                mode = "bilinear" if upscaler == "latent" else "nearest"
+                image = torch.nn.functional.interpolate(small, size=(side, side), mode=mode)
+            pipe.scheduler = sampler
+            latents = pipe(
+                **common, image=image, strength=HIRES_DENOISE, num_inference_steps=HIRES_STEPS,
+                generator=torch.Generator("cpu").manual_seed(SEED),
+            ).images
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            pixels = ((decoded[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            key = f"hires.{name}.{upscaler}"
+            tensors[f"{key}.latents"] = latents.float().contiguous()
+            tensors[f"{key}.image"] = pixels.contiguous()
+            cases.append(dict(model=name, upscaler=upscaler, sampler="euler", steps=HIRES_STEPS, scale=HIRES_SCALE,
+                              denoise=HIRES_DENOISE))
+            print(f"{key}: {list(latents.shape)}")
+    return cases
+
+
 @torch.no_grad()
 def main():
     torch.set_num_threads(2)
@@ -127,6 +185,7 @@ def main():
                 tensors[f"{key}.image"] = pixels.contiguous()
                 cases.append(dict(model=name, sampler=sampler, strength=strength, timesteps=ran))
                 print(f"{key}: {len(ran)} steps {ran}")
+    hires = hires_cases(encoder, merges, tensors)
     reference = dict(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
@@ -138,6 +197,7 @@ def main():
         init_image="tests/fixtures/img2img/init.png",
         versions=dict(torch=torch.__version__, diffusers=diffusers.__version__),
         cases=cases,
+        hires=hires,
     )
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(reference, f, indent=1)

@@ -11,7 +11,7 @@ use easel_engine::device::{load_options, DevicePreference};
 use easel_engine::metadata::{read_png, write_png};
 use easel_engine::models::inspect_model;
 use easel_engine::pipeline::fit::{fit_image, ResizeMode};
-use easel_engine::pipeline::{GenerationRequest, ImageToImage, Pipeline, StepProgress};
+use easel_engine::pipeline::{GenerationRequest, HiresFix, HiresUpscaler, ImageToImage, Pipeline, StepProgress};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 
@@ -233,6 +233,20 @@ pub struct GenerateArgs {
     /// or fill (fit inside, edges stretched), as AUTOMATIC1111's resize modes.
     #[arg(long, default_value = "resize")]
     pub resize_mode: ResizeMode,
+    /// Hires fix: paint at the size, then upscale by this factor (1 to 8) and repaint, as
+    /// AUTOMATIC1111's "Hires. fix".
+    #[arg(long, value_name = "F")]
+    pub hires_scale: Option<f64>,
+    /// Steps of the hires pass [default: as many as --steps].
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub hires_steps: usize,
+    /// Denoising strength of the hires pass.
+    #[arg(long, default_value_t = 0.5, value_name = "D")]
+    pub hires_denoise: f64,
+    /// What the hires fix upscales: latent (bilinear), latent-nearest, or lanczos (the decoded
+    /// picture, encoded again).
+    #[arg(long, default_value = "latent")]
+    pub hires_upscaler: HiresUpscaler,
 }
 
 /// The init image, fitted to the request's size (saying so when it had another).
@@ -315,6 +329,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
         Some(path) => Some(load_init_image(path, &request, args.resize_mode, args.strength)?),
         None => None,
     };
+    let hires = match args.hires_scale {
+        Some(_) if init.is_some() => bail!("--hires-scale is for text to image: leave out --init-image"),
+        Some(scale) => {
+            let hires =
+                HiresFix { scale, steps: args.hires_steps, denoise: args.hires_denoise, upscaler: args.hires_upscaler };
+            let second = hires.second_pass(&request)?;
+            second.validate(&info)?;
+            easel_engine::pipeline::first_step(hires.denoise, second.steps)?;
+            Some(hires)
+        }
+        None => None,
+    };
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
     check_output(&output, args.overwrite)?;
 
@@ -362,7 +388,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let image = pipeline.generate_from(&request, init.as_ref(), &mut report)?;
+    let image = pipeline.generate_task(&request, init.as_ref(), hires.as_ref(), &mut report)?;
     if interactive {
         eprintln!();
     }
@@ -372,6 +398,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let mut params = request.to_params(Some(&info.name), model_hash.as_deref());
     params.vae = args.model.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
     params.denoising_strength = init.as_ref().map(|init| init.strength);
+    if let Some(hires) = &hires {
+        hires.write_params(&mut params);
+    }
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;
     println!("{}", output.display());

@@ -460,3 +460,69 @@ fn generate_from_an_init_image_matches_diffusers() {
         assert!(!stderr(&out).contains("loaded"), "refused before loading: {}", stderr(&out));
     }
 }
+
+/// Hires fix through the CLI against diffusers, with A1111's words in the PNG.
+#[test]
+fn hires_fix_through_the_cli_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures().join("img2img");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let out_path = dir.path().join("hires.png");
+    let model = model_dir("sdxl-tiny");
+    let (guidance, seed) = (json["guidance_scale"].to_string(), json["seed"].to_string());
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        json["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        json["negative_prompt"].as_str().unwrap(),
+        "--steps",
+        "4",
+        "--guidance",
+        &guidance,
+        "--seed",
+        &seed,
+        "--sampler",
+        "euler",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--hires-scale",
+        "2",
+        "--hires-denoise",
+        "0.5",
+        "--hires-upscaler",
+        "latent",
+        "--output",
+        out_path.to_str().unwrap(),
+    ];
+    let out = easel(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ours = read_png(&out_path).unwrap();
+    assert_eq!((ours.width, ours.height), (128, 128));
+    let theirs: Vec<u8> = tensors["hires.sdxl-tiny.latent.image"].flatten_all().unwrap().to_vec1().unwrap();
+    let psnr = common::psnr(&ours.data, &theirs);
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    let text = read_png_parameters(&out_path).unwrap().unwrap();
+    for words in ["Size: 64x64", "Denoising strength: 0.5", "Hires upscale: 2", "Hires upscaler: Latent"] {
+        assert!(text.contains(words), "{words}: {text}");
+    }
+    // A hires pass that would be too large, or no steps at all, is refused before any work.
+    for (flag, value, words) in [("--hires-scale", "100", "hires scale"), ("--hires-denoise", "0", "strength")] {
+        let mut args = args.to_vec();
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = value;
+        let never = dir.path().join("never.png");
+        let at = args.iter().position(|a| *a == "--output").unwrap();
+        args[at + 1] = never.to_str().unwrap();
+        let out = easel(&args);
+        assert!(!out.status.success() && !never.exists(), "{flag} {value}");
+        assert!(stderr(&out).contains(words) && !stderr(&out).contains("loaded"), "{}", stderr(&out));
+    }
+}

@@ -131,17 +131,115 @@ impl ImageToImage {
         self.first_step(req.steps).map(|_| ())
     }
 
-    /// The first of `steps` steps that runs, as diffusers' `get_timesteps`: the last
-    /// `int(steps × strength)` steps run.
+    /// The first of `steps` steps that runs (see [`first_step`]).
     pub fn first_step(&self, steps: usize) -> Result<usize> {
-        let run = ((steps as f64 * self.strength) as usize).min(steps);
-        if run == 0 {
-            return Err(Error::InvalidSetting(format!(
-                "strength {} of {steps} steps runs no step: raise the strength or the steps",
-                self.strength
-            )));
+        first_step(self.strength, steps)
+    }
+}
+
+/// The first of `steps` steps that runs at `strength`, as diffusers' `get_timesteps`: the last
+/// `int(steps × strength)` steps run.
+pub fn first_step(strength: f64, steps: usize) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::InvalidSetting(format!(
+            "the denoising strength must be above 0 and at most 1, got {strength}"
+        )));
+    }
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(Error::InvalidSetting(format!(
+            "strength {strength} of {steps} steps runs no step: raise the strength or the steps"
+        )));
+    }
+    Ok(steps - run)
+}
+
+/// What the hires fix upscales (A1111's "Upscaler"): the latents, or the decoded picture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HiresUpscaler {
+    /// The latents, bilinear ("Latent").
+    #[default]
+    Latent,
+    /// The latents, nearest neighbour ("Latent (nearest)").
+    LatentNearest,
+    /// The decoded picture, Lanczos, encoded again ("Lanczos").
+    Lanczos,
+}
+
+impl HiresUpscaler {
+    pub const ALL: [HiresUpscaler; 3] = [HiresUpscaler::Latent, HiresUpscaler::LatentNearest, HiresUpscaler::Lanczos];
+
+    pub fn id(&self) -> &'static str {
+        match self {
+            HiresUpscaler::Latent => "latent",
+            HiresUpscaler::LatentNearest => "latent-nearest",
+            HiresUpscaler::Lanczos => "lanczos",
         }
-        Ok(steps - run)
+    }
+
+    /// AUTOMATIC1111's name, as its PNGs write it (`Hires upscaler: Latent`).
+    pub fn a1111_name(&self) -> &'static str {
+        match self {
+            HiresUpscaler::Latent => "Latent",
+            HiresUpscaler::LatentNearest => "Latent (nearest)",
+            HiresUpscaler::Lanczos => "Lanczos",
+        }
+    }
+}
+
+impl std::fmt::Display for HiresUpscaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+impl std::str::FromStr for HiresUpscaler {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|u| u.id().eq_ignore_ascii_case(s.trim()) || u.a1111_name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                Error::InvalidSetting(format!(
+                    "unknown hires upscaler {s:?}; expected latent, latent-nearest or lanczos"
+                ))
+            })
+    }
+}
+
+/// The hires fix's second pass (A1111's "Hires. fix").
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiresFix {
+    /// How much larger the second pass is (A1111's "Upscale by").
+    pub scale: f64,
+    /// Steps of the second pass; 0 means as many as the first (as A1111).
+    pub steps: usize,
+    /// Its denoising strength.
+    pub denoise: f64,
+    pub upscaler: HiresUpscaler,
+}
+
+impl HiresFix {
+    /// Writes the hires fix into `params` in AUTOMATIC1111's words.
+    pub fn write_params(&self, params: &mut crate::metadata::GenerationParams) {
+        params.denoising_strength = Some(self.denoise);
+        params.extra.push(("Hires upscale".into(), format!("{}", self.scale)));
+        if self.steps != 0 {
+            params.extra.push(("Hires steps".into(), self.steps.to_string()));
+        }
+        params.extra.push(("Hires upscaler".into(), self.upscaler.a1111_name().into()));
+    }
+
+    /// The second pass's request: the size scaled (sides rounded down to multiples of 8, as
+    /// A1111), its steps, all else the same.
+    pub fn second_pass(&self, req: &GenerationRequest) -> Result<GenerationRequest> {
+        if !(self.scale.is_finite() && self.scale >= 1.0 && self.scale <= 8.0) {
+            return Err(Error::InvalidSetting(format!("the hires scale must be from 1 to 8, got {}", self.scale)));
+        }
+        let side = |v: usize| ((v as f64 * self.scale) as usize / 8) * 8;
+        let steps = if self.steps == 0 { req.steps } else { self.steps };
+        Ok(GenerationRequest { width: side(req.width), height: side(req.height), steps, ..req.clone() })
     }
 }
 
@@ -254,17 +352,60 @@ impl Pipeline {
     ) -> Result<Tensor> {
         req.validate(&self.model.info)?;
         init.validate(req)?;
+        let mut noise = make_generator(req.rng, req.seed);
+        let image_latents = self.encode_image(&init.image, noise.as_mut())?;
+        self.denoise_latents(req, &image_latents, init.strength, noise.as_mut(), on_step)
+    }
+
+    /// Image to image from latents that are already the VAE's (scaled): diffusers' img2img
+    /// with a 4-channel `image`. Draws the noise from `noise`, then denoises from the first
+    /// step `strength` leaves.
+    fn denoise_latents(
+        &self,
+        req: &GenerationRequest,
+        image_latents: &Tensor,
+        strength: f64,
+        noise: &mut dyn crate::rng::NoiseGenerator,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
         let start = Instant::now();
         let mut scheduler = build_scheduler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
         let steps = scheduler.timesteps().len();
-        let first = init.first_step(steps)?;
+        let first = first_step(strength, steps)?;
         scheduler.set_begin_index(first)?;
         let cond = self.conditioning(req)?;
+        let fresh = self.randn(image_latents.dims4()?, noise)?;
+        let latents = scheduler.add_noise(image_latents, &fresh, first)?;
+        self.denoise_loop(req, &cond, scheduler.as_mut(), latents, first, noise, start, on_step)
+    }
+
+    /// Hires fix, as AUTOMATIC1111 does it: text to image at the request's size, the result
+    /// upscaled by `hires.scale` (the latents, or the decoded picture re-encoded), then image to
+    /// image at `hires.denoise` with a generator seeded again with the same seed.
+    pub fn denoise_hires(
+        &self,
+        req: &GenerationRequest,
+        hires: &HiresFix,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        let second = hires.second_pass(req)?;
+        second.validate(&self.model.info)?;
+        first_step(hires.denoise, second.steps)?;
+        let small = self.denoise(req, on_step)?;
+        let factor = self.model.info.vae.downscale_factor();
+        let (h, w) = (second.height / factor, second.width / factor);
         let mut noise = make_generator(req.rng, req.seed);
-        let image_latents = self.encode_image(&init.image, noise.as_mut())?;
-        let fresh = self.randn(image_latents.dims4()?, noise.as_mut())?;
-        let latents = scheduler.add_noise(&image_latents, &fresh, first)?;
-        self.denoise_loop(req, &cond, scheduler.as_mut(), latents, first, noise.as_mut(), start, on_step)
+        let upscaled = match hires.upscaler {
+            // torch's F.interpolate(size=…, mode="bilinear", align_corners=False)
+            HiresUpscaler::Latent => small.upsample_bilinear2d(h, w, false)?,
+            HiresUpscaler::LatentNearest => small.upsample_nearest2d(h, w)?,
+            HiresUpscaler::Lanczos => {
+                let picture = to_rgb8(&self.decode_latents(&small)?)?;
+                let big = fit::fit_image(&picture, second.width as u32, second.height as u32, fit::ResizeMode::Resize)?;
+                self.encode_image(&big, noise.as_mut())?
+            }
+        };
+        self.denoise_latents(&second, &upscaled, hires.denoise, noise.as_mut(), on_step)
     }
 
     /// An RGB image as the VAE's scaled latents, sampled from its posterior with `noise` (as
@@ -414,9 +555,26 @@ impl Pipeline {
         init: Option<&ImageToImage>,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
-        let latents = match init {
-            Some(init) => self.denoise_image(req, init, on_step)?,
-            None => self.denoise(req, on_step)?,
+        self.generate_task(req, init, None, on_step)
+    }
+
+    /// The whole run: text to image, image to image (`init`) or with a hires fix (`hires`).
+    pub fn generate_task(
+        &self,
+        req: &GenerationRequest,
+        init: Option<&ImageToImage>,
+        hires: Option<&HiresFix>,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<RgbImage> {
+        let latents = match (init, hires) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidSetting(
+                    "the hires fix applies to text to image, not with an init image".into(),
+                ))
+            }
+            (Some(init), None) => self.denoise_image(req, init, on_step)?,
+            (None, Some(hires)) => self.denoise_hires(req, hires, on_step)?,
+            (None, None) => self.denoise(req, on_step)?,
         };
         let image = self.decode_latents(&latents);
         crate::memory::release_free_memory();
