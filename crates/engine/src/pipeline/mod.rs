@@ -3,6 +3,7 @@
 
 pub mod fit;
 pub mod preview;
+pub mod prompt;
 pub mod text;
 
 use std::ops::ControlFlow;
