@@ -296,3 +296,12 @@ fn easel_mini_matches_diffusers() {
     println!("Easel Mini vs diffusers: PSNR {psnr:.1} dB");
     assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
 }
+
+/// Trained on a zero-terminal-SNR schedule with "trailing" spacing, as Turbo models are spaced:
+/// it is still an ordinary model with the usual steps and guidance (not one step, no CFG).
+#[test]
+fn easel_mini_is_not_taken_for_a_turbo_model() {
+    let info = easel_engine::models::inspect_model(&model_dir()).unwrap();
+    assert!(!info.turbo, "{info:?}");
+    assert_eq!((info.default_steps(), info.default_guidance(), info.default_size()), (25, 7.0, 128));
+}

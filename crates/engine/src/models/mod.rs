@@ -228,7 +228,10 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
     }
     let prediction_type =
         PredictionType::of_config(&scheduler).map_err(|e| model_error(&scheduler_config_path, e.to_string()))?;
-    let turbo = scheduler.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing");
+    // Turbo releases space their timesteps "trailing"; so do zero-terminal-SNR models (Easel
+    // Mini, some finetunes), which are not distilled and want the usual steps and guidance.
+    let zero_snr = scheduler.get("rescale_betas_zero_snr").and_then(|v| v.as_bool()) == Some(true);
+    let turbo = scheduler.get("timestep_spacing").and_then(|v| v.as_str()) == Some("trailing") && !zero_snr;
     let force_zeros_for_empty_prompt = family == Family::Sdxl
         && model_index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
     let name = folder
