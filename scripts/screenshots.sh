@@ -30,13 +30,14 @@ XDG_DATA_HOME="$data" "${EASEL_BIN:-./target/release/easel}" &
 app=$!
 sleep "${READY_SECONDS:-25}"   # window up and the model loaded
 import -window root "$out/ready.png"
-before=$(ls "$out/outputs"/*.png 2>/dev/null | wc -l)
-window=$(xdotool search --name '^Easel$' | head -1)
+count() { { find "$out/outputs" -maxdepth 1 -name '*.png' 2>/dev/null || true; } | wc -l; }   # 0 before the first
+before=$(count)
+window=$(xdotool search --name '^Easel' | head -1)
 xdotool windowfocus --sync "$window" key ctrl+Return
 sleep "${MID_SECONDS:-20}"
 import -window root "$out/generating.png"
 for _ in $(seq 1 240); do
-  [ "$(ls "$out/outputs"/*.png 2>/dev/null | wc -l)" -ge "$((before + ${BATCH:-1}))" ] && break
+  [ "$(count)" -ge "$((before + ${BATCH:-1}))" ] && break
   sleep 2
 done
 sleep 3

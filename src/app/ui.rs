@@ -525,7 +525,7 @@ pub const EASEL_MINI_EXAMPLES: [&str; 5] = [
     "the sun over the sea at sunset",
     "a house with a tree",
     "mountains at night",
-    "a yellow star on a purple background",
+    "a blue square in the bottom right corner",
     "a red circle above a blue square",
 ];
 
@@ -537,9 +537,7 @@ fn easel_mini_welcome(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.heading(RichText::new("Welcome to Easel").size(28.0));
         ui.add_space(10.0);
         ui.label("Easel Mini is loaded: a small model that comes with Easel, so you can paint right away.");
-        ui.label(
-            "It knows twelve colours, simple shapes and a few scenes (it is still learning where things go). Try:",
-        );
+        ui.label("It knows twelve colours, simple shapes, where to put them and a few scenes. Try:");
         ui.add_space(8.0);
         for example in EASEL_MINI_EXAMPLES {
             if ui.button(RichText::new(example).size(16.0)).clicked() {
