@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use easel_engine::hub::{DownloadProgress, Downloader};
 use easel_engine::metadata::{write_png, RgbImage};
-use easel_engine::models::{Family, ModelInfo};
+use easel_engine::models::{Family, LatentRgb, ModelInfo};
 use easel_engine::pipeline::preview::{latent_planes, LatentPlanes};
 use easel_engine::pipeline::{GenerationRequest, ImageToImage, Pipeline, StepProgress};
 
@@ -420,10 +420,10 @@ impl WorkerState {
         }
         self.emit(Event::JobStarted { job });
         let started = Instant::now();
-        let family = pipeline.info().family;
+        let latent_rgb = pipeline.info().latent_rgb_factors();
         let (events, repaint, cancel, shutting_down) = (&self.events, &self.repaint, &self.cancel, &self.shutting_down);
         let mut on_step = |p: StepProgress| {
-            if let Ok(preview) = latent_frame(&p, family) {
+            if let Ok(preview) = latent_frame(&p, latent_rgb) {
                 let _ = events.send(Event::Progress {
                     job,
                     step: p.step,
@@ -465,9 +465,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// The x0 estimate as plain host data for the preview: the UI never sees tensors.
-fn latent_frame(progress: &StepProgress, family: Family) -> easel_engine::Result<LatentFrame> {
+fn latent_frame(progress: &StepProgress, (factors, bias): LatentRgb) -> easel_engine::Result<LatentFrame> {
     let LatentPlanes { channels, height, width, data } = latent_planes(progress.denoised)?;
-    let (factors, bias) = family.latent_rgb_factors();
     Ok(LatentFrame { channels, width, height, data, factors, bias })
 }
 

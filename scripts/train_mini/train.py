@@ -507,8 +507,34 @@ def export(args):
                                    requires_safety_checker=False)
     pipe.save_config(out)
     tok.save_pretrained(os.path.join(out, "tokenizer"))
+    write_preview_factors(vae.float(), state["scaling_factor"], os.path.join(out, "vae", "latent_rgb.json"))
     write_heldout(os.path.join(out, "heldout.json"))
     log(f"[export] wrote {out}")
+
+
+@torch.no_grad()
+def write_preview_factors(vae, scaling_factor, path, count=512):
+    """The linear map from (scaled) latents to RGB in [-1, 1] that live previews use, fitted by
+    least squares on pictures of the grammar against their 8x8-averaged pixels: the SD 1.x
+    factors belong to SD's VAE, not to this one."""
+    rng = random.Random(12345)
+    pictures = images_to_tensor([grammar.sample(rng)[1] for _ in range(count)])
+    latents = torch.cat([vae.encode(pictures[i : i + 64]).latent_dist.mean for i in range(0, count, 64)])
+    latents = latents * round(scaling_factor, 5)
+    target = F.avg_pool2d(pictures, 8)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).double()
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    solution = torch.linalg.lstsq(x1, y).solution
+    factors, bias = solution[:-1], solution[-1]
+    error = (x1 @ solution - y).abs().mean().item()
+    with open(path, "w") as f:
+        json.dump({"factors": [[round(v, 4) for v in row] for row in factors.tolist()],
+                   "bias": [round(v, 4) for v in bias.tolist()],
+                   "note": f"latents x scaling_factor -> RGB in [-1, 1], least squares on {count} pictures "
+                           f"(mean abs error {error:.3f})"}, f, indent=1)
+        f.write("\n")
+    log(f"[export] preview factors, mean abs error {error:.3f}")
 
 
 def write_heldout(path):

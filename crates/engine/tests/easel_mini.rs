@@ -305,3 +305,38 @@ fn easel_mini_is_not_taken_for_a_turbo_model() {
     assert!(!info.turbo, "{info:?}");
     assert_eq!((info.default_steps(), info.default_guidance(), info.default_size()), (25, 7.0, 128));
 }
+
+/// The live preview of Easel Mini uses its own latent-to-RGB map (vae/latent_rgb.json, fitted
+/// by train.py): on the final latents it is much nearer the decoded picture (8×8 averages) than
+/// SD 1.x's map, which belongs to another VAE.
+#[test]
+fn easel_mini_previews_with_its_own_colours() {
+    use easel_engine::models::Family;
+    let pipeline = Pipeline::load(&model_dir(), LoadOptions::default()).unwrap();
+    let info = pipeline.info();
+    assert!(info.latent_rgb.is_some(), "vae/latent_rgb.json is read");
+    let request = request("a red circle above a blue square", 15, 6.0, 3);
+    let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
+    let image = easel_engine::pipeline::to_rgb8(&pipeline.decode_latents(&latents).unwrap()).unwrap();
+    let values: Vec<f32> = latents.flatten_all().unwrap().to_vec1().unwrap();
+    let error = |(factors, bias): ([[f32; 3]; 4], [f32; 3])| {
+        let (w, plane) = (16usize, 256usize);
+        let mut total = 0.0;
+        for p in 0..plane {
+            let (px, py) = (p % w, p / w);
+            for c in 0..3 {
+                let v = bias[c] + (0..4).map(|ch| values[ch * plane + p] * factors[ch][c]).sum::<f32>();
+                let shown = ((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
+                let mean = (0..64)
+                    .map(|k| image.data[(((py * 8 + k / 8) * 128 + px * 8 + k % 8) * 3) + c] as f32)
+                    .sum::<f32>()
+                    / 64.0;
+                total += (shown - mean).abs();
+            }
+        }
+        total / (plane * 3) as f32
+    };
+    let (own, sd1) = (error(info.latent_rgb_factors()), error(Family::Sd1.latent_rgb_factors()));
+    println!("preview vs picture, mean abs error in 0-255: own map {own:.1}, SD 1.x map {sd1:.1}");
+    assert!(own * 2.0 < sd1, "own map {own:.1} vs SD 1.x {sd1:.1}");
+}

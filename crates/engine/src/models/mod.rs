@@ -113,9 +113,43 @@ pub struct ModelInfo {
     pub text_encoder_2: Option<ClipTextConfig>,
     /// SDXL pipelines use zero embeddings for an empty negative prompt.
     pub force_zeros_for_empty_prompt: bool,
+    /// The model's own latent-to-RGB preview map (`vae/latent_rgb.json`), where it has one.
+    pub latent_rgb: Option<LatentRgb>,
+}
+
+/// A 4→3 linear map from (scaled) latents to RGB in [-1, 1], plus a bias: what live previews draw.
+pub type LatentRgb = ([[f32; 3]; 4], [f32; 3]);
+
+/// `vae/latent_rgb.json`: a model's own preview map (Easel Mini's VAE is not SD's, so the SD 1.x
+/// factors would give the wrong colours). Only a preview: a broken file is logged and ignored.
+fn read_latent_rgb(path: &Path) -> Option<LatentRgb> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        factors: Vec<[f32; 3]>,
+        bias: [f32; 3],
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str::<File>(&text) {
+        Ok(File { factors, bias }) if factors.len() == 4 => {
+            Some(([factors[0], factors[1], factors[2], factors[3]], bias))
+        }
+        Ok(_) => {
+            log::warn!("{}: expected 4 rows of factors; using the family's", path.display());
+            None
+        }
+        Err(e) => {
+            log::warn!("{}: {e}; using the family's preview factors", path.display());
+            None
+        }
+    }
 }
 
 impl ModelInfo {
+    /// The preview map: the model's own, else its family's.
+    pub fn latent_rgb_factors(&self) -> LatentRgb {
+        self.latent_rgb.unwrap_or_else(|| self.family.latent_rgb_factors())
+    }
+
     /// Settings an artist should start from with this model.
     pub fn default_steps(&self) -> usize {
         match (self.turbo, self.family) {
@@ -254,6 +288,7 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
         text_encoder,
         text_encoder_2,
         force_zeros_for_empty_prompt,
+        latent_rgb: read_latent_rgb(&folder.join("vae").join("latent_rgb.json")),
     })
 }
 

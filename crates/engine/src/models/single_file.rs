@@ -435,6 +435,7 @@ fn inspect_keys(keys: &Keys) -> Result<ModelInfo> {
         text_encoder,
         text_encoder_2,
         force_zeros_for_empty_prompt: family == Family::Sdxl,
+        latent_rgb: None,
     })
 }
 
