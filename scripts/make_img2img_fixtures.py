@@ -50,6 +50,12 @@ def init_image():
     return image
 
 
+def decoded_pixels(pipe, latents):
+    """`vae.decode(latents / scaling)` as u8 HWC, rounded as diffusers' `numpy_to_pil`."""
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return ((decoded[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def load(name, tokenizers):
     from diffusers import (
         StableDiffusionImg2ImgPipeline,
@@ -122,8 +128,7 @@ def hires_cases(encoder, merges, tensors):
                 **common, image=image, strength=HIRES_DENOISE, num_inference_steps=HIRES_STEPS,
                 generator=torch.Generator("cpu").manual_seed(SEED),
             ).images
-            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-            pixels = ((decoded[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            pixels = decoded_pixels(pipe, latents)
             key = f"hires.{name}.{upscaler}"
             tensors[f"{key}.latents"] = latents.float().contiguous()
             tensors[f"{key}.image"] = pixels.contiguous()
@@ -178,8 +183,7 @@ def main():
                     output_type="latent",
                     callback_on_step_end=record,
                 ).images
-                decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-                pixels = ((decoded[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+                pixels = decoded_pixels(pipe, latents)
                 key = f"{name}.{sampler}.{strength}"
                 tensors[f"{key}.latents"] = latents.float().contiguous()
                 tensors[f"{key}.image"] = pixels.contiguous()

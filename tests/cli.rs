@@ -379,17 +379,22 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
     assert!(image.data == expected.data, "the binary's image differs from the library's");
 }
 
+/// diffusers' image-to-image and hires-fix results (crates/engine/tests/fixtures/img2img).
+fn img2img_reference() -> (serde_json::Value, std::collections::HashMap<String, candle_core::Tensor>) {
+    let fixtures = common::fixtures().join("img2img");
+    let json = serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    (json, tensors)
+}
+
 /// Image to image through the CLI as a user runs it, against diffusers' img2img pipelines
 /// (crates/engine/tests/fixtures/img2img): the PNG and its `Denoising strength`.
 #[test]
 fn generate_from_an_init_image_matches_diffusers() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = common::fixtures().join("img2img");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let init = fixtures.join("init.png");
+    let (json, tensors) = img2img_reference();
+    let init = common::fixtures().join("img2img/init.png");
     for (model, sampler, strength) in
         [("sd1-tiny", "euler", "0.6"), ("sd2v-tiny", "ddim", "1.0"), ("sdxl-tiny", "dpmpp_2m", "0.3")]
     {
@@ -465,11 +470,7 @@ fn generate_from_an_init_image_matches_diffusers() {
 #[test]
 fn hires_fix_through_the_cli_matches_diffusers() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = common::fixtures().join("img2img");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (json, tensors) = img2img_reference();
     let out_path = dir.path().join("hires.png");
     let model = model_dir("sdxl-tiny");
     let (guidance, seed) = (json["guidance_scale"].to_string(), json["seed"].to_string());
