@@ -13,8 +13,9 @@ use super::attention::{SpatialTransformer, SpatialTransformerConfig};
 use super::nn::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
-/// A config value diffusers accepts either once for all blocks or per block.
-#[derive(Debug, Clone, Deserialize)]
+/// A config value diffusers accepts either once for all blocks or per block (also: one level's
+/// transformer depth, once or per layer, as in SSD-1B and Segmind Vega).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -30,41 +31,19 @@ impl PerBlock {
     }
 }
 
-/// One level's `transformer_layers_per_block`: the same depth for each of its layers, or one per
-/// layer (uneven U-Nets such as SSD-1B and Segmind Vega).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum LevelDepth {
-    One(usize),
-    Each(Vec<usize>),
-}
-
-impl LevelDepth {
-    fn layer(&self, layer: usize) -> usize {
-        match self {
-            LevelDepth::One(v) => *v,
-            LevelDepth::Each(v) => v.get(layer).or(v.last()).copied().unwrap_or(1),
-        }
-    }
-
-    fn is_uneven(&self) -> bool {
-        matches!(self, LevelDepth::Each(_))
-    }
-}
-
 /// `transformer_layers_per_block`: once for all levels, or per level (each once or per layer).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Depths {
     One(usize),
-    Each(Vec<LevelDepth>),
+    Each(Vec<PerBlock>),
 }
 
 impl Depths {
-    fn level(&self, level: usize) -> LevelDepth {
+    fn level(&self, level: usize) -> PerBlock {
         match self {
-            Depths::One(v) => LevelDepth::One(*v),
-            Depths::Each(v) => v.get(level).or(v.last()).cloned().unwrap_or(LevelDepth::One(1)),
+            Depths::One(v) => PerBlock::One(*v),
+            Depths::Each(v) => v.get(level).or(v.last()).cloned().unwrap_or(PerBlock::One(1)),
         }
     }
 }
@@ -116,7 +95,7 @@ pub struct UNetConfig {
     /// The up blocks' depths where they do not mirror the down blocks (diffusers requires it
     /// with per-layer depths), per up block, deepest level first.
     #[serde(default)]
-    pub reverse_transformer_layers_per_block: Option<Vec<LevelDepth>>,
+    pub reverse_transformer_layers_per_block: Option<Vec<PerBlock>>,
     /// The time embedding's width; diffusers' default is 4 × the first level's channels.
     #[serde(default)]
     pub time_embedding_dim: Option<usize>,
@@ -170,7 +149,7 @@ impl UNetConfig {
             }
         }
         let uneven = match &self.transformer_layers_per_block {
-            Some(Depths::Each(levels)) => levels.iter().any(LevelDepth::is_uneven),
+            Some(Depths::Each(levels)) => levels.iter().any(|level| matches!(level, PerBlock::Each(_))),
             _ => false,
         };
         if uneven && self.reverse_transformer_layers_per_block.is_none() {
@@ -221,7 +200,7 @@ impl UNetConfig {
 
     /// Transformer blocks in layer `layer` of down block `level`.
     pub fn down_depth(&self, level: usize, layer: usize) -> usize {
-        self.transformer_layers_per_block.as_ref().map(|t| t.level(level).layer(layer)).unwrap_or(1)
+        self.transformer_layers_per_block.as_ref().map(|t| t.level(level).get(layer)).unwrap_or(1)
     }
 
     /// Transformer blocks in the mid block (diffusers: the last level's entry, first layer).
@@ -232,7 +211,7 @@ impl UNetConfig {
     /// Transformer blocks in layer `layer` of up block `block` (block 0 mirrors the deepest level).
     pub fn up_depth(&self, block: usize, layer: usize) -> usize {
         match &self.reverse_transformer_layers_per_block {
-            Some(reverse) => reverse.get(block).or(reverse.last()).map(|d| d.layer(layer)).unwrap_or(1),
+            Some(reverse) => reverse.get(block).or(reverse.last()).map(|d| d.get(layer)).unwrap_or(1),
             None => self.down_depth(self.block_out_channels.len().saturating_sub(1).saturating_sub(block), layer),
         }
     }
