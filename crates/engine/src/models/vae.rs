@@ -78,6 +78,14 @@ impl VaeConfig {
     }
 }
 
+/// A VAE resnet: no time embedding, GroupNorm eps 1e-6 (encoder and decoder alike).
+fn vae_resnet(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<ResnetBlock2D> {
+    ResnetBlock2D::new(
+        vb,
+        &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: 1e-6 },
+    )
+}
+
 #[derive(Debug)]
 struct UpDecoderBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -106,12 +114,7 @@ impl VaeDecoder {
         let groups = config.norm_num_groups;
         let latent = config.latent_channels;
         let top = ch[ch.len() - 1];
-        let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
-            ResnetBlock2D::new(
-                vb,
-                &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: 1e-6 },
-            )
-        };
+        let resnet = |vb: VarBuilder, cin: usize, cout: usize| vae_resnet(vb, cin, cout, groups);
         let post_quant_conv = if config.use_post_quant_conv {
             Some(conv2d(latent, latent, 1, 1, 0, vb.pp("post_quant_conv"))?)
         } else {
@@ -224,12 +227,7 @@ impl VaeEncoder {
         }
         let groups = config.norm_num_groups;
         let top = ch[ch.len() - 1];
-        let resnet = |vb: VarBuilder, cin: usize, cout: usize| {
-            ResnetBlock2D::new(
-                vb,
-                &ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: 1e-6 },
-            )
-        };
+        let resnet = |vb: VarBuilder, cin: usize, cout: usize| vae_resnet(vb, cin, cout, groups);
         let enc = vb.pp("encoder");
         let mut down_blocks = Vec::with_capacity(ch.len());
         let mut cin = ch[0];
