@@ -11,7 +11,8 @@ use easel_engine::device::{load_options, DevicePreference};
 use easel_engine::metadata::{read_png, write_png};
 use easel_engine::models::inspect_model;
 use easel_engine::pipeline::fit::{fit_image, ResizeMode};
-use easel_engine::pipeline::{GenerationRequest, HiresFix, HiresUpscaler, ImageToImage, Pipeline, StepProgress};
+use easel_engine::pipeline::inpaint::{Inpaint, InpaintArea, Mask, Outpaint};
+use easel_engine::pipeline::{GenerationRequest, HiresFix, HiresUpscaler, ImageToImage, Pipeline, StepProgress, Task};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 
@@ -49,7 +50,7 @@ pub fn init_logging(verbose: bool) {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate one image from a prompt and save it as a PNG with its parameters.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Time text encoding, a U-Net step (with and without CFG), the VAE decode, a whole
     /// generation and peak memory; prints a table (and JSON with --json).
     Bench(BenchArgs),
@@ -226,9 +227,28 @@ pub struct GenerateArgs {
     /// Start from this picture instead of noise (image to image); the size defaults to its own.
     #[arg(long, value_name = "PNG")]
     pub init_image: Option<PathBuf>,
-    /// How much of the init image is repainted: above 0, at most 1 (A1111's denoising strength).
-    #[arg(long, default_value_t = 0.75)]
-    pub strength: f64,
+    /// How much of the init image is repainted: above 0, at most 1 (A1111's denoising strength)
+    /// [default: 0.75; 1 for outpainting and for inpainting models].
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting: repaint where this picture (the init image's size) is white, keep where black.
+    #[arg(long, value_name = "PNG")]
+    pub mask: Option<PathBuf>,
+    /// Soften the mask's edge by a Gaussian of N pixels, and lay the result over the init image
+    /// through it (A1111's "Mask blur"); 0 gives diffusers' hard-edged output as it is.
+    #[arg(long, default_value_t = 4.0, value_name = "N")]
+    pub mask_blur: f64,
+    /// whole: render the whole picture; masked: render only the masked region (plus
+    /// --inpaint-padding) at the full size and paste it back (A1111's "Only masked").
+    #[arg(long, default_value = "whole", value_parser = ["whole", "masked"])]
+    pub inpaint_area: String,
+    /// Pixels around the masked region that "--inpaint-area masked" renders too.
+    #[arg(long, default_value_t = 32, value_name = "P")]
+    pub inpaint_padding: u32,
+    /// Outpainting: extend the init image's canvas by LEFT,TOP,RIGHT,BOTTOM pixels (or one number
+    /// for all four) and paint the new border.
+    #[arg(long, value_name = "L,T,R,B", value_parser = parse_outpaint)]
+    pub outpaint: Option<Outpaint>,
     /// How an init image of another size is fitted: resize (stretch), crop (cover, cut evenly)
     /// or fill (fit inside, edges stretched), as AUTOMATIC1111's resize modes.
     #[arg(long, default_value = "resize")]
@@ -249,10 +269,21 @@ pub struct GenerateArgs {
     pub hires_upscaler: HiresUpscaler,
 }
 
-/// The init image, fitted to the request's size (saying so when it had another).
-fn load_init_image(path: &Path, request: &GenerationRequest, mode: ResizeMode, strength: f64) -> Result<ImageToImage> {
-    let image = read_png(path).with_context(|| format!("reading the init image {}", path.display()))?;
-    let (width, height) = (request.width as u32, request.height as u32);
+fn parse_outpaint(text: &str) -> std::result::Result<Outpaint, String> {
+    Outpaint::parse(text).map_err(|e| e.to_string())
+}
+
+fn read_picture(path: &Path, what: &str) -> Result<easel_engine::metadata::RgbImage> {
+    read_png(path).with_context(|| format!("reading the {what} {}", path.display()))
+}
+
+/// The init image (and mask), fitted to `width` × `height` (saying so when they had another size).
+fn fit_init(
+    image: &easel_engine::metadata::RgbImage,
+    mask: Option<&Mask>,
+    (width, height): (u32, u32),
+    mode: ResizeMode,
+) -> Result<(easel_engine::metadata::RgbImage, Option<Mask>)> {
     if (image.width, image.height) != (width, height) {
         eprintln!(
             "note: the init image is {}×{}; fitted to {width}×{height} ({})",
@@ -261,15 +292,131 @@ fn load_init_image(path: &Path, request: &GenerationRequest, mode: ResizeMode, s
             mode.label()
         );
     }
-    let image = fit_image(&image, width, height, mode)?;
-    let init = ImageToImage { image, strength };
-    init.validate(request)?;
-    Ok(init)
+    let fitted = fit_image(image, width, height, mode)?;
+    let mask = match mask {
+        Some(mask) => {
+            let grey = easel_engine::metadata::RgbImage {
+                width: mask.width,
+                height: mask.height,
+                data: mask.data.iter().flat_map(|&v| [v, v, v]).collect(),
+            };
+            Some(Mask::from_rgb(&fit_image(&grey, width, height, mode)?))
+        }
+        None => None,
+    };
+    Ok((fitted, mask))
+}
+
+/// What `generate` was asked to do: image to image, inpainting, outpainting or hires fix.
+fn build_task(
+    args: &GenerateArgs,
+    request: &mut GenerationRequest,
+    info: &easel_engine::models::ModelInfo,
+) -> Result<Task> {
+    let Some(path) = &args.init_image else {
+        for (given, flag) in [(args.mask.is_some(), "--mask"), (args.outpaint.is_some(), "--outpaint")] {
+            if given {
+                bail!("{flag} needs --init-image: the picture to paint into");
+            }
+        }
+        if info.is_inpainting() {
+            bail!("{} is an inpainting model: give it --init-image and --mask", info.name);
+        }
+        return Ok(match args.hires_scale {
+            Some(scale) => {
+                let hires = HiresFix {
+                    scale,
+                    steps: args.hires_steps,
+                    denoise: args.hires_denoise,
+                    upscaler: args.hires_upscaler,
+                };
+                let second = hires.second_pass(request)?;
+                second.validate(info)?;
+                easel_engine::pipeline::first_step(hires.denoise, second.steps)?;
+                Task::HiresFix(hires)
+            }
+            None => Task::TextToImage,
+        });
+    };
+    if args.hires_scale.is_some() {
+        bail!("--hires-scale is for text to image: leave out --init-image");
+    }
+    let image = read_picture(path, "init image")?;
+    let mask = match &args.mask {
+        Some(mask_path) => {
+            let mask = Mask::from_rgb(&read_picture(mask_path, "mask")?);
+            if (mask.width, mask.height) != (image.width, image.height) {
+                bail!(
+                    "the mask {} is {}×{} but the init image {}×{}: they must be the same size",
+                    mask_path.display(),
+                    mask.width,
+                    mask.height,
+                    image.width,
+                    image.height
+                );
+            }
+            Some(mask)
+        }
+        None => None,
+    };
+    let (image, mask) =
+        fit_init(&image, mask.as_ref(), (request.width as u32, request.height as u32), args.resize_mode)?;
+    let (image, mask) = match &args.outpaint {
+        Some(outpaint) => {
+            let (big, border) = outpaint.extend(&image)?;
+            let factor = info.vae.downscale_factor() as u32;
+            if big.width % factor != 0 || big.height % factor != 0 {
+                bail!(
+                    "outpainting {}×{} by {} gives {}×{}: the sides must be multiples of {factor}",
+                    image.width,
+                    image.height,
+                    outpaint.to_param(),
+                    big.width,
+                    big.height
+                );
+            }
+            // A painted mask is kept, the new border added to it.
+            let mask = match mask {
+                Some(inner) => {
+                    let inner = outpaint.extend_mask(&inner);
+                    let data = inner.data.iter().zip(&border.data).map(|(&a, &b)| a.max(b)).collect();
+                    Mask { data, ..border }
+                }
+                None => border,
+            };
+            request.width = big.width as usize;
+            request.height = big.height as usize;
+            request.validate(info)?;
+            (big, Some(mask))
+        }
+        None => (image, mask),
+    };
+    let full = args.outpaint.is_some() || info.is_inpainting();
+    let strength = args.strength.unwrap_or(if full { 1.0 } else { 0.75 });
+    match mask {
+        Some(mask) => {
+            let area = match args.inpaint_area.as_str() {
+                "masked" => InpaintArea::Masked { padding: args.inpaint_padding },
+                _ => InpaintArea::Whole,
+            };
+            let inpaint = Inpaint { image, mask, strength, mask_blur: args.mask_blur, area };
+            inpaint.validate(request)?;
+            Ok(Task::Inpaint(inpaint))
+        }
+        None if info.is_inpainting() => {
+            bail!("{} is an inpainting model: give it --mask too (white = repaint)", info.name)
+        }
+        None => {
+            let init = ImageToImage { image, strength };
+            init.validate(request)?;
+            Ok(Task::ImageToImage(init))
+        }
+    }
 }
 
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Bench(args) => bench(args),
         Command::Models { action: ModelsCommand::List { dir } } => list_models(dir.as_deref()),
         Command::Models { action: ModelsCommand::Download { name, revision } } => download_model(&name, &revision),
@@ -312,9 +459,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let seed = args.seed.unwrap_or_else(easel_engine::rng::random_seed);
-    let request = GenerationRequest {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
+    let mut request = GenerationRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
         steps: args.steps.unwrap_or(info.default_steps()),
         guidance_scale: args.guidance.unwrap_or(info.default_guidance()),
         seed,
@@ -325,23 +472,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         rng: args.rng,
     };
     request.validate(&info)?;
-    let init = match &args.init_image {
-        Some(path) => Some(load_init_image(path, &request, args.resize_mode, args.strength)?),
-        None => None,
-    };
-    let hires = match args.hires_scale {
-        Some(_) if init.is_some() => bail!("--hires-scale is for text to image: leave out --init-image"),
-        Some(scale) => {
-            let hires =
-                HiresFix { scale, steps: args.hires_steps, denoise: args.hires_denoise, upscaler: args.hires_upscaler };
-            let second = hires.second_pass(&request)?;
-            second.validate(&info)?;
-            easel_engine::pipeline::first_step(hires.denoise, second.steps)?;
-            Some(hires)
-        }
-        None => None,
-    };
-    let output = args.output.unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
+    let task = build_task(&args, &mut request, &info)?;
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
     check_output(&output, args.overwrite)?;
 
     let load_start = Instant::now();
@@ -388,7 +520,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let image = pipeline.generate_task(&request, init.as_ref(), hires.as_ref(), &mut report)?;
+    let image = pipeline.generate_task(&request, &task, &mut report)?;
     if interactive {
         eprintln!();
     }
@@ -397,9 +529,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let model_hash = hashing.join().ok().flatten();
     let mut params = request.to_params(Some(&info.name), model_hash.as_deref());
     params.vae = args.model.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
-    params.denoising_strength = init.as_ref().map(|init| init.strength);
-    if let Some(hires) = &hires {
-        hires.write_params(&mut params);
+    match &task {
+        Task::TextToImage => {}
+        Task::ImageToImage(init) => params.denoising_strength = Some(init.strength),
+        Task::Inpaint(inpaint) => inpaint.write_params(&mut params),
+        Task::HiresFix(hires) => hires.write_params(&mut params),
+    }
+    if let Some(outpaint) = &args.outpaint {
+        params.extra.push(("Outpaint".into(), outpaint.to_param()));
     }
     write_png(&output, &image, &[("parameters", &params.to_infotext())], args.overwrite)
         .with_context(|| format!("saving {}", output.display()))?;

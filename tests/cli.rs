@@ -185,12 +185,12 @@ fn bad_models_give_clear_errors() {
     let err = stderr(&generate(&truncated, &out_path, &["--steps", "1"]));
     assert!(err.contains("weights do not match the config"), "{err}");
 
-    // An inpainting U-Net is named as such.
+    // A U-Net of another kind (instruct-pix2pix's 8 input channels) is named as such.
     let config_path = truncated.join("unet/config.json");
-    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"in_channels\": 4", "\"in_channels\": 9");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"in_channels\": 4", "\"in_channels\": 8");
     std::fs::write(&config_path, config).unwrap();
     let err = stderr(&generate(&truncated, &out_path, &["--steps", "1"]));
-    assert!(err.contains("inpainting"), "{err}");
+    assert!(err.contains("8 input channels"), "{err}");
     assert!(!out_path.exists());
 }
 
@@ -526,4 +526,144 @@ fn hires_fix_through_the_cli_matches_diffusers() {
         assert!(!out.status.success() && !never.exists(), "{flag} {value}");
         assert!(stderr(&out).contains(words) && !stderr(&out).contains("loaded"), "{}", stderr(&out));
     }
+}
+
+fn inpaint_reference() -> (serde_json::Value, std::collections::HashMap<String, candle_core::Tensor>) {
+    let fixtures = common::fixtures().join("inpaint");
+    let json = serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    (json, tensors)
+}
+
+/// The reference's settings as `easel generate` flags, then `extra`.
+fn reference_args(json: &serde_json::Value, model: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    let init = common::fixtures().join("img2img/init.png");
+    let mut args: Vec<String> = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        json["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        json["negative_prompt"].as_str().unwrap(),
+        "--steps",
+        &json["steps"].to_string(),
+        "--guidance",
+        &json["guidance_scale"].to_string(),
+        "--seed",
+        &json["seed"].to_string(),
+        "--init-image",
+        init.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Inpainting and outpainting through the CLI against diffusers' inpaint pipelines
+/// (crates/engine/tests/fixtures/inpaint), with A1111's words in the PNG.
+#[test]
+fn inpainting_through_the_cli_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, tensors) = inpaint_reference();
+    let mask = common::fixtures().join("inpaint/mask.png");
+    let small = common::fixtures().join("inpaint/small-mask.png");
+    let (mask, small) = (mask.to_str().unwrap(), small.to_str().unwrap());
+    let sd1 = model_dir("sd1-tiny");
+    let nine = common::inpainting_model("sdxl-tiny", dir.path());
+    let cases: Vec<(&Path, &str, Vec<&str>, Vec<&str>)> = vec![
+        (
+            &sd1,
+            "sd1-tiny.4ch.euler_a.0.6",
+            vec!["--mask", mask, "--mask-blur", "0", "--sampler", "euler_a", "--strength", "0.6"],
+            vec!["Denoising strength: 0.6", "Mask blur: 0"],
+        ),
+        (
+            &sd1,
+            "sd1-tiny.4ch.blur4",
+            vec!["--mask", mask, "--mask-blur", "4", "--strength", "0.75"],
+            vec!["Mask blur: 4", "Denoising strength: 0.75"],
+        ),
+        (
+            &sd1,
+            "sd1-tiny.4ch.masked",
+            vec!["--mask", small, "--mask-blur", "0", "--inpaint-area", "masked", "--inpaint-padding", "8"],
+            vec!["Inpaint area: Only masked", "Masked area padding: 8"],
+        ),
+        // An inpainting model's strength defaults to 1.
+        (
+            &nine,
+            "sdxl-tiny.9ch.dpmpp_2m.1.0",
+            vec!["--mask", mask, "--mask-blur", "0", "--sampler", "dpmpp_2m"],
+            vec!["Denoising strength: 1"],
+        ),
+        (
+            &nine,
+            "sdxl-tiny.9ch.outpaint",
+            vec!["--outpaint", "32,0,0,32", "--mask-blur", "0"],
+            vec!["Outpaint: \"32,0,0,32\"", "Size: 96x96"],
+        ),
+    ];
+    for (model, key, extra, words) in cases {
+        let out_path = dir.path().join(format!("{key}.png"));
+        let args = reference_args(&json, model, &out_path, &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = easel(&args);
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+        let ours = read_png(&out_path).unwrap();
+        let theirs: Vec<u8> = tensors[&format!("{key}.image")].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours.data.len(), theirs.len(), "{key}: size");
+        let psnr = common::psnr(&ours.data, &theirs);
+        assert!(psnr >= 40.0, "{key}: PSNR {psnr:.1} dB");
+        let text = read_png_parameters(&out_path).unwrap().unwrap();
+        for w in words {
+            assert!(text.contains(w), "{key}: {w}: {text}");
+        }
+    }
+}
+
+/// Each bad inpainting input is a clear message before the model loads, and nothing is written.
+#[test]
+fn bad_inpainting_input_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, _) = inpaint_reference();
+    let black = dir.path().join("black.png");
+    let mut black_mask = easel_engine::metadata::RgbImage { width: 64, height: 64, data: vec![0; 64 * 64 * 3] };
+    easel_engine::metadata::write_png(&black, &black_mask, &[], false).unwrap();
+    let wrong_size = dir.path().join("wrong-size.png");
+    black_mask = easel_engine::metadata::RgbImage { width: 32, height: 32, data: vec![255; 32 * 32 * 3] };
+    easel_engine::metadata::write_png(&wrong_size, &black_mask, &[], false).unwrap();
+    let corrupt = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nbroken").unwrap();
+    let mask = common::fixtures().join("inpaint/mask.png");
+    let out_path = dir.path().join("never.png");
+    let sd1 = model_dir("sd1-tiny");
+    let nine = common::inpainting_model("sd1-tiny", dir.path());
+    let cases: Vec<(&Path, Vec<&str>, &str)> = vec![
+        (&sd1, vec!["--mask", black.to_str().unwrap()], "nothing to repaint"),
+        (&sd1, vec!["--mask", wrong_size.to_str().unwrap()], "same size"),
+        (&sd1, vec!["--mask", corrupt.to_str().unwrap()], "mask"),
+        (&sd1, vec!["--mask", mask.to_str().unwrap(), "--strength", "1.5"], "strength"),
+        (&sd1, vec!["--outpaint", "4,0,0,0"], "multiples of 8"),
+        (&nine, vec![], "--mask"),
+    ];
+    for (model, extra, words) in cases {
+        let args = reference_args(&json, model, &out_path, &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = easel(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success() && !out_path.exists(), "{extra:?}: {err}");
+        assert!(err.contains(words), "{extra:?}: {err}");
+        assert!(!err.contains("loaded"), "refused before loading: {err}");
+    }
+    // A mask without an init image, and an inpainting model with no picture at all.
+    let out = generate(&sd1, &out_path, &["--mask", mask.to_str().unwrap()]);
+    assert!(stderr(&out).contains("needs --init-image"), "{}", stderr(&out));
+    let out = generate(&nine, &out_path, &[]);
+    assert!(stderr(&out).contains("inpainting model"), "{}", stderr(&out));
 }

@@ -112,13 +112,50 @@ fn bf16_and_pruned_files_load_like_the_original() {
     }
 }
 
+/// A 9-channel SD 1.x inpainting single file against diffusers' inpaint pipeline on it
+/// (`from_single_file`), strength 1: one U-Net call and the whole 4-step Euler run.
 #[test]
-fn inpainting_and_wrong_kinds_are_named() {
+fn an_inpainting_single_file_matches_diffusers() {
+    use easel_engine::metadata::RgbImage;
+    use easel_engine::pipeline::inpaint::Mask;
     let dir = tempfile::tempdir().unwrap();
-    let inpaint = unpack_single_file("sd1-single-inpaint", dir.path());
-    let err = inspect_model(&inpaint).unwrap_err().to_string();
-    assert!(err.contains("inpainting"), "{err}");
+    let path = unpack_single_file("sd1-single-inpaint", dir.path());
+    let r = reference("sd1-single-inpaint");
+    let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap();
+    assert!(pipeline.info().is_inpainting());
+    let out = pipeline
+        .model()
+        .unet
+        .forward(r.tensor("unet.sample"), r.f64("unet.timestep") as f32, r.tensor("unet.encoder_hidden_states"), None)
+        .unwrap();
+    assert_close("inpaint unet", &out, r.tensor("unet.out"), 1e-5);
+    // The reference's picture is continuous in [0, 1] and Easel takes 8-bit pictures: rounded,
+    // it moves the latents by ~1e-4 (relative), hence the looser tolerance below.
+    let to_u8 = |t: &candle_core::Tensor| -> Vec<u8> {
+        values(t).iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect()
+    };
+    let planar =
+        to_u8(&r.tensor("inpaint.image").squeeze(0).unwrap().permute((1, 2, 0)).unwrap().contiguous().unwrap());
+    let image = RgbImage { width: 64, height: 64, data: planar };
+    let mask = Mask { width: 64, height: 64, data: to_u8(r.tensor("inpaint.mask_image")) };
+    let request = GenerationRequest {
+        prompt: r.str("prompt").into(),
+        negative_prompt: r.str("negative_prompt").into(),
+        steps: r.f64("steps") as usize,
+        guidance_scale: r.f64("guidance_scale"),
+        seed: r.f64("seed") as u64,
+        width: 64,
+        height: 64,
+        sampler: SamplerId::Euler,
+        schedule: Schedule::Default,
+        rng: RngKind::Cpu,
+    };
+    let latents = pipeline.denoise_inpaint(&request, &image, &mask, 1.0, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_close("inpaint euler latents", &latents, r.tensor("euler.latents"), 1e-3);
+}
 
+#[test]
+fn wrong_kinds_are_named() {
     let bad = fixtures().join("bad");
     for (file, words) in [
         ("lora.safetensors", "LoRA"),

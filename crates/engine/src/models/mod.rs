@@ -145,6 +145,11 @@ fn read_latent_rgb(path: &Path) -> Option<LatentRgb> {
 }
 
 impl ModelInfo {
+    /// A 9-channel inpainting U-Net (SD 1.5 / 2.x / SDXL inpainting): it needs an image and a mask.
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.in_channels == 9
+    }
+
     /// The preview map: the model's own, else its family's.
     pub fn latent_rgb_factors(&self) -> LatentRgb {
         self.latent_rgb.unwrap_or_else(|| self.family.latent_rgb_factors())
@@ -215,11 +220,13 @@ pub fn inspect_diffusers_folder(folder: &Path) -> Result<ModelInfo> {
     if let Some(what) = unet.unsupported() {
         return Err(model_error(&folder.join("unet/config.json"), format!("unsupported U-Net ({what})")));
     }
-    if unet.in_channels != 4 {
-        let kind = if unet.in_channels == 9 { "an inpainting model" } else { "not a text-to-image model" };
+    if unet.in_channels != 4 && unet.in_channels != 9 {
         return Err(model_error(
             folder,
-            format!("the U-Net takes {} input channels: {kind}, which Easel does not run yet", unet.in_channels),
+            format!(
+                "the U-Net takes {} input channels (e.g. instruct-pix2pix): only text-to-image (4) and inpainting (9) models run",
+                unet.in_channels
+            ),
         ));
     }
     let vae: VaeConfig = read_json(&folder.join("vae/config.json"))?;

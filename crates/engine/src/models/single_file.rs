@@ -120,7 +120,8 @@ fn unet_input(keys: &Keys) -> Result<(usize, usize)> {
     }
     match conv_in_dims[1] {
         4 => Ok((conv_in_dims[0], 4)),
-        9 => Err(keys.error("this is an inpainting checkpoint (9-channel U-Net), which Easel does not run yet")),
+        // Inpainting: latents + mask + masked-image latents.
+        9 => Ok((conv_in_dims[0], 9)),
         n => Err(keys.error(format!("the U-Net takes {n} input channels (e.g. instruct-pix2pix): not supported"))),
     }
 }

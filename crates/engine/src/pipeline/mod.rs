@@ -2,6 +2,7 @@
 //! an explicit loop in the shape of diffusers' `StableDiffusionPipeline.__call__`.
 
 pub mod fit;
+pub mod inpaint;
 pub mod preview;
 pub mod prompt;
 pub mod text;
@@ -18,6 +19,7 @@ use crate::models::{Component, Family, LoadOptions, ModelInfo, StableDiffusion};
 use crate::rng::{make_generator, RngKind};
 use crate::schedulers::{build_scheduler, SamplerId, Schedule, SchedulerConfig};
 use crate::{Error, Result};
+use inpaint::{crop_for_processing, crop_region, overlay, Inpaint, InpaintArea, Mask};
 use text::{encode_prompts, TextConditioning, Tokenizers};
 
 /// Largest image side accepted (larger runs out of memory long before finishing on any machine).
@@ -98,12 +100,34 @@ pub struct Pipeline {
     vae_encoder: std::sync::OnceLock<crate::models::vae::VaeEncoder>,
 }
 
-/// A job's text conditioning, prepared once.
+/// A job's conditioning, prepared once: the text's cross-attention states (and SDXL's pooled
+/// vector and size ids), plus the channels an inpainting U-Net takes beside the latents.
 struct Conditioning {
     context: Tensor,
     pooled: Option<Tensor>,
     time_ids: Option<Tensor>,
+    /// Inpainting models: `cat([mask, masked_image_latents])`, one row per U-Net batch row.
+    concat: Option<Tensor>,
     cfg: bool,
+}
+
+/// What a 4-channel model's inpainting keeps: after each step the unmasked latents are put
+/// back to the image's, noised to the next step's level (diffusers' "legacy" inpainting).
+struct LatentBlend {
+    image_latents: Tensor,
+    /// The job's initial noise, reused at every level.
+    noise: Tensor,
+    /// 1 repaints, 0 keeps, at the latents' size (1, 1, h, w).
+    mask: Tensor,
+}
+
+/// What one job does, besides the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    TextToImage,
+    ImageToImage(ImageToImage),
+    Inpaint(Inpaint),
+    HiresFix(HiresFix),
 }
 
 /// What image-to-image starts from: a picture of the requested size and how much to change it.
@@ -294,7 +318,7 @@ impl Pipeline {
     /// The shape of the latents for the request.
     fn latent_shape(&self, req: &GenerationRequest) -> (usize, usize, usize, usize) {
         let factor = self.model.info.vae.downscale_factor();
-        (1, self.model.info.unet.in_channels, req.height / factor, req.width / factor)
+        (1, self.model.info.vae.latent_channels, req.height / factor, req.width / factor)
     }
 
     /// The text conditioning of a job, prepared once: cross-attention states (and SDXL's
@@ -320,7 +344,7 @@ impl Pipeline {
         } else {
             None
         };
-        Ok(Conditioning { context, pooled, time_ids, cfg })
+        Ok(Conditioning { context, pooled, time_ids, concat: None, cfg })
     }
 
     /// Runs the denoising loop (text to image) and returns the final latents (not yet divided
@@ -331,6 +355,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
         req.validate(&self.model.info)?;
+        self.refuse_inpainting_model()?;
         let start = Instant::now();
         let cond = self.conditioning(req)?;
         let mut scheduler = build_scheduler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
@@ -338,7 +363,18 @@ impl Pipeline {
         // diffusers' `prepare_latents`: randn(shape) from the seeded generator × the initial sigma.
         let initial = self.randn(self.latent_shape(req), noise.as_mut())?;
         let latents = (initial * scheduler.init_noise_sigma())?;
-        self.denoise_loop(req, &cond, scheduler.as_mut(), latents, 0, noise.as_mut(), start, on_step)
+        self.denoise_loop(req, &cond, None, scheduler.as_mut(), latents, 0, noise.as_mut(), start, on_step)
+    }
+
+    /// An inpainting model runs only with an image and a mask (as diffusers' pipeline).
+    fn refuse_inpainting_model(&self) -> Result<()> {
+        if self.model.info.is_inpainting() {
+            return Err(Error::InvalidSetting(format!(
+                "{} is an inpainting model: give it an init image and a mask (white = repaint)",
+                self.model.info.name
+            )));
+        }
+        Ok(())
     }
 
     /// Image to image: `init.image` encoded, noised to the level `init.strength` asks for and
@@ -353,6 +389,7 @@ impl Pipeline {
     ) -> Result<Tensor> {
         req.validate(&self.model.info)?;
         init.validate(req)?;
+        self.refuse_inpainting_model()?;
         let mut noise = make_generator(req.rng, req.seed);
         let image_latents = self.encode_image(&init.image, noise.as_mut())?;
         self.denoise_latents(req, &image_latents, init.strength, noise.as_mut(), on_step)
@@ -377,7 +414,72 @@ impl Pipeline {
         let cond = self.conditioning(req)?;
         let fresh = self.randn(image_latents.dims4()?, noise)?;
         let latents = scheduler.add_noise(image_latents, &fresh, first)?;
-        self.denoise_loop(req, &cond, scheduler.as_mut(), latents, first, noise, start, on_step)
+        self.denoise_loop(req, &cond, None, scheduler.as_mut(), latents, first, noise, start, on_step)
+    }
+
+    /// Inpainting the latents of `image` where `mask` (binarised, at the request's size) is white,
+    /// as diffusers' `StableDiffusionInpaintPipeline` (and the SDXL one): the same generator draws
+    /// (the image's posterior when it is needed, the noise, the masked image's posterior), a
+    /// 9-channel model fed `cat([latents, mask, masked_image_latents])`, a 4-channel one's
+    /// unmasked latents put back after every step.
+    pub fn denoise_inpaint(
+        &self,
+        req: &GenerationRequest,
+        image: &RgbImage,
+        mask: &Mask,
+        strength: f64,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        req.validate(&self.model.info)?;
+        let start = Instant::now();
+        let device = &self.model.options.device;
+        let dtype = self.model.options.dtype;
+        let nine = self.model.info.is_inpainting();
+        let mut scheduler = build_scheduler(req.sampler, req.schedule, &self.scheduler_config, req.steps)?;
+        let steps = scheduler.timesteps().len();
+        let first = first_step(strength, steps)?;
+        scheduler.set_begin_index(first)?;
+        let full_strength = strength == 1.0;
+        let mut noise = make_generator(req.rng, req.seed);
+        let cond = self.conditioning(req)?;
+        // A 4-channel model always needs the image's latents (to blend); a 9-channel one only
+        // to start from them.
+        let image_latents =
+            if !nine || !full_strength { Some(self.encode_image(image, noise.as_mut())?) } else { None };
+        let shape = self.latent_shape(req);
+        let initial = self.randn(shape, noise.as_mut())?;
+        let latents = match (&image_latents, full_strength) {
+            (Some(image_latents), false) => scheduler.add_noise(image_latents, &initial, first)?,
+            _ => (&initial * scheduler.init_noise_sigma())?,
+        };
+        let (_, _, h, w) = shape;
+        let mask_latent = Tensor::from_vec(mask.latent_mask(w, h), (1, 1, h, w), device)?;
+        let rows = if cond.cfg { 2 } else { 1 };
+        let mut cond = cond;
+        let blend = if nine {
+            let masked = self.encode_pixels(&self.pixels(image, Some(mask))?, noise.as_mut())?;
+            let extra = Tensor::cat(&[&mask_latent, &masked], 1)?.to_dtype(dtype)?;
+            cond.concat = Some(Tensor::cat(&vec![&extra; rows], 0)?);
+            None
+        } else {
+            // diffusers encodes the masked picture for 4-channel models too and never uses it;
+            // its posterior draw is taken all the same so later draws (Euler a, LCM) match.
+            noise.randn(shape.0 * shape.1 * shape.2 * shape.3);
+            let image_latents =
+                image_latents.ok_or_else(|| Error::InvalidSetting("inpainting needs the image's latents".into()))?;
+            Some(LatentBlend { image_latents, noise: initial, mask: mask_latent })
+        };
+        self.denoise_loop(
+            req,
+            &cond,
+            blend.as_ref(),
+            scheduler.as_mut(),
+            latents,
+            first,
+            noise.as_mut(),
+            start,
+            on_step,
+        )
     }
 
     /// Hires fix, as AUTOMATIC1111 does it: text to image at the request's size, the result
@@ -389,6 +491,7 @@ impl Pipeline {
         hires: &HiresFix,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
+        self.refuse_inpainting_model()?;
         let second = hires.second_pass(req)?;
         second.validate(&self.model.info)?;
         first_step(hires.denoise, second.steps)?;
@@ -412,14 +515,30 @@ impl Pipeline {
     /// An RGB image as the VAE's scaled latents, sampled from its posterior with `noise` (as
     /// diffusers' `retrieve_latents(vae.encode(image), generator) * scaling_factor`).
     pub fn encode_image(&self, image: &RgbImage, noise: &mut dyn crate::rng::NoiseGenerator) -> Result<Tensor> {
-        let device = &self.model.options.device;
+        self.encode_pixels(&self.pixels(image, None)?, noise)
+    }
+
+    /// diffusers' image processor: /255 in float32, then 2x − 1, as (1, 3, h, w); with `keep`,
+    /// the repainted pixels are 0 (diffusers' `masked_image = image * (mask < 0.5)`).
+    fn pixels(&self, image: &RgbImage, keep: Option<&Mask>) -> Result<Tensor> {
         let (w, h) = (image.width as usize, image.height as usize);
         if image.data.len() != w * h * 3 {
             return Err(Error::InvalidSetting(format!("the init image's pixels do not fill {w}×{h}")));
         }
-        // diffusers' image processor: /255 in float32, then 2x − 1.
-        let pixels: Vec<f32> = image.data.iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
-        let pixels = Tensor::from_vec(pixels, (1, h, w, 3), device)?.permute((0, 3, 1, 2))?.contiguous()?;
+        let pixels: Vec<f32> = image
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| match keep {
+                Some(mask) if Mask::repaints(mask.data[i / 3]) => 0.0,
+                _ => 2.0 * (v as f32 / 255.0) - 1.0,
+            })
+            .collect();
+        Ok(Tensor::from_vec(pixels, (1, h, w, 3), &self.model.options.device)?.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+
+    /// Pixels in [-1, 1] (1, 3, h, w) as the VAE's scaled latents, sampled with `noise`.
+    fn encode_pixels(&self, pixels: &Tensor, noise: &mut dyn crate::rng::NoiseGenerator) -> Result<Tensor> {
         self.model.keep_resident_only(Component::Vae);
         let encoder = self.vae_encoder()?;
         let dist = {
@@ -460,6 +579,7 @@ impl Pipeline {
         &self,
         req: &GenerationRequest,
         cond: &Conditioning,
+        blend: Option<&LatentBlend>,
         scheduler: &mut dyn crate::schedulers::Scheduler,
         mut latents: Tensor,
         first: usize,
@@ -476,6 +596,11 @@ impl Pipeline {
         for (i, &t) in timesteps.iter().enumerate().skip(first) {
             let model_input = if cond.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
+            // Inpainting models: the mask and the masked picture's latents beside the latents.
+            let model_input = match &cond.concat {
+                Some(extra) => Tensor::cat(&[&model_input, extra], 1)?,
+                None => model_input,
+            };
             let added = match (&cond.pooled, &cond.time_ids) {
                 (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
                 _ => None,
@@ -491,6 +616,17 @@ impl Pipeline {
             };
             let step = scheduler.step(&noise_pred, i, &latents, noise)?;
             latents = step.prev_sample;
+            if let Some(blend) = blend {
+                // diffusers: the kept part is the image noised to the next step's level, or the
+                // clean image after the last step.
+                let kept = if i + 1 < timesteps.len() {
+                    scheduler.add_noise(&blend.image_latents, &blend.noise, i + 1)?
+                } else {
+                    blend.image_latents.clone()
+                };
+                let inverse = (1.0 - &blend.mask)?;
+                latents = (kept.broadcast_mul(&inverse)? + latents.broadcast_mul(&blend.mask)?)?;
+            }
             let progress = StepProgress {
                 step: i + 1 - first,
                 total,
@@ -556,30 +692,71 @@ impl Pipeline {
         init: Option<&ImageToImage>,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
-        self.generate_task(req, init, None, on_step)
+        match init {
+            Some(init) => self.generate_task(req, &Task::ImageToImage(init.clone()), on_step),
+            None => self.generate_task(req, &Task::TextToImage, on_step),
+        }
     }
 
-    /// The whole run: text to image, image to image (`init`) or with a hires fix (`hires`).
+    /// The whole run of one task, to 8-bit RGB.
     pub fn generate_task(
         &self,
         req: &GenerationRequest,
-        init: Option<&ImageToImage>,
-        hires: Option<&HiresFix>,
+        task: &Task,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
-        let latents = match (init, hires) {
-            (Some(_), Some(_)) => {
-                return Err(Error::InvalidSetting(
-                    "the hires fix applies to text to image, not with an init image".into(),
-                ))
+        let result = match task {
+            Task::TextToImage => {
+                self.denoise(req, on_step).and_then(|l| self.decode_latents(&l)).and_then(|i| to_rgb8(&i))
             }
-            (Some(init), None) => self.denoise_image(req, init, on_step)?,
-            (None, Some(hires)) => self.denoise_hires(req, hires, on_step)?,
-            (None, None) => self.denoise(req, on_step)?,
+            Task::ImageToImage(init) => {
+                self.denoise_image(req, init, on_step).and_then(|l| self.decode_latents(&l)).and_then(|i| to_rgb8(&i))
+            }
+            Task::HiresFix(hires) => {
+                self.denoise_hires(req, hires, on_step).and_then(|l| self.decode_latents(&l)).and_then(|i| to_rgb8(&i))
+            }
+            Task::Inpaint(inpaint) => self.inpaint(req, inpaint, on_step),
         };
-        let image = self.decode_latents(&latents);
         crate::memory::release_free_memory();
-        to_rgb8(&image?)
+        result
+    }
+
+    /// Inpainting end to end: the blurred mask, the "only masked" crop when asked, the
+    /// denoising, and the result laid over the original through the soft mask (A1111's
+    /// overlay; with no blur and the whole picture, diffusers' output as it is).
+    fn inpaint(
+        &self,
+        req: &GenerationRequest,
+        inpaint: &Inpaint,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+    ) -> Result<RgbImage> {
+        req.validate(&self.model.info)?;
+        inpaint.validate(req)?;
+        let soft = inpaint.soft_mask()?;
+        let (w, h) = (req.width as u32, req.height as u32);
+        let region = match inpaint.area {
+            InpaintArea::Whole => None,
+            InpaintArea::Masked { padding } => Some(
+                crop_region(&soft, w, h, padding)
+                    .ok_or_else(|| Error::InvalidSetting("the mask is all black: nothing to repaint".into()))?,
+            ),
+        };
+        let (image, mask) = match &region {
+            Some(region) => crop_for_processing(&inpaint.image, &soft, region, w, h)?,
+            None => (inpaint.image.clone(), soft.clone()),
+        };
+        let mask = mask.binarized();
+        if mask.repainted_pixels() == 0 {
+            return Err(Error::InvalidSetting(
+                "after its blur the mask repaints no pixel: paint a larger area or lower the blur".into(),
+            ));
+        }
+        let latents = self.denoise_inpaint(req, &image, &mask, inpaint.strength, on_step)?;
+        let generated = to_rgb8(&self.decode_latents(&latents)?)?;
+        if region.is_none() && inpaint.mask_blur == 0.0 {
+            return Ok(generated);
+        }
+        overlay(&inpaint.image, &generated, &soft, region.as_ref())
     }
 }
 

@@ -111,3 +111,14 @@ pub fn unpack_single_file(name: &str, dir: &Path) -> PathBuf {
     std::fs::write(&path, bytes).unwrap();
     path
 }
+
+/// The 9-channel inpainting model made from `base` (e.g. "sd1-tiny"): the base model with the
+/// U-Net of `fixtures/inpaint/<family>-inpaint-unet` (made by scripts/make_inpaint_fixtures.py).
+pub fn inpainting_model(base: &str, dir: &Path) -> PathBuf {
+    let folder = dir.join(format!("{base}-inpaint"));
+    copy_dir(&model_dir(base), &folder);
+    std::fs::remove_dir_all(folder.join("unet")).unwrap();
+    let unet = fixtures().join("inpaint").join(format!("{}-inpaint-unet", base.trim_end_matches("-tiny")));
+    copy_dir(&unet, &folder.join("unet"));
+    folder
+}
