@@ -529,12 +529,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let model_hash = hashing.join().ok().flatten();
     let mut params = request.to_params(Some(&info.name), model_hash.as_deref());
     params.vae = args.model.vae.as_deref().and_then(|p| p.file_stem()).map(|n| n.to_string_lossy().into_owned());
-    match &task {
-        Task::TextToImage => {}
-        Task::ImageToImage(init) => params.denoising_strength = Some(init.strength),
-        Task::Inpaint(inpaint) => inpaint.write_params(&mut params),
-        Task::HiresFix(hires) => hires.write_params(&mut params),
-    }
+    task.write_params(&mut params);
     if let Some(outpaint) = &args.outpaint {
         params.extra.push(("Outpaint".into(), outpaint.to_param()));
     }

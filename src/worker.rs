@@ -14,7 +14,7 @@ use easel_engine::hub::{DownloadProgress, Downloader};
 use easel_engine::metadata::{write_png, RgbImage};
 use easel_engine::models::{Family, LatentRgb, ModelInfo};
 use easel_engine::pipeline::preview::{latent_planes, LatentPlanes};
-use easel_engine::pipeline::{GenerationRequest, ImageToImage, Pipeline, StepProgress};
+use easel_engine::pipeline::{GenerationRequest, Pipeline, StepProgress, Task};
 
 use crate::app::preview::LatentFrame;
 
@@ -36,8 +36,9 @@ pub enum Command {
     Generate {
         job: JobId,
         request: GenerationRequest,
-        /// Image to image: the picture (already of the request's size) and the strength.
-        init: Option<ImageToImage>,
+        /// Text to image, or image to image / inpainting (the picture already of the
+        /// request's size), or a hires fix.
+        task: Task,
         save_dir: Option<PathBuf>,
     },
     Shutdown,
@@ -99,6 +100,8 @@ pub struct ModelSummary {
     pub default_size: usize,
     /// Image sides must be multiples of this (8 for every real SD VAE).
     pub size_multiple: usize,
+    /// A 9-channel inpainting model: it runs only with an init image and a mask.
+    pub inpainting: bool,
 }
 
 impl ModelSummary {
@@ -112,6 +115,7 @@ impl ModelSummary {
             default_guidance: info.default_guidance(),
             default_size: info.default_size(),
             size_multiple: info.vae.downscale_factor(),
+            inpainting: info.is_inpainting(),
         }
     }
 }
@@ -375,7 +379,7 @@ impl WorkerState {
     fn handle(&mut self, command: Command) {
         match command {
             Command::LoadModel { path, vae, cpu_bf16 } => self.load(path, vae, cpu_bf16),
-            Command::Generate { job, request, init, save_dir } => self.generate(job, request, init, save_dir),
+            Command::Generate { job, request, task, save_dir } => self.generate(job, request, task, save_dir),
             Command::Shutdown => {}
             #[cfg(test)]
             Command::Panic { .. } => panic!("test: a bug inside a command"),
@@ -405,13 +409,7 @@ impl WorkerState {
         }
     }
 
-    fn generate(
-        &mut self,
-        job: JobId,
-        request: GenerationRequest,
-        init: Option<ImageToImage>,
-        save_dir: Option<PathBuf>,
-    ) {
+    fn generate(&mut self, job: JobId, request: GenerationRequest, task: Task, save_dir: Option<PathBuf>) {
         let Some(pipeline) = &self.pipeline else {
             return self.emit(Event::JobFailed { job, error: "no model is loaded: open a model first".into() });
         };
@@ -439,7 +437,7 @@ impl WorkerState {
                 ControlFlow::Continue(())
             }
         };
-        let result = pipeline.generate_from(&request, init.as_ref(), &mut on_step);
+        let result = pipeline.generate_task(&request, &task, &mut on_step);
         let image = match result {
             Ok(image) => Arc::new(image),
             Err(easel_engine::Error::Cancelled) => return self.emit(Event::JobCancelled { job }),
@@ -447,7 +445,7 @@ impl WorkerState {
         };
         let name = pipeline.info().name.clone();
         let mut params = request.to_params(Some(&name), self.model_hash.get());
-        params.denoising_strength = init.as_ref().map(|init| init.strength);
+        task.write_params(&mut params);
         let parameters = params.to_infotext();
         let saved =
             save_dir.map(|dir| save_numbered(&dir, &image, &parameters, request.seed).map_err(|e| e.to_string()));
@@ -572,7 +570,7 @@ mod tests {
         assert!(worker.is_alive());
 
         // The model survived the panic: the next job runs on it.
-        worker.send(Command::Generate { job: 8, request: request(), init: None, save_dir: None });
+        worker.send(Command::Generate { job: 8, request: request(), task: Task::TextToImage, save_dir: None });
         let image = wait_for(&worker, |e| match e {
             Event::JobFinished { job: 8, image, .. } => Some(image),
             Event::JobFailed { job: 8, error } => panic!("{error}"),
@@ -594,7 +592,7 @@ mod tests {
         assert!(worker.restart_if_dead());
         assert!(worker.is_alive());
         // The new thread takes commands (no model yet: it says so).
-        worker.send(Command::Generate { job: 3, request: request(), init: None, save_dir: None });
+        worker.send(Command::Generate { job: 3, request: request(), task: Task::TextToImage, save_dir: None });
         let error = wait_for(&worker, |e| match e {
             Event::JobFailed { job: 3, error } => Some(error),
             _ => None,

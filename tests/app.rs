@@ -404,3 +404,85 @@ fn a_gallery_image_used_as_init_image_is_kept_at_low_strength() {
     h.state_mut().clear_init_image();
     assert!(h.state().init_image.is_none());
 }
+
+/// Inpainting in the window: an init image opened, a band painted across it with the brush,
+/// generated: the pixels outside the painted band (and its blur) are the init image's, those
+/// inside are repainted, and the PNG records the mask blur and strength. Then undo empties the
+/// mask and the next job is image to image again.
+#[test]
+fn a_painted_mask_repaints_only_what_is_painted() {
+    let outputs = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        outputs_dir: Some(outputs.path().to_path_buf()),
+        prompt: "a red apple on a table".into(),
+        steps: 8,
+        seed: 3,
+        random_seed: false,
+        ..Default::default()
+    };
+    let mut h = harness(settings);
+    step_until(&mut h, "Easel Mini to load", model_ready);
+    h.state_mut().settings.width = 128;
+    h.state_mut().settings.height = 128;
+    h.state_mut().settings.strength = 1.0;
+    h.state_mut().settings.brush_size = 24.0;
+    // A picture of the request's size: a gradient.
+    let data = (0..128u32).flat_map(|y| (0..128u32).flat_map(move |x| [(x * 2) as u8, (y * 2) as u8, 160])).collect();
+    let picture = RgbImage { width: 128, height: 128, data };
+    let init_path = outputs.path().join("init.png");
+    easel_engine::metadata::write_png(&init_path, &picture, &[], false).unwrap();
+    h.state_mut().open_init_image(&init_path);
+    h.run_steps(2);
+    assert!(matches!(h.state().view, CentralView::Canvas), "the canvas opens with the init image");
+
+    // Paint a band across the middle: press, move in steps, release.
+    let rect = h.get_by_label("Mask painter").rect();
+    let at = |fx: f32, fy: f32| egui::pos2(rect.min.x + fx * rect.width(), rect.min.y + fy * rect.height());
+    h.hover_at(at(0.1, 0.5));
+    h.run_steps(1);
+    h.drag_at(at(0.1, 0.5));
+    h.run_steps(1);
+    for i in 1..=8 {
+        h.hover_at(at(0.1 + 0.1 * i as f32, 0.5));
+        h.run_steps(1);
+    }
+    h.drop_at(at(0.9, 0.5));
+    h.run_steps(2);
+    let mask = h.state().init_image.as_ref().unwrap().mask.mask().clone();
+    let painted = mask.repainted_pixels();
+    assert!(painted > 128 * 16 && painted < 128 * 40, "a band about 24 px high is painted: {painted} pixels");
+    assert_eq!(mask.data[10 * 128 + 64], 0, "above the band nothing is painted");
+
+    h.state_mut().generate();
+    step_until(&mut h, "the inpainted picture", |app| app.gallery.len() == 1 && app.running.is_none());
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    let out = app.gallery[0].image.clone().unwrap();
+    assert_eq!((out.width, out.height), (128, 128));
+    let soft = mask.blurred(app.settings.mask_blur).unwrap();
+    let (mut kept, mut inside, mut changed) = (0, 0, 0);
+    for (i, &m) in soft.data.iter().enumerate() {
+        let d = (0..3).map(|c| (out.data[i * 3 + c] as i32 - picture.data[i * 3 + c] as i32).abs()).max().unwrap();
+        if m == 0 {
+            assert_eq!(d, 0, "pixel {i} is outside the mask and must be the init image's");
+            kept += 1;
+        } else if m >= 250 {
+            inside += 1;
+            changed += (d > 12) as usize;
+        }
+    }
+    assert!(kept > 128 * 60, "most of the picture is kept: {kept}");
+    assert!(changed * 2 > inside, "the painted band is repainted: {changed} of {inside} pixels changed");
+    let newest = png_files(outputs.path()).into_iter().rfind(|p| p != &init_path).unwrap();
+    let parameters = read_png_parameters(&newest).unwrap().unwrap();
+    for words in ["Mask blur: 4", "Denoising strength: 1"] {
+        assert!(parameters.contains(words), "{words}: {parameters}");
+    }
+
+    // Undo takes the stroke back: the mask is empty, so the job would be image to image.
+    h.state_mut().view = CentralView::Canvas;
+    h.run_steps(1);
+    h.get_by_label("Undo").click();
+    h.run_steps(2);
+    assert!(h.state().init_image.as_ref().unwrap().mask.is_empty());
+}

@@ -2,6 +2,7 @@
 //! text, InvokeAI's `invokeai_metadata` JSON and ComfyUI's `prompt` graph, as far as they map.
 
 use easel_engine::metadata::{parse_infotext, PARAMETERS_KEYWORD};
+use easel_engine::pipeline::{HiresFix, HiresUpscaler};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 use serde_json::Value;
@@ -20,6 +21,13 @@ pub struct ImportedSettings {
     /// The sampler and its schedule (pairs Easel does not run are left out).
     pub sampler: Option<(SamplerId, Schedule)>,
     pub rng: Option<RngKind>,
+    /// Image to image / inpainting: the denoising strength.
+    pub strength: Option<f64>,
+    pub mask_blur: Option<f64>,
+    /// "Only masked" and its padding.
+    pub only_masked: Option<(bool, u32)>,
+    /// `Some(None)`: the image says it had no hires fix; `None`: the source cannot say.
+    pub hires: Option<Option<HiresFix>>,
 }
 
 /// Looks through a PNG's text chunks for settings of any app Easel knows.
@@ -47,6 +55,16 @@ fn from_a1111(text: &str) -> Option<ImportedSettings> {
         _ => RngKind::Nv,
     };
     let is_easel = p.version.as_deref().is_some_and(|v| v.starts_with("easel"));
+    let extra = |key: &str| p.extra.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let hires = extra("Hires upscale").and_then(|v| v.parse::<f64>().ok()).map(|scale| HiresFix {
+        scale,
+        steps: extra("Hires steps").and_then(|v| v.parse().ok()).unwrap_or(0),
+        denoise: p.denoising_strength.unwrap_or(0.5),
+        // A1111 upscalers Easel does not have (ESRGAN, …) fall back to the latent one.
+        upscaler: extra("Hires upscaler").and_then(|v| v.parse::<HiresUpscaler>().ok()).unwrap_or_default(),
+    });
+    let only_masked = extra("Inpaint area")
+        .map(|area| (area == "Only masked", extra("Masked area padding").and_then(|v| v.parse().ok()).unwrap_or(32)));
     Some(ImportedSettings {
         source: if is_easel { "Easel" } else { "AUTOMATIC1111" },
         prompt: Some(p.prompt.clone()),
@@ -58,6 +76,10 @@ fn from_a1111(text: &str) -> Option<ImportedSettings> {
         height: Some(p.height as usize),
         sampler: SamplerId::from_a1111(&p.sampler, p.schedule_type.as_deref()),
         rng: Some(rng),
+        strength: if hires.is_some() { None } else { p.denoising_strength },
+        mask_blur: extra("Mask blur").and_then(|v| v.parse().ok()),
+        only_masked,
+        hires: Some(hires),
     })
 }
 
@@ -87,6 +109,7 @@ fn from_invokeai(json: &Value) -> ImportedSettings {
         sampler,
         // InvokeAI draws its noise with torch's CPU generator by default.
         rng: Some(RngKind::Cpu),
+        ..Default::default()
     }
 }
 
@@ -130,6 +153,7 @@ fn from_comfyui(graph: &Value) -> Option<ImportedSettings> {
         sampler,
         // ComfyUI always draws noise with torch's CPU generator.
         rng: Some(RngKind::Cpu),
+        ..Default::default()
     })
 }
 

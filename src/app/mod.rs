@@ -3,6 +3,7 @@
 
 pub mod gallery;
 pub mod import;
+pub mod mask;
 pub mod preview;
 pub mod settings;
 mod ui;
@@ -15,8 +16,9 @@ use std::time::Duration;
 use easel_engine::metadata::{read_png, read_png_text, RgbImage};
 use easel_engine::models::clip::EOS_TOKEN_ID;
 use easel_engine::pipeline::fit::fit_image;
+use easel_engine::pipeline::inpaint::{Inpaint, InpaintArea, Mask, Outpaint};
 use easel_engine::pipeline::text::ClipTokenizer;
-use easel_engine::pipeline::{GenerationRequest, ImageToImage};
+use easel_engine::pipeline::{GenerationRequest, HiresFix, ImageToImage, Task};
 use easel_engine::rng::random_seed;
 use eframe::egui;
 
@@ -51,8 +53,9 @@ pub enum ModelState {
 pub struct QueuedJob {
     pub job: JobId,
     pub request: GenerationRequest,
-    /// Image to image: the init image fitted to the request's size, and the strength.
-    pub init: Option<ImageToImage>,
+    /// Text to image, image to image or inpainting (the picture fitted to the request's
+    /// size), or a hires fix.
+    pub task: Task,
 }
 
 /// The picture image to image starts from (runtime state: it is not persisted).
@@ -61,6 +64,10 @@ pub struct InitImage {
     /// Where it came from, for the side panel ("00042-7.png", "gallery image").
     pub name: String,
     pub texture: Option<egui::TextureHandle>,
+    /// What to repaint, at the picture's own size; empty means image to image.
+    pub mask: mask::MaskCanvas,
+    /// Outpainting: how far the canvas is extended on each side.
+    pub outpaint: Outpaint,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +98,8 @@ pub enum CentralView {
     Empty,
     Preview(Arc<LatentFrame>),
     Gallery(usize),
+    /// The init image with the mask painter.
+    Canvas,
 }
 
 /// A download the app started, as the Models panel shows it.
@@ -357,23 +366,93 @@ impl EaselApp {
         Ok(request)
     }
 
-    /// The init image fitted to `request`'s size with the strength, when one is set.
-    fn init_for(&self, request: &GenerationRequest) -> Result<Option<ImageToImage>, String> {
-        let Some(init) = &self.init_image else { return Ok(None) };
+    /// What a job of `request` does: text to image (with the hires fix when it is on), or from
+    /// the init image: image to image, or inpainting where a mask is painted or the canvas
+    /// extended (the request then grows to the extended size).
+    fn task_for(&self, request: &mut GenerationRequest) -> Result<Task, String> {
+        let message = |e: easel_engine::Error| e.to_string();
+        let inpainting_model = matches!(&self.model, ModelState::Ready(m) if m.inpainting);
+        let Some(init) = &self.init_image else {
+            if inpainting_model {
+                return Err("This is an inpainting model: open an init image and paint a mask first.".into());
+            }
+            if !self.settings.hires_enabled {
+                return Ok(Task::TextToImage);
+            }
+            let s = &self.settings;
+            let hires = HiresFix {
+                scale: s.hires_scale,
+                steps: s.hires_steps,
+                denoise: s.hires_denoise,
+                upscaler: s.hires_upscaler,
+            };
+            let second = hires.second_pass(request).map_err(message)?;
+            second.validate_for(8).map_err(message)?;
+            easel_engine::pipeline::first_step(hires.denoise, second.steps).map_err(message)?;
+            return Ok(Task::HiresFix(hires));
+        };
         let (w, h) = (request.width as u32, request.height as u32);
-        let image = fit_image(&init.image, w, h, self.settings.resize_mode).map_err(|e| e.to_string())?;
-        let init = ImageToImage { image, strength: self.settings.strength };
-        init.validate(request).map_err(|e| e.to_string())?;
-        Ok(Some(init))
+        let mode = self.settings.resize_mode;
+        let image = fit_image(&init.image, w, h, mode).map_err(message)?;
+        let painted = !init.mask.is_empty();
+        let mask = if painted {
+            let m = init.mask.mask();
+            let grey =
+                RgbImage { width: m.width, height: m.height, data: m.data.iter().flat_map(|&v| [v, v, v]).collect() };
+            Some(Mask::from_rgb(&fit_image(&grey, w, h, mode).map_err(message)?))
+        } else {
+            None
+        };
+        let (image, mask) = if init.outpaint.is_none() {
+            (image, mask)
+        } else {
+            let (big, border) = init.outpaint.extend(&image).map_err(message)?;
+            let mask = match mask {
+                Some(inner) => {
+                    let inner = init.outpaint.extend_mask(&inner);
+                    Mask { data: inner.data.iter().zip(&border.data).map(|(&a, &b)| a.max(b)).collect(), ..border }
+                }
+                None => border,
+            };
+            request.width = big.width as usize;
+            request.height = big.height as usize;
+            request.validate_for(8).map_err(|e| format!("The extended canvas: {}", message(e)))?;
+            (big, Some(mask))
+        };
+        let strength = self.settings.strength;
+        match mask {
+            Some(mask) => {
+                let area = if self.settings.inpaint_only_masked {
+                    InpaintArea::Masked { padding: self.settings.inpaint_padding }
+                } else {
+                    InpaintArea::Whole
+                };
+                let inpaint = Inpaint { image, mask, strength, mask_blur: self.settings.mask_blur, area };
+                inpaint.validate(request).map_err(message)?;
+                Ok(Task::Inpaint(inpaint))
+            }
+            None if inpainting_model => Err("This is an inpainting model: paint a mask over the init image.".into()),
+            None => {
+                let init = ImageToImage { image, strength };
+                init.validate(request).map_err(message)?;
+                Ok(Task::ImageToImage(init))
+            }
+        }
     }
 
     /// Makes `image` the init image: the next jobs start from it.
     pub fn set_init_image(&mut self, image: Arc<RgbImage>, name: impl Into<String>) {
-        self.init_image = Some(InitImage { image, name: name.into(), texture: None });
+        let mask = mask::MaskCanvas::new(image.width, image.height);
+        self.init_image =
+            Some(InitImage { image, name: name.into(), texture: None, mask, outpaint: Outpaint::default() });
+        self.view = CentralView::Canvas;
     }
 
     pub fn clear_init_image(&mut self) {
         self.init_image = None;
+        if matches!(self.view, CentralView::Canvas) {
+            self.view = CentralView::Empty;
+        }
     }
 
     /// Reads a PNG as the init image, saying what is wrong with a file that is not one.
@@ -415,17 +494,17 @@ impl EaselApp {
             let seed =
                 if self.settings.random_seed && i > 0 { random_seed() } else { base_seed.wrapping_add(i as u64) };
             match self.build_request(seed) {
-                Ok(request) => {
-                    let job = self.next_job;
-                    self.next_job += 1;
-                    let init = match self.init_for(&request) {
-                        Ok(init) => init,
+                Ok(mut request) => {
+                    let task = match self.task_for(&mut request) {
+                        Ok(task) => task,
                         Err(message) => {
                             self.notify(NoticeKind::Error, message);
                             return;
                         }
                     };
-                    self.queue.push_back(QueuedJob { job, request, init });
+                    let job = self.next_job;
+                    self.next_job += 1;
+                    self.queue.push_back(QueuedJob { job, request, task });
                 }
                 Err(message) => {
                     self.notify(NoticeKind::Error, message);
@@ -454,7 +533,7 @@ impl EaselApp {
         }
         let Some(next) = self.queue.pop_front() else { return };
         let save_dir = self.settings.autosave.then(|| self.settings.outputs_dir());
-        self.worker.send(Command::Generate { job: next.job, request: next.request.clone(), init: next.init, save_dir });
+        self.worker.send(Command::Generate { job: next.job, request: next.request.clone(), task: next.task, save_dir });
         let total = next.request.steps;
         self.running = Some(RunningJob {
             job: next.job,
@@ -609,6 +688,27 @@ impl EaselApp {
         if let Some(v) = imported.rng {
             s.rng = v;
         }
+        if let Some(v) = imported.strength {
+            s.strength = v;
+        }
+        if let Some(v) = imported.mask_blur {
+            s.mask_blur = v;
+        }
+        if let Some((only, padding)) = imported.only_masked {
+            s.inpaint_only_masked = only;
+            s.inpaint_padding = padding;
+        }
+        match &imported.hires {
+            Some(Some(hires)) => {
+                s.hires_enabled = true;
+                s.hires_scale = hires.scale;
+                s.hires_steps = hires.steps;
+                s.hires_denoise = hires.denoise;
+                s.hires_upscaler = hires.upscaler;
+            }
+            Some(None) => s.hires_enabled = false,
+            None => {}
+        }
     }
 
     /// Reuses the parameters of a gallery image: the request that made it, or for an image
@@ -634,6 +734,17 @@ impl EaselApp {
             height: Some(request.height),
             sampler: Some((request.sampler, request.schedule)),
             rng: Some(request.rng),
+            ..Default::default()
+        };
+        // Strength, mask and hires settings are in the parameters the job wrote.
+        let chunks = [(easel_engine::metadata::PARAMETERS_KEYWORD.to_string(), item.parameters.clone())];
+        let written = import_settings(&chunks).unwrap_or_default();
+        let imported = ImportedSettings {
+            strength: written.strength,
+            mask_blur: written.mask_blur,
+            only_masked: written.only_masked,
+            hires: written.hires,
+            ..imported
         };
         self.apply_imported(&imported);
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use easel_engine::pipeline::fit::ResizeMode;
+use easel_engine::pipeline::HiresUpscaler;
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -46,6 +47,21 @@ pub struct Settings {
     /// How an init image of another size is fitted to the image size.
     #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
     pub resize_mode: ResizeMode,
+    /// Inpainting: the mask's soft edge in pixels (A1111's "Mask blur"; 0 = diffusers' hard edge).
+    pub mask_blur: f64,
+    /// Inpainting renders only the masked region (plus `inpaint_padding`) at the full size.
+    pub inpaint_only_masked: bool,
+    pub inpaint_padding: u32,
+    /// The mask painter's brush diameter, in pixels of the init image.
+    pub brush_size: f32,
+    /// Hires fix for text to image: paint small, upscale, repaint.
+    pub hires_enabled: bool,
+    pub hires_scale: f64,
+    /// 0: as many steps as the first pass.
+    pub hires_steps: usize,
+    pub hires_denoise: f64,
+    #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
+    pub hires_upscaler: HiresUpscaler,
 }
 
 impl Default for Settings {
@@ -71,6 +87,15 @@ impl Default for Settings {
             strength: 0.75,
             resize_mode: ResizeMode::Resize,
             cpu_bf16: false,
+            mask_blur: 4.0,
+            inpaint_only_masked: false,
+            inpaint_padding: 32,
+            brush_size: 48.0,
+            hires_enabled: false,
+            hires_scale: 2.0,
+            hires_steps: 0,
+            hires_denoise: 0.5,
+            hires_upscaler: HiresUpscaler::Latent,
         }
     }
 }

@@ -2,10 +2,12 @@
 
 use easel_engine::pipeline::fit::ResizeMode;
 use easel_engine::pipeline::text::PROMPT_TOKEN_WINDOW;
+use easel_engine::pipeline::HiresUpscaler;
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
 use eframe::egui::{self, Color32, Key, Modifiers, RichText};
 
+use super::mask::Tool;
 use super::{color_image, CentralView, EaselApp, Loading, ModelState, NoticeKind};
 
 const SIZE_PRESETS: [(&str, usize, usize); 7] = [
@@ -379,6 +381,106 @@ fn central(app: &mut EaselApp, ui: &mut egui::Ui) {
             }
         }
         CentralView::Gallery(index) => image_view(app, ui, index),
+        CentralView::Canvas => mask_canvas(app, ui),
+    }
+}
+
+/// The init image with the mask painter on top: brush and eraser, size, undo, clear, invert;
+/// the outpainting border drawn around it.
+fn mask_canvas(app: &mut EaselApp, ui: &mut egui::Ui) {
+    let brush = &mut app.settings.brush_size;
+    let Some(init) = &mut app.init_image else {
+        app.view = CentralView::Empty;
+        return;
+    };
+    let mut done = false;
+    ui.horizontal(|ui| {
+        ui.label(RichText::new("Paint what to repaint").strong());
+        ui.separator();
+        let tool = &mut init.mask.tool;
+        ui.selectable_value(tool, Tool::Brush, "Brush").on_hover_text("Paint the area to repaint (B)");
+        ui.selectable_value(tool, Tool::Eraser, "Eraser").on_hover_text("Take painted area back (E)");
+        ui.add(egui::Slider::new(brush, 2.0..=256.0).logarithmic(true).text("Size"));
+        if ui.add_enabled(init.mask.can_undo(), egui::Button::new("Undo")).on_hover_text("Ctrl+Z").clicked() {
+            init.mask.undo();
+        }
+        if ui.button("Clear mask").clicked() {
+            init.mask.clear();
+        }
+        if ui.button("Invert mask").clicked() {
+            init.mask.invert();
+        }
+        done = ui.button("Done").on_hover_text("Back to the pictures").clicked();
+    });
+    ui.input_mut(|i| {
+        if i.consume_key(Modifiers::COMMAND, Key::Z) {
+            init.mask.undo();
+        }
+    });
+    if !ui.ctx().egui_wants_keyboard_input() {
+        ui.input(|i| {
+            if i.key_pressed(Key::B) {
+                init.mask.tool = Tool::Brush;
+            }
+            if i.key_pressed(Key::E) {
+                init.mask.tool = Tool::Eraser;
+            }
+        });
+    }
+    let (iw, ih) = (init.image.width as f32, init.image.height as f32);
+    let o = init.outpaint;
+    let (cw, ch) = (iw + (o.left + o.right) as f32, ih + (o.top + o.bottom) as f32);
+    let canvas = fit_rect(ui, cw, ch);
+    let scale = canvas.width() / cw;
+    let image_rect = egui::Rect::from_min_size(
+        canvas.min + egui::vec2(o.left as f32 * scale, o.top as f32 * scale),
+        egui::vec2(iw * scale, ih * scale),
+    );
+    let painter = ui.painter_at(canvas);
+    if !o.is_none() {
+        // The new border outpainting paints.
+        painter.rect_filled(canvas, 0.0, Color32::from_gray(40));
+        painter.rect_stroke(
+            canvas,
+            0.0,
+            egui::Stroke::new(1.0, Color32::from_rgb(255, 48, 64)),
+            egui::StrokeKind::Inside,
+        );
+    }
+    let texture = init.texture.get_or_insert_with(|| {
+        ui.ctx().load_texture("init-image", color_image(&init.image), egui::TextureOptions::LINEAR)
+    });
+    let uv = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0));
+    painter.image(texture.id(), image_rect, uv, Color32::WHITE);
+    let mask_texture = init.mask.texture(ui.ctx());
+    painter.image(mask_texture, image_rect, uv, Color32::WHITE);
+
+    let response = ui.interact(image_rect, ui.scope_id().with("mask-painter"), egui::Sense::drag());
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Canvas, true, "Mask painter"));
+    let to_mask = |pos: egui::Pos2| ((pos.x - image_rect.min.x) / scale, (pos.y - image_rect.min.y) / scale);
+    if let Some(pos) = response.interact_pointer_pos() {
+        let (x, y) = to_mask(pos);
+        if response.drag_started() {
+            init.mask.begin_stroke(x, y, *brush);
+        } else if response.dragged() {
+            init.mask.stroke_to(x, y, *brush);
+        }
+    }
+    if response.drag_stopped() {
+        init.mask.end_stroke();
+    }
+    if let Some(pos) = response.hover_pos() {
+        let color = match init.mask.tool {
+            Tool::Brush => Color32::WHITE,
+            Tool::Eraser => Color32::from_rgb(120, 200, 255),
+        };
+        painter.circle_stroke(pos, *brush / 2.0 * scale, egui::Stroke::new(1.0, color));
+    }
+    if done {
+        app.view = match app.gallery.len() {
+            0 => CentralView::Empty,
+            n => CentralView::Gallery(n - 1),
+        };
     }
 }
 
@@ -709,6 +811,7 @@ fn init_image_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
     let title = if app.init_image.is_some() { "Image to image (on)" } else { "Image to image" };
     egui::CollapsingHeader::new(title).id_salt("init-image").default_open(app.init_image.is_some()).show(ui, |ui| {
         let mut clear = false;
+        let mut open_canvas = false;
         match &mut app.init_image {
             Some(init) => {
                 let texture = init.texture.get_or_insert_with(|| {
@@ -726,6 +829,40 @@ fn init_image_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
                 });
                 ui.add(egui::Slider::new(&mut app.settings.strength, 0.01..=1.0).text("Strength"))
                     .on_hover_text("How much is repainted: low keeps the picture, 1 repaints everything");
+                let painted = !init.mask.is_empty();
+                ui.horizontal(|ui| {
+                    let label = if painted { "Edit mask" } else { "Paint mask" };
+                    if ui.button(label).on_hover_text("Paint what to repaint (inpainting)").clicked() {
+                        open_canvas = true;
+                    }
+                    let what = if painted { "inpainting the painted area" } else { "no mask: image to image" };
+                    ui.label(RichText::new(what).small().weak());
+                });
+                ui.horizontal(|ui| {
+                    ui.label("Extend");
+                    let o = &mut init.outpaint;
+                    for (value, side) in
+                        [(&mut o.left, "left"), (&mut o.top, "top"), (&mut o.right, "right"), (&mut o.bottom, "bottom")]
+                    {
+                        ui.add(egui::DragValue::new(value).speed(8.0).range(0..=1024).suffix(" px"))
+                            .on_hover_text(format!("Outpainting: pixels added on the {side}"));
+                    }
+                });
+                if painted || !init.outpaint.is_none() {
+                    ui.add(egui::Slider::new(&mut app.settings.mask_blur, 0.0..=64.0).text("Mask blur"))
+                        .on_hover_text("Soft edge of the mask in pixels; 0 leaves a hard edge");
+                    ui.horizontal(|ui| {
+                        ui.checkbox(&mut app.settings.inpaint_only_masked, "Only masked").on_hover_text(
+                            "Render only the masked area (plus padding) at the full size, then paste it back",
+                        );
+                        if app.settings.inpaint_only_masked {
+                            ui.add(
+                                egui::DragValue::new(&mut app.settings.inpaint_padding).range(0..=256).suffix(" px"),
+                            )
+                            .on_hover_text("Padding around the masked area");
+                        }
+                    });
+                }
                 egui::ComboBox::from_label("Resize mode")
                     .selected_text(app.settings.resize_mode.label())
                     .show_ui(ui, |ui| {
@@ -749,5 +886,35 @@ fn init_image_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         if clear {
             app.clear_init_image();
         }
+        if open_canvas {
+            app.view = CentralView::Canvas;
+        }
+    });
+    if app.init_image.is_none() {
+        hires_panel(app, ui);
+    }
+}
+
+/// A1111's "Hires. fix": paint at the size, upscale, repaint at a strength.
+fn hires_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
+    let s = &mut app.settings;
+    let title = if s.hires_enabled { "Hires fix (on)" } else { "Hires fix" };
+    egui::CollapsingHeader::new(title).id_salt("hires-fix").default_open(s.hires_enabled).show(ui, |ui| {
+        ui.checkbox(&mut s.hires_enabled, "Upscale and repaint")
+            .on_hover_text("Paint at the image size, then upscale and paint the details at the larger size");
+        ui.add_enabled_ui(s.hires_enabled, |ui| {
+            ui.add(egui::Slider::new(&mut s.hires_scale, 1.0..=4.0).step_by(0.05).text("Upscale by"));
+            let (w, h) =
+                ((s.width as f64 * s.hires_scale) as usize / 8 * 8, (s.height as f64 * s.hires_scale) as usize / 8 * 8);
+            ui.label(RichText::new(format!("→ {w}×{h}")).small().weak());
+            ui.add(egui::Slider::new(&mut s.hires_denoise, 0.01..=1.0).text("Denoising strength"));
+            ui.add(egui::DragValue::new(&mut s.hires_steps).range(0..=150).prefix("Hires steps "))
+                .on_hover_text("0: as many as the first pass");
+            egui::ComboBox::from_label("Upscaler").selected_text(s.hires_upscaler.a1111_name()).show_ui(ui, |ui| {
+                for upscaler in HiresUpscaler::ALL {
+                    ui.selectable_value(&mut s.hires_upscaler, upscaler, upscaler.a1111_name());
+                }
+            });
+        });
     });
 }

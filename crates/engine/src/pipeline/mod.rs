@@ -130,6 +130,18 @@ pub enum Task {
     HiresFix(HiresFix),
 }
 
+impl Task {
+    /// Writes what the task adds to the request's parameters, in AUTOMATIC1111's words.
+    pub fn write_params(&self, params: &mut crate::metadata::GenerationParams) {
+        match self {
+            Task::TextToImage => {}
+            Task::ImageToImage(init) => params.denoising_strength = Some(init.strength),
+            Task::Inpaint(inpaint) => inpaint.write_params(params),
+            Task::HiresFix(hires) => hires.write_params(params),
+        }
+    }
+}
+
 /// What image-to-image starts from: a picture of the requested size and how much to change it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageToImage {
