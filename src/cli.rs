@@ -12,6 +12,7 @@ use easel_engine::metadata::{read_png, write_png};
 use easel_engine::models::inspect_model;
 use easel_engine::pipeline::fit::{fit_image, ResizeMode};
 use easel_engine::pipeline::inpaint::{Inpaint, InpaintArea, Mask, Outpaint};
+use easel_engine::pipeline::prompt::Emphasis;
 use easel_engine::pipeline::{GenerationRequest, HiresFix, HiresUpscaler, ImageToImage, Pipeline, StepProgress, Task};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
@@ -215,6 +216,15 @@ pub struct GenerateArgs {
     pub height: Option<usize>,
     #[command(flatten)]
     pub sampler: SamplerArgs,
+    /// How (word:1.2), [word] and BREAK act: a1111 (the default: weights, then the chunk's mean
+    /// restored), a1111-no-norm, comfyui (weights relative to the empty prompt), or none
+    /// (brackets are text, as diffusers reads them). Prompts over 75 tokens are chunked in all.
+    #[arg(long, default_value = "a1111")]
+    pub emphasis: Emphasis,
+    /// A1111's "Clip skip": 1 conditions on the text encoder's last layer, 2 on the one before
+    /// (anime models), up to 12.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub clip_skip: u32,
     /// Noise generator: cpu (torch CPU: diffusers, ComfyUI) or nv (torch CUDA: AUTOMATIC1111 on NVIDIA).
     #[arg(long, default_value = "cpu")]
     pub rng: RngKind,
@@ -470,6 +480,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         sampler,
         schedule,
         rng: args.rng,
+        emphasis: args.emphasis,
+        clip_skip: args.clip_skip,
     };
     request.validate(&info)?;
     let task = build_task(&args, &mut request, &info)?;
@@ -495,9 +507,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         request.width,
         request.height
     );
-    let dropped = pipeline.tokenizers().first.encode(&request.prompt)?.dropped_tokens;
-    if dropped > 0 {
-        eprintln!("warning: the prompt is {dropped} tokens over CLIP's 75-token window; the end is ignored");
+    let (chunks, tokens) =
+        easel_engine::pipeline::prompt::chunk_prompt(&pipeline.tokenizers().first, &request.prompt, request.emphasis)?;
+    if chunks.len() > 1 {
+        eprintln!("note: the prompt is {tokens} tokens: {} chunks of 75, encoded one by one", chunks.len());
     }
 
     if request.prompt.trim().is_empty() {
@@ -552,6 +565,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         sampler,
         schedule,
         rng: RngKind::Cpu,
+        emphasis: Default::default(),
+        clip_skip: 1,
     };
     let options = args.model.load_options()?;
     let load_start = Instant::now();

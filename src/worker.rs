@@ -534,6 +534,8 @@ mod tests {
             sampler: SamplerId::Euler,
             schedule: Schedule::Default,
             rng: RngKind::Cpu,
+            emphasis: Default::default(),
+            clip_skip: 1,
         }
     }
 

@@ -372,6 +372,8 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
         sampler: SamplerId::DpmPp2m,
         schedule: easel_engine::schedulers::Schedule::Default,
         rng: RngKind::Cpu,
+        emphasis: Default::default(),
+        clip_skip: 1,
     };
     let expected = pipeline.generate(&request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
     let image = read_png(&path).unwrap();
@@ -423,6 +425,9 @@ fn generate_from_an_init_image_matches_diffusers() {
             init.to_str().unwrap(),
             "--strength",
             strength,
+            // diffusers reads the brackets of the reference prompt as text.
+            "--emphasis",
+            "none",
             "--output",
             out_path.to_str().unwrap(),
         ];
@@ -500,6 +505,8 @@ fn hires_fix_through_the_cli_matches_diffusers() {
         "0.5",
         "--hires-upscaler",
         "latent",
+        "--emphasis",
+        "none",
         "--output",
         out_path.to_str().unwrap(),
     ];
@@ -555,6 +562,9 @@ fn reference_args(json: &serde_json::Value, model: &Path, output: &Path, extra: 
         &json["seed"].to_string(),
         "--init-image",
         init.to_str().unwrap(),
+        // diffusers reads the brackets of the reference prompt as text.
+        "--emphasis",
+        "none",
         "--output",
         output.to_str().unwrap(),
     ]

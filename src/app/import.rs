@@ -2,6 +2,7 @@
 //! text, InvokeAI's `invokeai_metadata` JSON and ComfyUI's `prompt` graph, as far as they map.
 
 use easel_engine::metadata::{parse_infotext, PARAMETERS_KEYWORD};
+use easel_engine::pipeline::prompt::Emphasis;
 use easel_engine::pipeline::{HiresFix, HiresUpscaler};
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
@@ -28,6 +29,8 @@ pub struct ImportedSettings {
     pub only_masked: Option<(bool, u32)>,
     /// `Some(None)`: the image says it had no hires fix; `None`: the source cannot say.
     pub hires: Option<Option<HiresFix>>,
+    pub clip_skip: Option<u32>,
+    pub emphasis: Option<Emphasis>,
 }
 
 /// Looks through a PNG's text chunks for settings of any app Easel knows.
@@ -80,6 +83,9 @@ fn from_a1111(text: &str) -> Option<ImportedSettings> {
         mask_blur: extra("Mask blur").and_then(|v| v.parse().ok()),
         only_masked,
         hires: Some(hires),
+        clip_skip: Some(p.clip_skip_or_default()),
+        // A1111 writes the emphasis only when it is not its default.
+        emphasis: Some(extra("Emphasis").and_then(|e| e.parse().ok()).unwrap_or_default()),
     })
 }
 
@@ -176,6 +182,19 @@ mod tests {
         assert_eq!(s.guidance, Some(6.5));
         assert_eq!(s.sampler, Some((SamplerId::DpmPp2m, Schedule::Karras)));
         assert_eq!(s.rng, Some(RngKind::Nv), "A1111 without an RNG key used the GPU generator");
+    }
+
+    #[test]
+    fn reads_strength_mask_and_hires_settings() {
+        let inpaint = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.6, Mask blur: 8, Inpaint area: Only masked, Masked area padding: 48";
+        let s = import_settings(&chunk("parameters", inpaint)).unwrap();
+        assert_eq!((s.strength, s.mask_blur, s.only_masked), (Some(0.6), Some(8.0), Some((true, 48))));
+        assert_eq!(s.hires, Some(None), "no hires fix");
+        let hires = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (nearest)";
+        let s = import_settings(&chunk("parameters", hires)).unwrap();
+        assert_eq!(s.strength, None, "the strength is the hires pass's, not image to image's");
+        let h = s.hires.flatten().unwrap();
+        assert_eq!((h.scale, h.steps, h.denoise, h.upscaler), (1.5, 12, 0.45, HiresUpscaler::LatentNearest));
     }
 
     #[test]

@@ -354,6 +354,8 @@ impl EaselApp {
             sampler: self.settings.sampler,
             schedule: self.settings.schedule,
             rng: self.settings.rng,
+            emphasis: self.settings.emphasis,
+            clip_skip: self.settings.clip_skip,
         };
         let multiple = match &self.model {
             ModelState::Ready(m) => m.size_multiple,
@@ -495,6 +497,17 @@ impl EaselApp {
                 if self.settings.random_seed && i > 0 { random_seed() } else { base_seed.wrapping_add(i as u64) };
             match self.build_request(seed) {
                 Ok(mut request) => {
+                    if let Some(init) = self.init_image.as_ref().filter(|_| i == 0) {
+                        let (w, h) = (init.image.width as usize, init.image.height as usize);
+                        if (w, h) != (request.width, request.height) {
+                            let mode = self.settings.resize_mode.label();
+                            let size = (request.width, request.height);
+                            self.notify(
+                                NoticeKind::Info,
+                                format!("The init image is {w}×{h}: fitted to {}×{} ({mode}).", size.0, size.1),
+                            );
+                        }
+                    }
                     let task = match self.task_for(&mut request) {
                         Ok(task) => task,
                         Err(message) => {
@@ -698,6 +711,12 @@ impl EaselApp {
             s.inpaint_only_masked = only;
             s.inpaint_padding = padding;
         }
+        if let Some(v) = imported.clip_skip {
+            s.clip_skip = v;
+        }
+        if let Some(v) = imported.emphasis {
+            s.emphasis = v;
+        }
         match &imported.hires {
             Some(Some(hires)) => {
                 s.hires_enabled = true;
@@ -744,6 +763,8 @@ impl EaselApp {
             mask_blur: written.mask_blur,
             only_masked: written.only_masked,
             hires: written.hires,
+            clip_skip: Some(request.clip_skip),
+            emphasis: Some(request.emphasis),
             ..imported
         };
         self.apply_imported(&imported);

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use easel_engine::pipeline::fit::ResizeMode;
+use easel_engine::pipeline::prompt::Emphasis;
 use easel_engine::pipeline::HiresUpscaler;
 use easel_engine::rng::RngKind;
 use easel_engine::schedulers::{SamplerId, Schedule};
@@ -62,6 +63,11 @@ pub struct Settings {
     pub hires_denoise: f64,
     #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
     pub hires_upscaler: HiresUpscaler,
+    /// How prompt weights act (A1111's by default).
+    #[serde(serialize_with = "by_id", deserialize_with = "lenient")]
+    pub emphasis: Emphasis,
+    /// A1111's "Clip skip" (1 = the last layer).
+    pub clip_skip: u32,
 }
 
 impl Default for Settings {
@@ -96,6 +102,8 @@ impl Default for Settings {
             hires_steps: 0,
             hires_denoise: 0.5,
             hires_upscaler: HiresUpscaler::Latent,
+            emphasis: Emphasis::A1111,
+            clip_skip: 1,
         }
     }
 }

@@ -112,15 +112,17 @@ pub fn run(pipeline: &Pipeline, request: &GenerationRequest, runs: usize) -> Res
     let sync = || device.synchronize();
 
     let text_encoding_s = time_runs(runs, || {
-        pipeline.encode_text(&request.prompt, &request.negative_prompt)?;
+        pipeline.encode_text(&request.prompt, &request.negative_prompt, &request.prompt_options())?;
         Ok(sync()?)
     })?;
 
-    let cond = pipeline.encode_text(&request.prompt, &request.negative_prompt)?;
+    let cond = pipeline.encode_text(&request.prompt, &request.negative_prompt, &request.prompt_options())?;
+    // The benchmark's prompts fit one chunk each, so they batch.
+    let both = cond.context()?.ok_or_else(|| crate::Error::InvalidSetting("bench prompts must be one chunk".into()))?;
     let factor = info.vae.downscale_factor();
     let (h, w) = (request.height / factor, request.width / factor);
     let unet_step = |batch: usize| -> Result<f64> {
-        let context = cond.context.narrow(0, 2 - batch, batch)?;
+        let context = both.narrow(0, 2 - batch, batch)?;
         let sample = Tensor::randn(0f32, 1f32, (batch, info.unet.in_channels, h, w), device)?.to_dtype(dtype)?;
         let pooled = cond.pooled.as_ref().map(|p| p.narrow(0, 2 - batch, batch)).transpose()?;
         let time_ids = if info.family == Family::Sdxl {

@@ -38,6 +38,8 @@ fn request(reference: &Reference, sampler: SamplerId) -> GenerationRequest {
         sampler,
         schedule: Schedule::Default,
         rng: RngKind::Cpu,
+        emphasis: easel_engine::pipeline::prompt::Emphasis::None,
+        clip_skip: 1,
     }
 }
 
@@ -61,19 +63,15 @@ fn text_embeddings_match_diffusers() {
     for model in MODELS {
         let reference = Reference::load(model);
         let pipeline = load(model);
-        let cond = pipeline.encode_text(reference.str("prompt"), reference.str("negative_prompt")).unwrap();
-        assert_close(
-            &format!("{model} uncond"),
-            &cond.context.narrow(0, 0, 1).unwrap(),
-            reference.tensor("text.uncond"),
-            ONE_CALL,
-        );
-        assert_close(
-            &format!("{model} cond"),
-            &cond.context.narrow(0, 1, 1).unwrap(),
-            reference.tensor("text.cond"),
-            ONE_CALL,
-        );
+        let cond = pipeline
+            .encode_text(
+                reference.str("prompt"),
+                reference.str("negative_prompt"),
+                &easel_engine::pipeline::text::PromptOptions::DIFFUSERS,
+            )
+            .unwrap();
+        assert_close(&format!("{model} uncond"), &cond.negative, reference.tensor("text.uncond"), ONE_CALL);
+        assert_close(&format!("{model} cond"), &cond.positive, reference.tensor("text.cond"), ONE_CALL);
         if pipeline.info().family == Family::Sdxl {
             let pooled = cond.pooled.as_ref().unwrap();
             assert_close(
@@ -96,17 +94,13 @@ fn text_embeddings_match_diffusers() {
 fn empty_prompt_embeddings_match_diffusers() {
     for model in ["sd1-tiny", "sd2v-tiny"] {
         let reference = Reference::load(model);
-        let cond = load(model).encode_text("", "").unwrap();
-        assert_close(
-            &format!("{model} empty"),
-            &cond.context.narrow(0, 1, 1).unwrap(),
-            reference.tensor("text.empty"),
-            ONE_CALL,
-        );
+        let cond = load(model).encode_text("", "", &easel_engine::pipeline::text::PromptOptions::DIFFUSERS).unwrap();
+        assert_close(&format!("{model} empty"), &cond.positive, reference.tensor("text.empty"), ONE_CALL);
     }
     // SDXL: an empty negative prompt conditions on zeros (diffusers' force_zeros_for_empty_prompt).
-    let cond = load("sdxl-tiny").encode_text("a cat", "").unwrap();
-    let uncond = values(&cond.context.narrow(0, 0, 1).unwrap());
+    let cond =
+        load("sdxl-tiny").encode_text("a cat", "", &easel_engine::pipeline::text::PromptOptions::DIFFUSERS).unwrap();
+    let uncond = values(&cond.negative);
     assert!(uncond.iter().all(|v| *v == 0.0));
 }
 

@@ -173,6 +173,8 @@ fn request(prompt: &str, steps: usize, guidance_scale: f64, seed: u64) -> Genera
         sampler: SamplerId::DpmPp2m,
         schedule: Schedule::Default,
         rng: RngKind::Cpu,
+        emphasis: Default::default(),
+        clip_skip: 1,
     }
 }
 

@@ -35,6 +35,8 @@ fn request(json: &serde_json::Value, sampler: &str, size: u32) -> GenerationRequ
         sampler,
         schedule: schedule.unwrap_or(Schedule::Default),
         rng: RngKind::Cpu,
+        emphasis: easel_engine::pipeline::prompt::Emphasis::None,
+        clip_skip: 1,
     }
 }
 

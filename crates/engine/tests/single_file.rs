@@ -43,9 +43,15 @@ fn single_files_match_diffusers_from_single_file() {
         assert_eq!(info.prediction_type.id(), r.str("prediction_type"), "{name}");
         let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
 
-        let cond = pipeline.encode_text(r.str("prompt"), r.str("negative_prompt")).unwrap();
-        assert_close(&format!("{name} uncond"), &cond.context.narrow(0, 0, 1).unwrap(), r.tensor("text.uncond"), 1e-5);
-        assert_close(&format!("{name} cond"), &cond.context.narrow(0, 1, 1).unwrap(), r.tensor("text.cond"), 1e-5);
+        let cond = pipeline
+            .encode_text(
+                r.str("prompt"),
+                r.str("negative_prompt"),
+                &easel_engine::pipeline::text::PromptOptions::DIFFUSERS,
+            )
+            .unwrap();
+        assert_close(&format!("{name} uncond"), &cond.negative, r.tensor("text.uncond"), 1e-5);
+        assert_close(&format!("{name} cond"), &cond.positive, r.tensor("text.cond"), 1e-5);
 
         let sd = pipeline.model();
         let added = match family {
@@ -80,6 +86,8 @@ fn single_files_match_diffusers_from_single_file() {
             sampler: SamplerId::Euler,
             schedule: Schedule::Default,
             rng: RngKind::Cpu,
+            emphasis: easel_engine::pipeline::prompt::Emphasis::None,
+            clip_skip: 1,
         };
         let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
         assert_close(&format!("{name} euler latents"), &latents, r.tensor("euler.latents"), 2e-5);
@@ -101,8 +109,14 @@ fn bf16_and_pruned_files_load_like_the_original() {
     for name in ["sd1-single-bf16", "sd1-single-pruned"] {
         let path = unpack_single_file(name, dir.path());
         let pipeline = Pipeline::load(&path, LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let cond = pipeline.encode_text(r.str("prompt"), r.str("negative_prompt")).unwrap();
-        assert_close(&format!("{name} cond"), &cond.context.narrow(0, 1, 1).unwrap(), r.tensor("text.cond"), 1e-5);
+        let cond = pipeline
+            .encode_text(
+                r.str("prompt"),
+                r.str("negative_prompt"),
+                &easel_engine::pipeline::text::PromptOptions::DIFFUSERS,
+            )
+            .unwrap();
+        assert_close(&format!("{name} cond"), &cond.positive, r.tensor("text.cond"), 1e-5);
         let out = pipeline
             .model()
             .unet
@@ -149,6 +163,8 @@ fn an_inpainting_single_file_matches_diffusers() {
         sampler: SamplerId::Euler,
         schedule: Schedule::Default,
         rng: RngKind::Cpu,
+        emphasis: easel_engine::pipeline::prompt::Emphasis::None,
+        clip_skip: 1,
     };
     let latents = pipeline.denoise_inpaint(&request, &image, &mask, 1.0, &mut |_| ControlFlow::Continue(())).unwrap();
     assert_close("inpaint euler latents", &latents, r.tensor("euler.latents"), 1e-3);

@@ -134,6 +134,8 @@ pub struct ClipOutput {
     pub penultimate_hidden_state: Tensor,
     /// The EOS token's final state, through `text_projection` when the model has one.
     pub pooled: Tensor,
+    /// transformers' `hidden_states`: the embeddings, then each layer's output (no final norm).
+    pub hidden_states: Vec<Tensor>,
 }
 
 #[derive(Debug)]
@@ -187,6 +189,11 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// The final layer norm, for states taken from an earlier layer (clip skip).
+    pub fn final_norm(&self, xs: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(xs)
+    }
+
     fn causal_mask(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
         let mask: Vec<f32> =
             (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
@@ -205,13 +212,13 @@ impl ClipTextModel {
         let positions = self.position_embedding.i(0..n)?;
         let mut xs = self.token_embedding.forward(&input)?.broadcast_add(&positions)?;
         let mask = Self::causal_mask(n, device, xs.dtype())?;
-        let mut penultimate = xs.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if i + 1 == self.layers.len() {
-                penultimate = xs.clone();
-            }
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        for layer in &self.layers {
+            hidden_states.push(xs.clone());
             xs = layer.forward(&xs, &mask)?;
         }
+        hidden_states.push(xs.clone());
+        let penultimate = hidden_states[hidden_states.len().saturating_sub(2)].clone();
         let last_hidden_state = self.final_layer_norm.forward(&xs)?;
         // Pool at the first EOS of each row (transformers takes the argmax id, which is the
         // first EOS since EOS has the largest id in the vocabulary).
@@ -224,6 +231,6 @@ impl ClipTextModel {
         if let Some(proj) = &self.text_projection {
             pooled = proj.forward(&pooled)?;
         }
-        Ok(ClipOutput { last_hidden_state, penultimate_hidden_state: penultimate, pooled })
+        Ok(ClipOutput { last_hidden_state, penultimate_hidden_state: penultimate, pooled, hidden_states })
     }
 }

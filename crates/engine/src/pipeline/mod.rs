@@ -20,7 +20,8 @@ use crate::rng::{make_generator, RngKind};
 use crate::schedulers::{build_scheduler, SamplerId, Schedule, SchedulerConfig};
 use crate::{Error, Result};
 use inpaint::{crop_for_processing, crop_region, overlay, Inpaint, InpaintArea, Mask};
-use text::{encode_prompts, TextConditioning, Tokenizers};
+use prompt::Emphasis;
+use text::{encode_prompts, PromptOptions, TextConditioning, Tokenizers};
 
 /// Largest image side accepted (larger runs out of memory long before finishing on any machine).
 pub const MAX_SIDE: usize = 4096;
@@ -41,6 +42,10 @@ pub struct GenerationRequest {
     /// The noise schedule, chosen apart from the sampler (A1111's "Schedule type").
     pub schedule: Schedule,
     pub rng: RngKind,
+    /// How `(word:1.2)` and friends act (A1111's by default; `None` reads them as text).
+    pub emphasis: Emphasis,
+    /// A1111's "Clip skip" (1 = the last layer).
+    pub clip_skip: u32,
 }
 
 impl GenerationRequest {
@@ -69,10 +74,17 @@ impl GenerationRequest {
                 ));
             }
         }
+        if !(1..=12).contains(&self.clip_skip) {
+            return invalid(format!("clip skip must be from 1 to 12, got {}", self.clip_skip));
+        }
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
             return invalid(format!("guidance must be a number ≥ 0, got {}", self.guidance_scale));
         }
         self.sampler.check_schedule(self.schedule)
+    }
+
+    pub fn prompt_options(&self) -> PromptOptions {
+        PromptOptions { emphasis: self.emphasis, clip_skip: self.clip_skip }
     }
 
     /// diffusers runs classifier-free guidance only when guidance > 1 (Turbo: one pass a step).
@@ -103,12 +115,21 @@ pub struct Pipeline {
 /// A job's conditioning, prepared once: the text's cross-attention states (and SDXL's pooled
 /// vector and size ids), plus the channels an inpainting U-Net takes beside the latents.
 struct Conditioning {
+    /// The U-Net calls one step makes: `[negative, prompt]` in one batch when their lengths
+    /// agree, else one call each, as A1111 does (no padding, so a prompt's picture does not
+    /// depend on its negative prompt's length); one call of the prompt without CFG.
+    calls: Vec<UnetCall>,
+    /// Inpainting models: `cat([mask, masked_image_latents])` for one row.
+    concat: Option<Tensor>,
+    cfg: bool,
+}
+
+/// One U-Net call's text inputs, `rows` rows.
+struct UnetCall {
     context: Tensor,
     pooled: Option<Tensor>,
     time_ids: Option<Tensor>,
-    /// Inpainting models: `cat([mask, masked_image_latents])`, one row per U-Net batch row.
-    concat: Option<Tensor>,
-    cfg: bool,
+    rows: usize,
 }
 
 /// What a 4-channel model's inpainting keeps: after each step the unmasked latents are put
@@ -319,12 +340,17 @@ impl Pipeline {
         &self.scheduler_config
     }
 
-    pub fn encode_text(&self, prompt: &str, negative_prompt: &str) -> Result<TextConditioning> {
+    pub fn encode_text(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        options: &PromptOptions,
+    ) -> Result<TextConditioning> {
         self.model.keep_resident_only(Component::TextEncoders);
         // Each layer frees and allocates the same activations (2×77×768 f32 is 0.5 MB): without
         // a hold, each would be faulted in again (measured: 0.15 → 0.21 s in SD 1.5).
         let _hold = crate::memory::HoldFreedMemory::new();
-        encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt)
+        encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt, options)
     }
 
     /// The shape of the latents for the request.
@@ -338,25 +364,45 @@ impl Pipeline {
     fn conditioning(&self, req: &GenerationRequest) -> Result<Conditioning> {
         let device = &self.model.options.device;
         let dtype = self.model.options.dtype;
-        let cond = self.encode_text(&req.prompt, &req.negative_prompt)?;
+        let cond = self.encode_text(&req.prompt, &req.negative_prompt, &req.prompt_options())?;
         let cfg = req.uses_cfg();
-        // Without CFG only the prompt's row is used.
-        let context = if cfg { cond.context.clone() } else { cond.context.narrow(0, 1, 1)? };
-        let batch = context.dim(0)?;
-        let pooled = match &cond.pooled {
-            Some(p) if cfg => Some(p.clone()),
-            Some(p) => Some(p.narrow(0, 1, 1)?),
-            None => None,
-        };
-        let time_ids = if self.model.info.family == Family::Sdxl {
+        let time_ids = |rows: usize| -> Result<Option<Tensor>> {
+            if self.model.info.family != Family::Sdxl {
+                return Ok(None);
+            }
             let (h, w) = (req.height as f32, req.width as f32);
             let row = [h, w, 0.0, 0.0, h, w];
-            let data: Vec<f32> = (0..batch).flat_map(|_| row).collect();
-            Some(Tensor::from_vec(data, (batch, 6), device)?.to_dtype(dtype)?)
-        } else {
-            None
+            let data: Vec<f32> = (0..rows).flat_map(|_| row).collect();
+            Ok(Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?))
         };
-        Ok(Conditioning { context, pooled, time_ids, concat: None, cfg })
+        let pooled_rows = |from: usize, rows: usize| cond.pooled.as_ref().map(|p| p.narrow(0, from, rows)).transpose();
+        let calls = match (cfg, cond.context()?) {
+            (true, Some(context)) => {
+                vec![UnetCall { context, pooled: pooled_rows(0, 2)?, time_ids: time_ids(2)?, rows: 2 }]
+            }
+            (true, None) => vec![
+                UnetCall {
+                    context: cond.negative.clone(),
+                    pooled: pooled_rows(0, 1)?,
+                    time_ids: time_ids(1)?,
+                    rows: 1,
+                },
+                UnetCall {
+                    context: cond.positive.clone(),
+                    pooled: pooled_rows(1, 1)?,
+                    time_ids: time_ids(1)?,
+                    rows: 1,
+                },
+            ],
+            // Without CFG only the prompt's row is used.
+            (false, _) => vec![UnetCall {
+                context: cond.positive.clone(),
+                pooled: pooled_rows(1, 1)?,
+                time_ids: time_ids(1)?,
+                rows: 1,
+            }],
+        };
+        Ok(Conditioning { calls, concat: None, cfg })
     }
 
     /// Runs the denoising loop (text to image) and returns the final latents (not yet divided
@@ -466,12 +512,10 @@ impl Pipeline {
         };
         let (_, _, h, w) = shape;
         let mask_latent = Tensor::from_vec(mask.latent_mask(w, h), (1, 1, h, w), device)?;
-        let rows = if cond.cfg { 2 } else { 1 };
         let mut cond = cond;
         let blend = if nine {
             let masked = self.encode_pixels(&self.pixels(image, Some(mask))?, noise.as_mut())?;
-            let extra = Tensor::cat(&[&mask_latent, &masked], 1)?.to_dtype(dtype)?;
-            cond.concat = Some(Tensor::cat(&vec![&extra; rows], 0)?);
+            cond.concat = Some(Tensor::cat(&[&mask_latent, &masked], 1)?.to_dtype(dtype)?);
             None
         } else {
             // diffusers encodes the masked picture for 4-channel models too and never uses it;
@@ -606,19 +650,25 @@ impl Pipeline {
         // Steps free and allocate the same activations: keep them until the loop ends.
         let _hold = crate::memory::HoldFreedMemory::new();
         for (i, &t) in timesteps.iter().enumerate().skip(first) {
-            let model_input = if cond.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
+            let scaled = scheduler.scale_model_input(&latents, i)?.to_dtype(dtype)?;
             // Inpainting models: the mask and the masked picture's latents beside the latents.
-            let model_input = match &cond.concat {
-                Some(extra) => Tensor::cat(&[&model_input, extra], 1)?,
-                None => model_input,
+            let one_row = match &cond.concat {
+                Some(extra) => Tensor::cat(&[&scaled, extra], 1)?,
+                None => scaled,
             };
-            let added = match (&cond.pooled, &cond.time_ids) {
-                (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
-                _ => None,
-            };
-            // The U-Net sees the timestep as f32, as torch does after `timesteps.float()`.
-            let out = self.model.unet.forward(&model_input, t as f32, &cond.context, added)?.to_dtype(DType::F32)?;
+            let mut outputs = Vec::with_capacity(cond.calls.len());
+            for call in &cond.calls {
+                let model_input =
+                    if call.rows == 1 { one_row.clone() } else { Tensor::cat(&vec![&one_row; call.rows], 0)? };
+                let added = match (&call.pooled, &call.time_ids) {
+                    (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds, time_ids }),
+                    _ => None,
+                };
+                // The U-Net sees the timestep as f32, as torch does after `timesteps.float()`.
+                outputs
+                    .push(self.model.unet.forward(&model_input, t as f32, &call.context, added)?.to_dtype(DType::F32)?);
+            }
+            let out = if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? };
             let noise_pred = if cond.cfg {
                 let uncond = out.narrow(0, 0, 1)?;
                 let text = out.narrow(0, 1, 1)?;
@@ -810,6 +860,8 @@ impl GenerationRequest {
                 RngKind::Nv => "NV".to_string(),
             }),
             version: Some(format!("easel {}", env!("CARGO_PKG_VERSION"))),
+            clip_skip: (self.clip_skip > 1).then_some(self.clip_skip),
+            extra: self.emphasis.a1111_name().map(|e| ("Emphasis".to_string(), e.to_string())).into_iter().collect(),
             ..Default::default()
         }
     }

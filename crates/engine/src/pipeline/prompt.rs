@@ -176,6 +176,169 @@ pub fn parse_prompt_attention(text: &str) -> Vec<PromptPiece> {
         .collect()
 }
 
+/// How prompt weights act on the text encoder's states (`--emphasis`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Emphasis {
+    /// A1111's "Original": the states scaled token by token, then the chunk's mean restored.
+    #[default]
+    A1111,
+    /// A1111's "No norm": scaled, the mean left as it falls.
+    A1111NoNorm,
+    /// ComfyUI's: each weighted state moved from the empty prompt's state, `e + (z − e)·w`.
+    ComfyUi,
+    /// Brackets and BREAK are plain text (diffusers reads prompts so).
+    None,
+}
+
+impl Emphasis {
+    pub const ALL: [Emphasis; 4] = [Emphasis::A1111, Emphasis::A1111NoNorm, Emphasis::ComfyUi, Emphasis::None];
+
+    pub fn id(&self) -> &'static str {
+        match self {
+            Emphasis::A1111 => "a1111",
+            Emphasis::A1111NoNorm => "a1111-no-norm",
+            Emphasis::ComfyUi => "comfyui",
+            Emphasis::None => "none",
+        }
+    }
+
+    /// How A1111's PNGs name it (`Emphasis: No norm`); `None` for its default, which it omits.
+    pub fn a1111_name(&self) -> Option<&'static str> {
+        match self {
+            Emphasis::A1111 => None,
+            Emphasis::A1111NoNorm => Some("No norm"),
+            Emphasis::ComfyUi => Some("ComfyUI"),
+            Emphasis::None => Some("None"),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Emphasis::A1111 => "A1111 (Original)",
+            Emphasis::A1111NoNorm => "A1111, no norm",
+            Emphasis::ComfyUi => "ComfyUI",
+            Emphasis::None => "None (brackets are text)",
+        }
+    }
+}
+
+impl std::fmt::Display for Emphasis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+impl std::str::FromStr for Emphasis {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let s = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|e| e.id().eq_ignore_ascii_case(s) || e.a1111_name().is_some_and(|n| n.eq_ignore_ascii_case(s)))
+            .or_else(|| s.eq_ignore_ascii_case("original").then_some(Emphasis::A1111))
+            .ok_or_else(|| {
+                crate::Error::InvalidSetting(format!(
+                    "unknown emphasis {s:?}; expected a1111, a1111-no-norm, comfyui or none"
+                ))
+            })
+    }
+}
+
+/// Prompt tokens per chunk (CLIP's 77 minus BOS and EOS).
+pub const CHUNK_TOKENS: usize = 75;
+/// How far back A1111 looks for a comma to end a full chunk at (`comma_padding_backtrack`).
+const COMMA_BACKTRACK: usize = 20;
+
+/// One 77-token window of a prompt: BOS, up to 75 tokens, EOS, padding; a weight per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptChunk {
+    pub tokens: Vec<u32>,
+    pub weights: Vec<f64>,
+}
+
+/// The ids a tokenizer gives a piece of text, without BOS/EOS.
+pub trait PieceTokenizer {
+    fn tokenize(&self, text: &str) -> crate::Result<Vec<u32>>;
+    fn bos(&self) -> u32;
+    fn eos(&self) -> u32;
+    fn pad(&self) -> u32;
+    fn comma(&self) -> u32;
+}
+
+/// A prompt as A1111 splits it (`tokenize_line`): each piece tokenized alone, tokens gathered
+/// into chunks of 75; a chunk that fills up while a comma sits in its last 20 tokens ends after
+/// that comma (the rest moves on); BREAK ends a chunk. Each chunk gets BOS and EOS and is
+/// padded to 77 with EOS, then everything after the first EOS becomes the pad token (A1111's
+/// `process_tokens`; SD 1.x pads with EOS anyway). Also returns the prompt's token count, as
+/// A1111 counts it for "92/150".
+pub fn chunk_prompt(
+    tokenizer: &dyn PieceTokenizer,
+    prompt: &str,
+    emphasis: Emphasis,
+) -> crate::Result<(Vec<PromptChunk>, usize)> {
+    let pieces = match emphasis {
+        Emphasis::None => vec![PromptPiece::Text(prompt.to_string(), 1.0)],
+        _ => parse_prompt_attention(prompt),
+    };
+    let (bos, eos, pad, comma) = (tokenizer.bos(), tokenizer.eos(), tokenizer.pad(), tokenizer.comma());
+    let mut chunks = Vec::new();
+    let (mut tokens, mut weights): (Vec<u32>, Vec<f64>) = (Vec::new(), Vec::new());
+    let mut token_count = 0;
+    let mut last_comma: Option<usize> = None;
+    let mut next_chunk = |tokens: &mut Vec<u32>, weights: &mut Vec<f64>, is_last: bool, count: &mut usize| {
+        *count += if is_last { tokens.len() } else { CHUNK_TOKENS };
+        let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
+        ids.push(bos);
+        ids.append(tokens);
+        ids.resize(CHUNK_TOKENS + 1, eos);
+        ids.push(eos);
+        let first_eos = ids.iter().skip(1).position(|&t| t == eos).map_or(ids.len(), |p| p + 1);
+        for id in &mut ids[first_eos + 1..] {
+            *id = pad;
+        }
+        let mut w = Vec::with_capacity(CHUNK_TOKENS + 2);
+        w.push(1.0);
+        w.append(weights);
+        w.resize(CHUNK_TOKENS + 2, 1.0);
+        chunks.push(PromptChunk { tokens: ids, weights: w });
+    };
+    for piece in pieces {
+        let (text, weight) = match piece {
+            PromptPiece::Break => {
+                next_chunk(&mut tokens, &mut weights, false, &mut token_count);
+                last_comma = None;
+                continue;
+            }
+            PromptPiece::Text(text, weight) => (text, weight),
+        };
+        for token in tokenizer.tokenize(&text)? {
+            if token == comma {
+                last_comma = Some(tokens.len());
+            } else if let Some(at) =
+                last_comma.filter(|&at| tokens.len() == CHUNK_TOKENS && tokens.len() - at <= COMMA_BACKTRACK)
+            {
+                let moved_tokens = tokens.split_off(at + 1);
+                let moved_weights = weights.split_off(at + 1);
+                next_chunk(&mut tokens, &mut weights, false, &mut token_count);
+                last_comma = None;
+                tokens = moved_tokens;
+                weights = moved_weights;
+            }
+            if tokens.len() == CHUNK_TOKENS {
+                next_chunk(&mut tokens, &mut weights, false, &mut token_count);
+                last_comma = None;
+            }
+            tokens.push(token);
+            weights.push(weight);
+        }
+    }
+    if !tokens.is_empty() || token_count == 0 {
+        next_chunk(&mut tokens, &mut weights, true, &mut token_count);
+    }
+    Ok((chunks, token_count))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +392,81 @@ mod tests {
         assert_eq!(parsed("fox:1.2)"), pieces(&[("fox:1.2)", 1.0)]), "a weight closing nothing is text");
         assert_eq!(parsed(""), pieces(&[("", 1.0)]));
         assert_eq!(parsed("a \\\\ b"), pieces(&[("a \\ b", 1.0)]));
+    }
+
+    /// Words as single tokens: "w<n>" is n, "," is 1000; BOS 1, EOS 2, pad 0.
+    struct Words;
+
+    impl PieceTokenizer for Words {
+        fn tokenize(&self, text: &str) -> crate::Result<Vec<u32>> {
+            Ok(text
+                .replace(',', " , ")
+                .split_whitespace()
+                .map(|w| if w == "," { 1000 } else { w.trim_start_matches('w').parse().unwrap_or(999) })
+                .collect())
+        }
+        fn bos(&self) -> u32 {
+            1
+        }
+        fn eos(&self) -> u32 {
+            2
+        }
+        fn pad(&self) -> u32 {
+            0
+        }
+        fn comma(&self) -> u32 {
+            1000
+        }
+    }
+
+    fn words(range: std::ops::Range<usize>) -> String {
+        range.map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn a_short_prompt_is_one_chunk_padded_after_its_eos() {
+        let (chunks, count) = chunk_prompt(&Words, "w10 (w11:1.5) w12", Emphasis::A1111).unwrap();
+        assert_eq!((chunks.len(), count), (1, 3));
+        let c = &chunks[0];
+        assert_eq!(c.tokens.len(), 77);
+        assert_eq!(&c.tokens[..6], &[1, 10, 11, 12, 2, 0]);
+        assert_eq!(c.tokens[76], 0, "padding after the first EOS");
+        assert_eq!(&c.weights[..5], &[1.0, 1.0, 1.5, 1.0, 1.0]);
+        // No emphasis: the brackets stay (here as unknown words).
+        let (plain, _) = chunk_prompt(&Words, "w10 (w11:1.5)", Emphasis::None).unwrap();
+        assert!(plain[0].weights.iter().all(|&w| w == 1.0));
+    }
+
+    #[test]
+    fn long_prompts_break_after_a_late_comma_and_at_break() {
+        // 70 words, a comma, then 10 more: the chunk fills at 75 with the comma 4 back, so the
+        // 4 words after the comma move to the next chunk.
+        let prompt = format!("{}, {}", words(100..170), words(200..210));
+        let (chunks, count) = chunk_prompt(&Words, &prompt, Emphasis::A1111).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].tokens[71], 1000, "the comma ends the first chunk");
+        assert_eq!(&chunks[0].tokens[72..74], &[2, 0], "then EOS and padding");
+        assert_eq!(&chunks[1].tokens[..3], &[1, 200, 201]);
+        assert_eq!(count, 75 + 10);
+        // A comma further back than 20 tokens does not move anything.
+        let prompt = format!("{}, {}", words(100..140), words(200..250));
+        let (chunks, _) = chunk_prompt(&Words, &prompt, Emphasis::A1111).unwrap();
+        assert_eq!((chunks[0].tokens[75], chunks[1].tokens[1]), (233, 234));
+        // BREAK: a new chunk, the first padded.
+        let (chunks, count) = chunk_prompt(&Words, "w5 BREAK w6", Emphasis::A1111).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!((&chunks[0].tokens[..3], &chunks[1].tokens[..3]), (&[1, 5, 2][..], &[1, 6, 2][..]));
+        assert_eq!(count, 76);
+        assert_eq!(chunk_prompt(&Words, "", Emphasis::A1111).unwrap().0.len(), 1, "an empty prompt is one chunk");
+    }
+
+    #[test]
+    fn emphasis_names_round_trip() {
+        for e in Emphasis::ALL {
+            assert_eq!(e.id().parse::<Emphasis>().unwrap(), e);
+        }
+        assert_eq!("No norm".parse::<Emphasis>().unwrap(), Emphasis::A1111NoNorm);
+        assert_eq!("Original".parse::<Emphasis>().unwrap(), Emphasis::A1111);
+        assert!("loud".parse::<Emphasis>().is_err());
     }
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use super::prompt::{chunk_prompt, Emphasis};
 use crate::models::clip::{ClipTextModel, EOS_TOKEN_ID};
 use crate::models::{Family, StableDiffusion};
 use crate::{Error, Result};
@@ -162,49 +163,201 @@ impl Tokenizers {
     }
 }
 
-/// Conditioning for one denoising run: the U-Net's context and, for SDXL, the pooled embedding.
-/// Row 0 is the negative prompt, row 1 the prompt (diffusers' order for CFG).
+impl super::prompt::PieceTokenizer for ClipTokenizer {
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+    fn bos(&self) -> u32 {
+        BOS_TOKEN_ID
+    }
+    fn eos(&self) -> u32 {
+        EOS_TOKEN_ID
+    }
+    fn pad(&self) -> u32 {
+        self.pad_id
+    }
+    fn comma(&self) -> u32 {
+        COMMA_TOKEN_ID
+    }
+}
+
+/// `<|startoftext|>` in CLIP's vocabulary.
+pub const BOS_TOKEN_ID: u32 = 49406;
+/// `,</w>` in CLIP's vocabulary: where A1111 likes to end a long prompt's chunk.
+pub const COMMA_TOKEN_ID: u32 = 267;
+
+/// How a job's prompts are read and encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptOptions {
+    pub emphasis: Emphasis,
+    /// A1111's "Clip skip": 1 is the last layer; N > 1 stops N − 1 layers earlier.
+    pub clip_skip: u32,
+}
+
+impl Default for PromptOptions {
+    fn default() -> Self {
+        Self { emphasis: Emphasis::A1111, clip_skip: 1 }
+    }
+}
+
+impl PromptOptions {
+    /// Prompts as diffusers reads them: brackets are text, the last layer.
+    pub const DIFFUSERS: PromptOptions = PromptOptions { emphasis: Emphasis::None, clip_skip: 1 };
+}
+
+/// Conditioning for one denoising run: the U-Net's context for the negative prompt and the
+/// prompt (each 77 × chunks tokens long, so their lengths may differ) and, for SDXL, the pooled
+/// embeddings (row 0 the negative prompt, row 1 the prompt: diffusers' order for CFG).
 pub struct TextConditioning {
-    pub context: Tensor,
+    pub negative: Tensor,
+    pub positive: Tensor,
     pub pooled: Option<Tensor>,
-    pub dropped_tokens: usize,
+    /// The prompt's tokens and its 75-token chunks (the UI's "92/150").
+    pub token_count: usize,
+    pub chunks: usize,
 }
 
-fn run_encoder(
+impl TextConditioning {
+    /// Both prompts as one batch `[negative, prompt]`, when their lengths agree.
+    pub fn context(&self) -> Result<Option<Tensor>> {
+        if self.negative.dim(1)? != self.positive.dim(1)? {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::cat(&[&self.negative, &self.positive], 0)?))
+    }
+}
+
+/// Which states a tower conditions on: the final layer's after the norm (SD 1.x / 2.x), or
+/// the layer before (SDXL); clip skip N moves N − 1 layers earlier (A1111's rule on SD 1.x,
+/// diffusers' `clip_skip = N − 1` on every family).
+fn conditioning_states(
     model: &ClipTextModel,
-    rows: &[Vec<u32>],
-    device: &Device,
+    out: &crate::models::clip::ClipOutput,
     penultimate: bool,
-) -> Result<(Tensor, Tensor)> {
-    let out = model.forward(rows, device)?;
-    let hidden = if penultimate { out.penultimate_hidden_state } else { out.last_hidden_state };
-    Ok((hidden, out.pooled))
+    clip_skip: u32,
+) -> Result<Tensor> {
+    let skip = clip_skip.max(1) as usize - 1;
+    let layers = out.hidden_states.len() - 1;
+    let from_end = if penultimate { 2 + skip } else { 1 + skip };
+    if from_end > layers + 1 {
+        return Err(Error::InvalidSetting(format!(
+            "clip skip {clip_skip} is more than this text encoder's {layers} layers allow"
+        )));
+    }
+    let states = out.hidden_states[layers + 1 - from_end].clone();
+    if penultimate {
+        Ok(states)
+    } else if skip == 0 {
+        Ok(out.last_hidden_state.clone())
+    } else {
+        Ok(model.final_norm(&states)?)
+    }
 }
 
-/// Encodes `[negative, prompt]` with every text encoder of the model.
+/// One prompt through one text encoder, A1111's way: chunked, each chunk encoded alone, the
+/// weights applied as `emphasis` says, the chunks joined along the sequence. Returns the states
+/// (1, 77·chunks, width), the first chunk's pooled output, the token count and chunk count.
+fn encode_one(
+    model: &ClipTextModel,
+    tokenizer: &ClipTokenizer,
+    text: &str,
+    options: &PromptOptions,
+    penultimate: bool,
+    device: &Device,
+) -> Result<(Tensor, Tensor, usize, usize)> {
+    let (chunks, token_count) = chunk_prompt(tokenizer, text, options.emphasis)?;
+    let weighted = chunks.iter().any(|c| c.weights.iter().any(|&w| w != 1.0));
+    let mut rows: Vec<Vec<u32>> = chunks.iter().map(|c| c.tokens.clone()).collect();
+    let comfy = options.emphasis == Emphasis::ComfyUi && weighted;
+    if comfy {
+        // ComfyUI weighs against the empty prompt's states: BOS, EOS, padding.
+        let mut empty = vec![BOS_TOKEN_ID, EOS_TOKEN_ID];
+        empty.resize(MAX_TOKENS, tokenizer.pad_id());
+        rows.push(empty);
+    }
+    let out = model.forward(&rows, device)?;
+    let states = conditioning_states(model, &out, penultimate, options.clip_skip)?;
+    let mut parts = Vec::with_capacity(chunks.len());
+    for (i, chunk) in chunks.iter().enumerate() {
+        let z = states.narrow(0, i, 1)?;
+        let needs = chunk.weights.iter().any(|&w| w != 1.0);
+        let z = match options.emphasis {
+            _ if !needs => z,
+            Emphasis::None => z,
+            Emphasis::A1111 | Emphasis::A1111NoNorm => {
+                let dtype = z.dtype();
+                let z32 = z.to_dtype(candle_core::DType::F32)?;
+                let w: Vec<f32> = chunk.weights.iter().map(|&w| w as f32).collect();
+                let w = Tensor::from_vec(w, (1, MAX_TOKENS, 1), device)?;
+                let scaled = z32.broadcast_mul(&w)?;
+                let scaled = if options.emphasis == Emphasis::A1111 {
+                    // A1111 "Original": the chunk's mean as it was before the weights.
+                    // Means summed in f64: a chunk's mean can sit near zero, where f32
+                    // summation order alone moves the ratio by 1e-4.
+                    let mean = |t: &Tensor| -> Result<f64> {
+                        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                        Ok(v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64)
+                    };
+                    let (before, after) = (mean(&z32)?, mean(&scaled)?);
+                    (scaled * (before / after) as f32 as f64)?
+                } else {
+                    scaled
+                };
+                scaled.to_dtype(dtype)?
+            }
+            Emphasis::ComfyUi => {
+                let empty = states.narrow(0, chunks.len(), 1)?;
+                let mut tokens = Vec::with_capacity(MAX_TOKENS);
+                for (j, &w) in chunk.weights.iter().enumerate() {
+                    let zj = z.narrow(1, j, 1)?;
+                    tokens.push(if w == 1.0 {
+                        zj
+                    } else {
+                        let ej = empty.narrow(1, j, 1)?;
+                        ((zj - &ej)? * w)?.add(&ej)?
+                    });
+                }
+                Tensor::cat(&tokens, 1)?
+            }
+        };
+        parts.push(z);
+    }
+    let pooled = out.pooled.narrow(0, 0, 1)?;
+    Ok((Tensor::cat(&parts, 1)?, pooled, token_count, chunks.len()))
+}
+
+/// Encodes the negative prompt and the prompt with every text encoder of the model.
 pub fn encode_prompts(
     model: &StableDiffusion,
     tokenizers: &Tokenizers,
     prompt: &str,
     negative: &str,
+    options: &PromptOptions,
 ) -> Result<TextConditioning> {
     let device = &model.options.device;
-    let first_neg = tokenizers.first.encode(negative)?;
-    let first_pos = tokenizers.first.encode(prompt)?;
-    let dropped_tokens = first_pos.dropped_tokens;
     let is_sdxl = model.info.family == Family::Sdxl;
-    let (context_1, _) = run_encoder(&model.text_encoder, &[first_neg.ids, first_pos.ids], device, is_sdxl)?;
+    let first = |text: &str| encode_one(&model.text_encoder, &tokenizers.first, text, options, is_sdxl, device);
+    let (neg_1, _, _, _) = first(negative)?;
+    let (pos_1, _, token_count, chunks) = first(prompt)?;
     let (Some(encoder_2), Some(tokenizer_2)) = (&model.text_encoder_2, &tokenizers.second) else {
-        return Ok(TextConditioning { context: context_1, pooled: None, dropped_tokens });
+        return Ok(TextConditioning { negative: neg_1, positive: pos_1, pooled: None, token_count, chunks });
     };
-    let rows = [tokenizer_2.encode(negative)?.ids, tokenizer_2.encode(prompt)?.ids];
-    let (context_2, pooled) = run_encoder(encoder_2, &rows, device, true)?;
-    let mut context = Tensor::cat(&[context_1, context_2], 2)?;
-    let mut pooled = pooled;
+    let second = |text: &str| encode_one(encoder_2, tokenizer_2, text, options, true, device);
+    let (neg_2, neg_pooled, _, _) = second(negative)?;
+    let (pos_2, pos_pooled, _, _) = second(prompt)?;
+    let mut negative_states = Tensor::cat(&[neg_1, neg_2], 2)?;
+    let mut neg_pooled = neg_pooled;
     if negative.is_empty() && model.info.force_zeros_for_empty_prompt {
         // SDXL pipelines condition an empty negative prompt on zeros, not on the encoded "".
-        context = Tensor::cat(&[context.narrow(0, 0, 1)?.zeros_like()?, context.narrow(0, 1, 1)?], 0)?;
-        pooled = Tensor::cat(&[pooled.narrow(0, 0, 1)?.zeros_like()?, pooled.narrow(0, 1, 1)?], 0)?;
+        negative_states = negative_states.zeros_like()?;
+        neg_pooled = neg_pooled.zeros_like()?;
     }
-    Ok(TextConditioning { context, pooled: Some(pooled), dropped_tokens })
+    Ok(TextConditioning {
+        negative: negative_states,
+        positive: Tensor::cat(&[pos_1, pos_2], 2)?,
+        pooled: Some(Tensor::cat(&[neg_pooled, pos_pooled], 0)?),
+        token_count,
+        chunks,
+    })
 }
