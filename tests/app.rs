@@ -486,3 +486,19 @@ fn a_painted_mask_repaints_only_what_is_painted() {
     h.run_steps(2);
     assert!(h.state().init_image.as_ref().unwrap().mask.is_empty());
 }
+
+/// The prompt's token counter shows its 75-token chunks, as A1111's does ("145/150").
+#[test]
+fn the_token_counter_counts_chunks() {
+    let long = (0..30).map(|i| format!("a red fox number {i}")).collect::<Vec<_>>().join(", ");
+    let settings = Settings { prompt: "a red fox".into(), ..Default::default() };
+    let mut h = harness_without_default_model(settings);
+    h.run_steps(2);
+    assert!(h.query_by_label("3/75").is_some(), "a short prompt: one chunk");
+    h.state_mut().settings.prompt = long;
+    h.run_steps(2);
+    let (count, chunks) = h.state_mut().token_count(0).unwrap();
+    assert!(chunks >= 2 && count > 75, "{count} tokens in {chunks} chunks");
+    let label = format!("{count}/{}", chunks * 75);
+    assert!(h.query_by_label(&label).is_some(), "the counter shows {label}");
+}

@@ -677,3 +677,68 @@ fn bad_inpainting_input_is_refused_before_any_work() {
     let out = generate(&nine, &out_path, &[]);
     assert!(stderr(&out).contains("inpainting model"), "{}", stderr(&out));
 }
+
+/// Emphasis, long prompts and clip skip through the CLI against the prompt references
+/// (crates/engine/tests/fixtures/prompts), with A1111's words in the PNG.
+#[test]
+fn prompts_through_the_cli_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures().join("prompts");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for (key, words) in [
+        ("weighted.sd1-tiny", vec![]),
+        ("no-norm.sdxl-tiny", vec!["Emphasis: No norm"]),
+        ("clip-skip-2.sd1-tiny", vec!["Clip skip: 2"]),
+        ("long.sd2v-tiny", vec![]),
+    ] {
+        let case = json["cases"].as_array().unwrap().iter().find(|c| c["key"] == key).unwrap();
+        let out_path = dir.path().join(format!("{key}.png"));
+        let model = model_dir(case["model"].as_str().unwrap());
+        let args = [
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            case["negative"].as_str().unwrap(),
+            "--emphasis",
+            case["emphasis"].as_str().unwrap(),
+            "--clip-skip",
+            &case["clip_skip"].to_string(),
+            "--steps",
+            &json["steps"].to_string(),
+            "--guidance",
+            &json["guidance_scale"].to_string(),
+            "--seed",
+            &json["seed"].to_string(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--output",
+            out_path.to_str().unwrap(),
+        ];
+        let out = easel(&args);
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+        let ours = read_png(&out_path).unwrap();
+        let theirs: Vec<u8> = tensors[&format!("{key}.image")].flatten_all().unwrap().to_vec1().unwrap();
+        let psnr = common::psnr(&ours.data, &theirs);
+        assert!(psnr >= 40.0, "{key}: PSNR {psnr:.1} dB");
+        let text = read_png_parameters(&out_path).unwrap().unwrap();
+        for w in words {
+            assert!(text.contains(w), "{key}: {w}: {text}");
+        }
+        if key.starts_with("long") {
+            assert!(stderr(&out).contains("chunks of 75"), "{}", stderr(&out));
+        }
+    }
+    // Nonsense is refused before any work.
+    let out = generate(&model_dir("sd1-tiny"), &dir.path().join("x.png"), &["--clip-skip", "0"]);
+    assert!(stderr(&out).contains("clip skip"), "{}", stderr(&out));
+    let out = generate(&model_dir("sd1-tiny"), &dir.path().join("x.png"), &["--emphasis", "loud"]);
+    assert!(stderr(&out).contains("emphasis"), "{}", stderr(&out));
+}

@@ -133,7 +133,7 @@ pub struct EaselApp {
     previous_defaults: (usize, f64, usize),
     next_job: JobId,
     tokenizer: Option<ClipTokenizer>,
-    token_counts: [(String, usize); 2],
+    token_counts: [(String, easel_engine::pipeline::prompt::Emphasis, usize, usize); 2],
     /// The wgpu preview renderer is installed (absent under glow and in headless tests).
     gpu_preview: bool,
     preview_texture: Option<(usize, egui::TextureHandle)>,
@@ -331,14 +331,19 @@ impl EaselApp {
         }
     }
 
-    /// Prompt tokens against CLIP's 75-token window, recounted only when the text changes.
-    fn token_count(&mut self, which: usize) -> Option<usize> {
+    /// A prompt's tokens and its 75-token chunks as A1111 counts them ("92/150"), recounted
+    /// only when the text or the emphasis changes.
+    pub fn token_count(&mut self, which: usize) -> Option<(usize, usize)> {
         let text = if which == 0 { &self.settings.prompt } else { &self.settings.negative_prompt };
-        if self.token_counts[which].0 != *text {
-            let count = self.tokenizer.as_ref()?.count_prompt_tokens(text).ok()?;
-            self.token_counts[which] = (text.clone(), count);
+        let emphasis = self.settings.emphasis;
+        let cached = &self.token_counts[which];
+        if cached.0 != *text || cached.1 != emphasis {
+            let tokenizer = self.tokenizer.as_ref()?;
+            let (chunks, count) = easel_engine::pipeline::prompt::chunk_prompt(tokenizer, text, emphasis).ok()?;
+            self.token_counts[which] = (text.clone(), emphasis, count, chunks.len());
         }
-        Some(self.token_counts[which].1)
+        let (_, _, count, chunks) = self.token_counts[which];
+        Some((count, chunks))
     }
 
     /// Builds the request from the current settings, refusing bad values with a message.

@@ -1,6 +1,7 @@
 //! Drawing the panels. State changes go through `EaselApp` methods so tests can drive them.
 
 use easel_engine::pipeline::fit::ResizeMode;
+use easel_engine::pipeline::prompt::Emphasis;
 use easel_engine::pipeline::text::PROMPT_TOKEN_WINDOW;
 use easel_engine::pipeline::HiresUpscaler;
 use easel_engine::rng::RngKind;
@@ -225,6 +226,23 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
             .response
             .labelled_by(label.id);
         ui.end_row();
+        let label = ui.label("Emphasis");
+        egui::ComboBox::from_id_salt("emphasis")
+            .selected_text(app.settings.emphasis.label())
+            .show_ui(ui, |ui| {
+                for emphasis in Emphasis::ALL {
+                    ui.selectable_value(&mut app.settings.emphasis, emphasis, emphasis.label());
+                }
+            })
+            .response
+            .labelled_by(label.id)
+            .on_hover_text("How (word:1.2), [word] and BREAK act in the prompts");
+        ui.end_row();
+        let label = ui.label("Clip skip");
+        ui.add(egui::DragValue::new(&mut app.settings.clip_skip).range(1..=12))
+            .labelled_by(label.id)
+            .on_hover_text("1: the text encoder's last layer; 2: the one before (what many anime models want)");
+        ui.end_row();
     });
     ui.separator();
 
@@ -285,12 +303,14 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
 }
 
 fn token_counter(app: &mut EaselApp, ui: &mut egui::Ui, which: usize) {
-    if let Some(count) = app.token_count(which) {
-        let text = format!("{count}/{PROMPT_TOKEN_WINDOW}");
-        let color = if count > PROMPT_TOKEN_WINDOW { Color32::LIGHT_RED } else { ui.visuals().weak_text_color() };
+    if let Some((count, chunks)) = app.token_count(which) {
+        let text = format!("{count}/{}", chunks * PROMPT_TOKEN_WINDOW);
+        let color = if chunks > 1 { Color32::from_rgb(240, 200, 120) } else { ui.visuals().weak_text_color() };
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            ui.label(RichText::new(text).color(color))
-                .on_hover_text("CLIP reads 75 tokens; the rest of a longer prompt is ignored");
+            ui.label(RichText::new(text).color(color)).on_hover_text(
+                "Tokens against CLIP's 75-token chunks: a longer prompt is split into chunks (after a \
+                 comma where it can, and at BREAK), each encoded alone",
+            );
         });
     }
 }
