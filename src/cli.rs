@@ -221,6 +221,13 @@ pub struct GenerateArgs {
     /// (brackets are text, as diffusers reads them). Prompts over 75 tokens are chunked in all.
     #[arg(long, default_value = "a1111")]
     pub emphasis: Emphasis,
+    /// A LoRA / LyCORIS file to apply, with its weight (default 1); repeatable. The same as
+    /// writing `<lora:NAME:WEIGHT>` in the prompt.
+    #[arg(long, value_name = "PATH[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// Where `<lora:NAME:…>` tags in the prompt find NAME.safetensors (subfolders too).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// A1111's "Clip skip": 1 conditions on the text encoder's last layer, 2 on the one before
     /// (anime models), up to 12.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -277,6 +284,45 @@ pub struct GenerateArgs {
     /// picture, encoded again).
     #[arg(long, default_value = "latent")]
     pub hires_upscaler: HiresUpscaler,
+}
+
+/// The job's LoRAs: each `--lora PATH[:WEIGHT]` (written into the prompt as its tag, so the PNG
+/// carries it as A1111's do), then the prompt's `<lora:NAME:…>` tags found in `--lora-dir`.
+fn resolve_loras(
+    prompt: &str,
+    flags: &[String],
+    dir: Option<&Path>,
+) -> Result<(String, Vec<easel_engine::models::lora::LoraWeight>)> {
+    use easel_engine::models::lora::{extract_lora_tags, find_in_dir, LoraWeight};
+    let mut prompt = prompt.to_string();
+    let mut loras: Vec<LoraWeight> = Vec::new();
+    for flag in flags {
+        // PATH:WEIGHT, where PATH itself may hold colons (C:\…): the weight is after the last.
+        let (path, weight) = match flag.rsplit_once(':') {
+            Some((path, w)) if w.parse::<f64>().is_ok() && !path.is_empty() => (path, w.parse::<f64>()?),
+            _ => (flag.as_str(), 1.0),
+        };
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("--lora {}: no such file", path.display());
+        }
+        let lora = LoraWeight { path, text_weight: weight, unet_weight: weight };
+        prompt.push_str(&format!(" <lora:{}:{weight}>", lora.name()));
+        loras.push(lora);
+    }
+    for (name, text_weight, unet_weight) in extract_lora_tags(&prompt).1 {
+        if loras.iter().any(|l| l.name() == name) {
+            continue;
+        }
+        let Some(dir) = dir else {
+            bail!("the prompt asks for <lora:{name}>: say where LoRAs are with --lora-dir DIR (or pass --lora PATH)");
+        };
+        let Some(path) = find_in_dir(dir, &name) else {
+            bail!("the prompt asks for <lora:{name}>, but {} has no {name}.safetensors", dir.display());
+        };
+        loras.push(LoraWeight { path, text_weight, unet_weight });
+    }
+    Ok((prompt, loras))
 }
 
 fn parse_outpaint(text: &str) -> std::result::Result<Outpaint, String> {
@@ -482,7 +528,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
         rng: args.rng,
         emphasis: args.emphasis,
         clip_skip: args.clip_skip,
+        loras: Vec::new(),
     };
+    let (prompt, loras) = resolve_loras(&request.prompt, &args.lora, args.lora_dir.as_deref())?;
+    request.prompt = prompt;
+    request.loras = loras;
     request.validate(&info)?;
     let task = build_task(&args, &mut request, &info)?;
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
@@ -513,6 +563,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
         eprintln!("note: the prompt is {tokens} tokens: {} chunks of 75, encoded one by one", chunks.len());
     }
 
+    if !request.loras.is_empty() {
+        let report = pipeline.apply_loras(&request.loras)?;
+        eprintln!("LoRAs: {} layers adapted, {:.1} MB of adapter weights", report.layers, report.bytes as f64 / 1e6);
+        for (name, keys) in &report.unmatched {
+            let shown: Vec<&str> = keys.iter().take(5).map(String::as_str).collect();
+            eprintln!(
+                "warning: {} of LoRA {name}'s modules match no layer of this model and are not applied: {}{}",
+                keys.len(),
+                shown.join(", "),
+                if keys.len() > 5 { ", …" } else { "" }
+            );
+        }
+    }
     if request.prompt.trim().is_empty() {
         eprintln!("warning: the prompt is empty: the image follows no text");
     }
@@ -567,6 +630,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         rng: RngKind::Cpu,
         emphasis: Default::default(),
         clip_skip: 1,
+        loras: Vec::new(),
     };
     let options = args.model.load_options()?;
     let load_start = Instant::now();

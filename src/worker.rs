@@ -536,6 +536,7 @@ mod tests {
             rng: RngKind::Cpu,
             emphasis: Default::default(),
             clip_skip: 1,
+            loras: Vec::new(),
         }
     }
 

@@ -374,6 +374,7 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
         rng: RngKind::Cpu,
         emphasis: Default::default(),
         clip_skip: 1,
+        loras: Vec::new(),
     };
     let expected = pipeline.generate(&request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
     let image = read_png(&path).unwrap();
@@ -741,4 +742,76 @@ fn prompts_through_the_cli_match_the_reference() {
     assert!(stderr(&out).contains("clip skip"), "{}", stderr(&out));
     let out = generate(&model_dir("sd1-tiny"), &dir.path().join("x.png"), &["--emphasis", "loud"]);
     assert!(stderr(&out).contains("emphasis"), "{}", stderr(&out));
+}
+
+/// LoRAs through the CLI against diffusers (crates/engine/tests/fixtures/lora): `--lora PATH:W`
+/// and a `<lora:NAME:W>` tag found in `--lora-dir`, with `Lora hashes` in the PNG.
+#[test]
+fn loras_through_the_cli_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures().join("lora");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let kohya = fixtures.join("sd1-tiny-kohya.safetensors");
+    let flag = format!("{}:0.8", kohya.display());
+    let tagged = format!("{} <lora:sdxl-tiny-peft:0.7>", json["prompt"].as_str().unwrap());
+    let lora_dir = fixtures.to_str().unwrap().to_string();
+    for (key, model, prompt, extra) in [
+        ("sd1-tiny.kohya", "sd1-tiny", json["prompt"].as_str().unwrap().to_string(), vec!["--lora", flag.as_str()]),
+        ("sdxl-tiny.peft", "sdxl-tiny", tagged.clone(), vec!["--lora-dir", lora_dir.as_str()]),
+    ] {
+        let out_path = dir.path().join(format!("{key}.png"));
+        let model_path = model_dir(model);
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model_path.to_str().unwrap().into(),
+            "--prompt".into(),
+            prompt,
+            "--negative-prompt".into(),
+            json["negative_prompt"].as_str().unwrap().into(),
+            "--steps".into(),
+            json["steps"].to_string(),
+            "--guidance".into(),
+            json["guidance_scale"].to_string(),
+            "--seed".into(),
+            json["seed"].to_string(),
+            "--width".into(),
+            "64".into(),
+            "--height".into(),
+            "64".into(),
+            "--output".into(),
+            out_path.to_str().unwrap().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = easel(&args);
+        assert!(out.status.success(), "{key}: {}", stderr(&out));
+        assert!(stderr(&out).contains("layers adapted"), "{}", stderr(&out));
+        let ours = read_png(&out_path).unwrap();
+        let theirs: Vec<u8> = tensors[&format!("{key}.image")].flatten_all().unwrap().to_vec1().unwrap();
+        let psnr = common::psnr(&ours.data, &theirs);
+        assert!(psnr >= 40.0, "{key}: PSNR {psnr:.1} dB");
+        let text = read_png_parameters(&out_path).unwrap().unwrap();
+        assert!(text.contains("Lora hashes: \"") && text.contains("<lora:"), "{key}: {text}");
+    }
+    // Refused before any step: an unknown tag, a tag without a folder, another family's LoRA.
+    let sd1 = model_dir("sd1-tiny");
+    let out_path = dir.path().join("never.png");
+    let with_prompt = |prompt: &str, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", sd1.to_str().unwrap(), "--prompt", prompt];
+        args.extend_from_slice(&["--output", out_path.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        easel(&args)
+    };
+    let out = with_prompt("a fox <lora:missing:1>", &["--lora-dir", &lora_dir]);
+    assert!(stderr(&out).contains("no missing.safetensors"), "{}", stderr(&out));
+    let out = with_prompt("a fox <lora:x:1>", &[]);
+    assert!(stderr(&out).contains("--lora-dir"), "{}", stderr(&out));
+    let xl = format!("{}", fixtures.join("sdxl-tiny-kohya.safetensors").display());
+    let out = generate(&sd1, &out_path, &["--lora", &xl]);
+    assert!(stderr(&out).contains("for SDXL but the model is SD 1.x"), "{}", stderr(&out));
+    assert!(!out_path.exists());
 }

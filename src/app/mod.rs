@@ -339,7 +339,8 @@ impl EaselApp {
         let cached = &self.token_counts[which];
         if cached.0 != *text || cached.1 != emphasis {
             let tokenizer = self.tokenizer.as_ref()?;
-            let (chunks, count) = easel_engine::pipeline::prompt::chunk_prompt(tokenizer, text, emphasis).ok()?;
+            let words = easel_engine::models::lora::extract_lora_tags(text).0;
+            let (chunks, count) = easel_engine::pipeline::prompt::chunk_prompt(tokenizer, &words, emphasis).ok()?;
             self.token_counts[which] = (text.clone(), emphasis, count, chunks.len());
         }
         let (_, _, count, chunks) = self.token_counts[which];
@@ -361,6 +362,7 @@ impl EaselApp {
             rng: self.settings.rng,
             emphasis: self.settings.emphasis,
             clip_skip: self.settings.clip_skip,
+            loras: Vec::new(),
         };
         let multiple = match &self.model {
             ModelState::Ready(m) => m.size_multiple,

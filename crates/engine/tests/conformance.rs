@@ -40,6 +40,7 @@ fn request(reference: &Reference, sampler: SamplerId) -> GenerationRequest {
         rng: RngKind::Cpu,
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
+        loras: Vec::new(),
     }
 }
 

@@ -175,6 +175,7 @@ fn request(prompt: &str, steps: usize, guidance_scale: f64, seed: u64) -> Genera
         rng: RngKind::Cpu,
         emphasis: Default::default(),
         clip_skip: 1,
+        loras: Vec::new(),
     }
 }
 

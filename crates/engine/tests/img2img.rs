@@ -35,6 +35,7 @@ fn request(json: &serde_json::Value, sampler: &str) -> GenerationRequest {
         rng: RngKind::Cpu,
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
+        loras: Vec::new(),
     }
 }
 

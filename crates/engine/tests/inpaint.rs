@@ -37,6 +37,7 @@ fn request(json: &serde_json::Value, sampler: &str, size: u32) -> GenerationRequ
         rng: RngKind::Cpu,
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
+        loras: Vec::new(),
     }
 }
 

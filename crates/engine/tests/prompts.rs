@@ -63,6 +63,7 @@ fn prompts_encode_and_paint_as_the_reference() {
                 rng: RngKind::Cpu,
                 emphasis,
                 clip_skip,
+                loras: Vec::new(),
             };
             let latents = pipeline.denoise(&req, &mut |_| ControlFlow::Continue(())).unwrap();
             assert_close(&format!("{key} latents"), &latents, &tensors[&format!("{key}.latents")], tolerance.max(2e-5));

@@ -105,7 +105,7 @@ impl CrossAttention {
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         drop(xs);
         // The bf16 mode's layers (packed projections) also take the bf16 attention.
-        let bf16 = matches!(self.to_q, Linear::Bf16(_));
+        let bf16 = matches!(self.to_q.kind, super::nn::LinearKind::Bf16(_));
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale, bf16)?;
         self.to_out.forward(&self.merge_heads(&out)?)
     }

@@ -303,7 +303,9 @@ mod tests {
     use super::*;
     use crate::kernels::test_values;
     use crate::models::checkpoint::Source;
-    use crate::models::nn::{conv2d, embedding, linear, linear_no_bias, Conv2d, Embedding, Linear};
+    use crate::models::nn::{
+        conv2d, embedding, linear, linear_no_bias, Conv2d, Conv2dKind, Embedding, Linear, LinearKind,
+    };
 
     fn tensor(shape: &[usize], seed: u32, dtype: DType) -> Tensor {
         let len = shape.iter().product();
@@ -355,8 +357,8 @@ mod tests {
     }
 
     fn mapped_dtype(conv: &Conv2d) -> Option<DType> {
-        match conv {
-            Conv2d::Mapped { op, .. } => Some(op.weight.dtype()),
+        match &conv.kind {
+            Conv2dKind::Mapped { op, .. } => Some(op.weight.dtype()),
             _ => None,
         }
     }
@@ -379,11 +381,13 @@ mod tests {
         assert_eq!(in_place_bytes_on_this_thread() - before, expected_bytes as u64);
         assert_eq!(mapped_dtype(&in_place.0), Some(DType::F32));
         assert_eq!(mapped_dtype(&in_place.2), Some(DType::F16));
-        assert!(matches!(&in_place.1, Linear::Mapped { op, bias: Some(_) } if op.weight.dtype() == DType::F32));
+        assert!(
+            matches!(&in_place.1.kind, LinearKind::Mapped { op, bias: Some(_) } if op.weight.dtype() == DType::F32)
+        );
         let copied = build(&path, DType::F16, false);
         assert!(matches!(
-            (&copied.0, &copied.1, &copied.2),
-            (Conv2d::Candle { .. }, Linear::Candle(_), Conv2d::Candle { .. })
+            (&copied.0.kind, &copied.1.kind, &copied.2.kind),
+            (Conv2dKind::Candle { .. }, LinearKind::Candle(_), Conv2dKind::Candle { .. })
         ));
         assert_eq!(run(&in_place), run(&copied), "in place and copied weights must give the same bits");
 
@@ -429,9 +433,9 @@ mod tests {
                 ))
             })
             .unwrap();
-        assert!(matches!(&k, Linear::Mapped { .. }));
-        assert!(matches!(&out, Linear::Mapped { .. }));
-        assert!(matches!(&proj, Linear::Candle(_)), "a transposed weight cannot be read in place");
+        assert!(matches!(&k.kind, LinearKind::Mapped { .. }));
+        assert!(matches!(&out.kind, LinearKind::Mapped { .. }));
+        assert!(matches!(&proj.kind, LinearKind::Candle(_)), "a transposed weight cannot be read in place");
 
         let reference = |weight: Tensor| candle_nn::Linear::new(weight, None);
         let x4 = tensor(&[3, 4], 4, DType::F32);
@@ -506,7 +510,7 @@ mod tests {
         let (fc, pages) = ModelWeights::new(map(&path, plain), DType::F32, &Device::Cpu)
             .build_with_pages(true, |vb| linear(cols, rows, vb.pp("fc")))
             .unwrap();
-        assert!(matches!(&fc, Linear::Mapped { .. }));
+        assert!(matches!(&fc.kind, LinearKind::Mapped { .. }));
         wait_for_page_in();
         let weight_bytes = (rows * cols * 4) as u64;
         if pages.resident_bytes().is_none() {
@@ -556,7 +560,7 @@ mod tests {
         let fc = ModelWeights::new(map(&path, plain), DType::F32, &Device::Cpu)
             .build(true, |vb| linear_no_bias(5, 3, vb.pp("fc")))
             .unwrap();
-        assert!(matches!(&fc, Linear::Candle(_)));
+        assert!(matches!(&fc.kind, LinearKind::Candle(_)));
         let x = tensor(&[2, 5], 2, DType::F32);
         let reference = candle_nn::Linear::new(Tensor::from_vec(weight, (3, 5), &Device::Cpu).unwrap(), None);
         close(&fc.forward(&x).unwrap(), &reference.forward(&x).unwrap());

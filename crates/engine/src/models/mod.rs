@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod hash;
 pub mod library;
+pub mod lora;
 pub mod mapped;
 pub mod nn;
 pub mod resnet;
@@ -436,6 +437,8 @@ pub struct StableDiffusion {
     pub weights_in_place: u64,
     /// The pages each component reads in place, released while it is idle.
     pub pages: ComponentPages,
+    /// The text encoders' and U-Net's layers LoRAs attach to, by name.
+    pub adapters: lora::Adapters,
 }
 
 /// The networks of a model, for [`StableDiffusion::keep_resident_only`].
@@ -512,11 +515,15 @@ impl StableDiffusion {
     /// Loads a diffusers folder or a single-file checkpoint.
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
         let override_path = options.vae_override.clone();
-        let mut model = if path.is_file() {
-            single_file::load_single_file(path, options)?
-        } else {
-            Self::load_diffusers(path, options)?
-        };
+        let (model, adapters) = lora::collect(|| {
+            if path.is_file() {
+                single_file::load_single_file(path, options)
+            } else {
+                Self::load_diffusers(path, options)
+            }
+        });
+        let mut model = model?;
+        model.adapters = adapters;
         if let Some(vae_path) = override_path {
             // The pipeline scales latents and sizes images by the VAE actually in use.
             let config = model.vae.config().clone();
@@ -541,11 +548,13 @@ impl StableDiffusion {
         // Checked first: a refused bf16 mode should not cost a text-encoder load.
         let unet_dtype = options.unet_weights_dtype()?;
         let (text_encoder, mut text_pages) = load_component(folder, "text_encoder", "model", dtype, &options, |vb| {
+            let _scope = lora::component("text_encoder");
             ClipTextModel::new(vb, info.text_encoder.clone(), false)
         })?;
         let text_encoder_2 = match &info.text_encoder_2 {
             Some(cfg) => {
                 let (model, pages) = load_component(folder, "text_encoder_2", "model", dtype, &options, |vb| {
+                    let _scope = lora::component("text_encoder_2");
                     ClipTextModel::new(vb, cfg.clone(), true)
                 })?;
                 text_pages = text_pages.and(pages);
@@ -555,12 +564,14 @@ impl StableDiffusion {
         };
         let (unet, unet_pages) =
             load_component(folder, "unet", "diffusion_pytorch_model", unet_dtype, &options, |vb| {
+                let _scope = lora::component("unet");
                 UNet2DConditionModel::new(vb, info.unet.clone())
             })?;
         let (vae, vae_pages) = load_vae(&info, &options)?;
         let weights_in_place = mapped::in_place_bytes_on_this_thread() - in_place_before;
         let pages = ComponentPages { text_encoders: text_pages, unet: unet_pages, vae: vae_pages };
-        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place, pages })
+        let adapters = lora::Adapters::default();
+        Ok(Self { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place, pages, adapters })
     }
 }
 

@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 pub use candle_nn::LayerNorm;
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use super::lora;
 use super::mapped::{self, MappedConv2d, MappedLinear};
 use crate::kernels::{self, Conv2dOp, GroupNormOp};
 
@@ -68,13 +69,29 @@ fn kernel_weight(weight: &Tensor) -> bool {
 /// the mapped checkpoint where it can be, see [`mapped`]), its bf16 kernel in the CPU bf16
 /// mode, cuDNN with cached plans on CUDA (`cudnn` feature), and candle's convolution elsewhere.
 #[derive(Debug, Clone)]
-pub enum Conv2d {
+pub enum Conv2dKind {
     Candle { inner: candle_nn::Conv2d, stride: usize, padding: usize },
     Mapped { op: Arc<MappedConv2d>, bias: Tensor },
     Bf16(Arc<kernels::Conv2dBf16Op>),
 }
 
-impl Conv2d {
+/// A convolution and the adapters (LoRA) attached to it by name (see [`lora`]).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub kind: Conv2dKind,
+    lora: lora::Slot,
+    stride: usize,
+    padding: usize,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = self.kind.forward(xs)?;
+        self.lora.add_conv(xs, out, self.stride, self.padding)
+    }
+}
+
+impl Conv2dKind {
     fn candle_forward(inner: &candle_nn::Conv2d, stride: usize, padding: usize, xs: &Tensor) -> Result<Tensor> {
         if let Some(bias) = inner.bias() {
             if let Some(out) = kernels::cuda::conv2d(xs, inner.weight(), bias, stride, padding) {
@@ -92,7 +109,7 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
+impl Module for Conv2dKind {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op.as_ref()),
@@ -157,22 +174,35 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
+    let lora = lora::register(&vb.prefix(), lora::LayerShape::Conv { out_ch, in_ch, kernel });
+    let kind = conv2d_kind(in_ch, out_ch, kernel, stride, padding, vb)?;
+    Ok(Conv2d { kind, lora, stride, padding })
+}
+
+fn conv2d_kind(
+    in_ch: usize,
+    out_ch: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2dKind> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     if packed_bf16(&vb, (in_ch * kernel * kernel).is_multiple_of(2)) {
         let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
         let bias = vb.get(out_ch, "bias")?.to_dtype(DType::F32)?;
         let bits = bf16_bits(&weight)?;
         let op = kernels::Conv2dBf16Op::new(&bits, bias.to_vec1()?, out_ch, in_ch, kernel, stride, padding);
-        return Ok(Conv2d::Bf16(Arc::new(op)));
+        return Ok(Conv2dKind::Bf16(Arc::new(op)));
     }
     // The weight in the VarBuilder's dtype (f16 kept as stored on the CPU), the bias like the activations.
     let weight_vb = weight_source(vb.clone());
     let bias = unpacked(vb).get(out_ch, "bias")?;
     if let Some(weight) = mapped::lookup(&weight_vb, "weight", (out_ch, in_ch, kernel, kernel)) {
-        return Ok(Conv2d::Mapped { op: Arc::new(MappedConv2d { weight, stride, padding }), bias });
+        return Ok(Conv2dKind::Mapped { op: Arc::new(MappedConv2d { weight, stride, padding }), bias });
     }
     let weight = weight_vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
-    Ok(Conv2d::Candle { inner: candle_nn::Conv2d::new(weight, Some(bias), cfg), stride, padding })
+    Ok(Conv2dKind::Candle { inner: candle_nn::Conv2d::new(weight, Some(bias), cfg), stride, padding })
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
@@ -191,13 +221,27 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 /// stored, read in place from the mapped checkpoint where they can be), candle-nn's elsewhere,
 /// or in the CPU bf16 mode Easel's bf16 kernel with the weight pre-packed once at load.
 #[derive(Debug, Clone)]
-pub enum Linear {
+pub enum LinearKind {
     Candle(candle_nn::Linear),
     Mapped { op: Arc<MappedLinear>, bias: Option<Tensor> },
     Bf16(Arc<kernels::LinearBf16Op>),
 }
 
+/// A linear layer and the adapters (LoRA) attached to it by name (see [`lora`]).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub kind: LinearKind,
+    lora: lora::Slot,
+}
+
 impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = self.kind.forward(xs)?;
+        self.lora.add_linear(xs, out)
+    }
+}
+
+impl Module for LinearKind {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Mapped { op, bias } if kernels::applies_to(xs) => match bias {
@@ -225,20 +269,25 @@ impl Module for Linear {
 }
 
 fn linear_maybe_bias(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let lora = lora::register(&vb.prefix(), lora::LayerShape::Linear { out_dim, in_dim });
+    Ok(Linear { kind: linear_kind(in_dim, out_dim, with_bias, vb)?, lora })
+}
+
+fn linear_kind(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<LinearKind> {
     if packed_bf16(&vb, in_dim.is_multiple_of(2)) {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if with_bias { Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?) } else { None };
         let op = kernels::LinearBf16Op::new(&bf16_bits(&weight)?, bias, out_dim, in_dim);
-        return Ok(Linear::Bf16(Arc::new(op)));
+        return Ok(LinearKind::Bf16(Arc::new(op)));
     }
     // The weight in the VarBuilder's dtype (f16 kept as stored on the CPU), the bias like the activations.
     let weight_vb = weight_source(vb.clone());
     let bias = if with_bias { Some(unpacked(vb).get(out_dim, "bias")?) } else { None };
     if let Some(weight) = mapped::lookup(&weight_vb, "weight", (out_dim, in_dim)) {
-        return Ok(Linear::Mapped { op: Arc::new(MappedLinear { weight }), bias });
+        return Ok(LinearKind::Mapped { op: Arc::new(MappedLinear { weight }), bias });
     }
     let weight = weight_vb.get((out_dim, in_dim), "weight")?;
-    Ok(Linear::Candle(candle_nn::Linear::new(weight, bias)))
+    Ok(LinearKind::Candle(candle_nn::Linear::new(weight, bias)))
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -328,7 +377,7 @@ mod tests {
         let widened = VarBuilder::from_tensors(stored_f16(&dev), DType::F32, &dev);
 
         let conv = conv2d(4, 6, 3, 1, 1, kept.pp("conv")).unwrap();
-        let Conv2d::Candle { inner, .. } = &conv else { panic!("not the f32 convolution") };
+        let Conv2dKind::Candle { inner, .. } = &conv.kind else { panic!("not the f32 convolution") };
         assert_eq!(inner.weight().dtype(), DType::F16);
         assert_eq!(inner.bias().map(Tensor::dtype), Some(DType::F32));
         let x = Tensor::from_vec(test_values(2 * 4 * 7 * 5, 5), (2, 4, 7, 5), &dev).unwrap();
@@ -339,7 +388,7 @@ mod tests {
         assert_eq!(bits(&out), bits(&reference));
 
         let fc = linear(5, 3, kept.pp("fc")).unwrap();
-        let Linear::Candle(inner) = &fc else { panic!("not the f32 linear layer") };
+        let LinearKind::Candle(inner) = &fc.kind else { panic!("not the f32 linear layer") };
         assert_eq!(inner.weight().dtype(), DType::F16);
         let x = Tensor::from_vec(test_values(2 * 4 * 5, 6), (2, 4, 5), &dev).unwrap();
         let reference = linear(5, 3, widened.pp("fc")).unwrap().forward(&x).unwrap();

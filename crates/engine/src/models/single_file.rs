@@ -484,7 +484,10 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
         &device,
     )?;
     let (unet, unet_pages) = unet_weights
-        .build_with_pages(options.map_weights, |vb| UNet2DConditionModel::new(vb, info.unet.clone()))
+        .build_with_pages(options.map_weights, |vb| {
+            let _scope = super::lora::component("unet");
+            UNet2DConditionModel::new(vb, info.unet.clone())
+        })
         .map_err(|e| wrap("the U-Net does not match its inferred shape", e))?;
 
     let (vae, vae_pages) = super::load_vae(&info, &options)?;
@@ -510,12 +513,18 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
     };
     let map = options.map_weights;
     let (text_encoder, mut text_pages) = te1
-        .build_with_pages(map, |vb| ClipTextModel::new(vb, info.text_encoder.clone(), false))
+        .build_with_pages(map, |vb| {
+            let _scope = super::lora::component("text_encoder");
+            ClipTextModel::new(vb, info.text_encoder.clone(), false)
+        })
         .map_err(|e| wrap("the text encoder does not match its inferred shape", e))?;
     let text_encoder_2 = match (te2, &info.text_encoder_2) {
         (Some(weights), Some(config)) => {
             let (model, pages) = weights
-                .build_with_pages(map, |vb| ClipTextModel::new(vb, config.clone(), true))
+                .build_with_pages(map, |vb| {
+                    let _scope = super::lora::component("text_encoder_2");
+                    ClipTextModel::new(vb, config.clone(), true)
+                })
                 .map_err(|e| wrap("the second text encoder does not match its inferred shape", e))?;
             text_pages = text_pages.and(pages);
             Some(model)
@@ -524,7 +533,8 @@ pub fn load_single_file(path: &Path, options: LoadOptions) -> Result<StableDiffu
     };
     let weights_in_place = super::mapped::in_place_bytes_on_this_thread() - in_place_before;
     let pages = ComponentPages { text_encoders: text_pages, unet: unet_pages, vae: vae_pages };
-    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place, pages })
+    let adapters = super::lora::Adapters::default();
+    Ok(StableDiffusion { info, text_encoder, text_encoder_2, unet, vae, options, weights_in_place, pages, adapters })
 }
 
 /// The VAE inside a single-file checkpoint (also used to redo a decode in f32).

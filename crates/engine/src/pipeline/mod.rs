@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use crate::metadata::RgbImage;
+use crate::models::lora::{extract_lora_tags, LoraFile, LoraReport, LoraWeight};
 use crate::models::unet::AddedCond;
 use crate::models::{Component, Family, LoadOptions, ModelInfo, StableDiffusion};
 use crate::rng::{make_generator, RngKind};
@@ -46,6 +47,8 @@ pub struct GenerationRequest {
     pub emphasis: Emphasis,
     /// A1111's "Clip skip" (1 = the last layer).
     pub clip_skip: u32,
+    /// LoRAs for this job (the prompt's `<lora:…>` tags resolved to files, and any others).
+    pub loras: Vec<crate::models::lora::LoraWeight>,
 }
 
 impl GenerationRequest {
@@ -72,6 +75,19 @@ impl GenerationRequest {
                     "{name} must be a multiple of {factor}, got {v} (try {})",
                     (v / factor).max(1) * factor
                 ));
+            }
+        }
+        for (name, _, _) in extract_lora_tags(&self.prompt).1 {
+            if !self.loras.iter().any(|l| l.name() == name) {
+                return invalid(format!(
+                    "the prompt asks for <lora:{name}>, but no LoRA of that name was found: put {name}.safetensors in the LoRA folder"
+                ));
+            }
+        }
+        for lora in &self.loras {
+            let weights = [lora.text_weight, lora.unet_weight];
+            if weights.iter().any(|w| !w.is_finite() || w.abs() > 100.0) {
+                return invalid(format!("LoRA {} has an impossible weight {weights:?}", lora.name()));
             }
         }
         if !(1..=12).contains(&self.clip_skip) {
@@ -110,6 +126,8 @@ pub struct Pipeline {
     scheduler_config: SchedulerConfig,
     /// Loaded by the first image-to-image job (text to image never needs it).
     vae_encoder: std::sync::OnceLock<crate::models::vae::VaeEncoder>,
+    /// The LoRAs the model's layers carry now, and what applying them reported.
+    applied_loras: std::sync::Mutex<(Vec<LoraWeight>, LoraReport)>,
 }
 
 /// A job's conditioning, prepared once: the text's cross-attention states (and SDXL's pooled
@@ -321,7 +339,13 @@ impl Pipeline {
         let scheduler_config = model.info.scheduler.load()?;
         // Loading freed its conversion buffers; do not hold them until the first generation ends.
         crate::memory::release_free_memory();
-        Ok(Self { model, tokenizers, scheduler_config, vae_encoder: std::sync::OnceLock::new() })
+        Ok(Self {
+            model,
+            tokenizers,
+            scheduler_config,
+            vae_encoder: std::sync::OnceLock::new(),
+            applied_loras: Default::default(),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -359,12 +383,37 @@ impl Pipeline {
         (1, self.model.info.vae.latent_channels, req.height / factor, req.width / factor)
     }
 
+    /// Gives the model's layers exactly `loras` (none: the base model), reading each file; the
+    /// same list as the last job's is kept as it is. A bad file changes nothing.
+    pub fn apply_loras(&self, loras: &[LoraWeight]) -> Result<LoraReport> {
+        let mut applied = self.applied_loras.lock().map_err(|e| Error::InvalidSetting(e.to_string()))?;
+        if applied.0 == loras {
+            return Ok(applied.1.clone());
+        }
+        let files = loras.iter().map(|l| Ok((LoraFile::read(&l.path)?, l.clone()))).collect::<Result<Vec<_>>>()?;
+        let info = &self.model.info;
+        let report = self.model.adapters.apply(
+            &files,
+            info.family,
+            info.unet.context_dim(),
+            info.unet.layers_per_block_count(),
+            &self.model.options.device,
+            self.model.options.dtype,
+        )?;
+        *applied = (loras.to_vec(), report.clone());
+        Ok(report)
+    }
+
     /// The text conditioning of a job, prepared once: cross-attention states (and SDXL's
     /// pooled vector and size ids), for the rows classifier-free guidance needs.
     fn conditioning(&self, req: &GenerationRequest) -> Result<Conditioning> {
         let device = &self.model.options.device;
         let dtype = self.model.options.dtype;
-        let cond = self.encode_text(&req.prompt, &req.negative_prompt, &req.prompt_options())?;
+        // LoRAs first: they change the text encoders too. Their tags are no text to encode.
+        self.apply_loras(&req.loras)?;
+        let prompt = extract_lora_tags(&req.prompt).0;
+        let negative = extract_lora_tags(&req.negative_prompt).0;
+        let cond = self.encode_text(&prompt, &negative, &req.prompt_options())?;
         let cfg = req.uses_cfg();
         let time_ids = |rows: usize| -> Result<Option<Tensor>> {
             if self.model.info.family != Family::Sdxl {
@@ -840,6 +889,24 @@ pub fn to_rgb8(image: &Tensor) -> Result<RgbImage> {
 }
 
 impl GenerationRequest {
+    /// `Emphasis` when not A1111's default, and `Lora hashes` as A1111 writes them
+    /// (`"name: 0123456789ab, …"`, kohya's addnet hash of each file).
+    fn extra_params(&self) -> Vec<(String, String)> {
+        let mut extra = Vec::new();
+        if let Some(name) = self.emphasis.a1111_name() {
+            extra.push(("Emphasis".to_string(), name.to_string()));
+        }
+        let hashes: Vec<String> = self
+            .loras
+            .iter()
+            .filter_map(|l| crate::models::lora::addnet_hash(&l.path).ok().map(|h| format!("{}: {h}", l.name())))
+            .collect();
+        if !hashes.is_empty() {
+            extra.push(("Lora hashes".to_string(), hashes.join(", ")));
+        }
+        extra
+    }
+
     /// The AUTOMATIC1111-style parameters to store in the PNG.
     pub fn to_params(&self, model_name: Option<&str>, model_hash: Option<&str>) -> crate::metadata::GenerationParams {
         let (sampler, schedule) = (self.sampler.a1111_name(), self.schedule.a1111_name());
@@ -861,7 +928,7 @@ impl GenerationRequest {
             }),
             version: Some(format!("easel {}", env!("CARGO_PKG_VERSION"))),
             clip_skip: (self.clip_skip > 1).then_some(self.clip_skip),
-            extra: self.emphasis.a1111_name().map(|e| ("Emphasis".to_string(), e.to_string())).into_iter().collect(),
+            extra: self.extra_params(),
             ..Default::default()
         }
     }
