@@ -502,3 +502,69 @@ fn the_token_counter_counts_chunks() {
     let label = format!("{count}/{}", chunks * 75);
     assert!(h.query_by_label(&label).is_some(), "the counter shows {label}");
 }
+
+/// LoRAs in the window: the LoRA folder's files are listed with their kind, "Add" puts the tag
+/// into the prompt, the job applies it and the PNG names it; without the tag the next picture
+/// is the base model's again, bit for bit, with no reload.
+#[test]
+fn a_lora_from_the_folder_changes_the_picture_and_goes_away_again() {
+    let outputs = tempfile::tempdir().unwrap();
+    let lora_dir = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures");
+    for file in ["sd1-tiny-kohya.safetensors", "sdxl-tiny-peft.safetensors"] {
+        std::fs::copy(fixtures.join("lora").join(file), lora_dir.path().join(file)).unwrap();
+    }
+    std::fs::write(lora_dir.path().join("broken.safetensors"), b"nope").unwrap();
+    let settings = Settings {
+        model_path: Some(fixtures.join("models/sd1-tiny")),
+        outputs_dir: Some(outputs.path().to_path_buf()),
+        lora_dir: Some(lora_dir.path().to_path_buf()),
+        prompt: "a red fox in the snow".into(),
+        steps: 4,
+        seed: 9,
+        random_seed: false,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let mut h = harness(settings);
+    step_until(&mut h, "sd1-tiny to load", model_ready);
+    h.state_mut().settings.width = 64;
+    h.state_mut().settings.height = 64;
+    let kinds: Vec<_> = h.state().lora_files.iter().map(|(_, k)| k.clone()).collect();
+    assert_eq!(kinds.len(), 3);
+    assert!(kinds.iter().any(|k| k.as_ref().is_ok_and(|k| k == "LoRA, SD 1.x / 2.x")), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k.as_ref().is_ok_and(|k| k.contains("SDXL"))), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k.is_err()), "the broken file is marked: {kinds:?}");
+
+    h.state_mut().generate();
+    step_until(&mut h, "the base picture", |app| app.gallery.len() == 1 && app.running.is_none());
+    let base = h.state().gallery[0].image.clone().unwrap();
+
+    let kohya = h.state().lora_files.iter().find(|(p, _)| p.ends_with("sd1-tiny-kohya.safetensors")).unwrap().0.clone();
+    h.state_mut().insert_lora(&kohya, 1.0);
+    assert!(h.state().settings.prompt.ends_with("<lora:sd1-tiny-kohya:1>"), "{}", h.state().settings.prompt);
+    h.state_mut().generate();
+    step_until(&mut h, "the LoRA picture", |app| app.gallery.len() == 2 && app.running.is_none());
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    let with_lora = app.gallery[1].image.clone().unwrap();
+    assert!(mse(&with_lora, &base) > 1.0, "the LoRA changes the picture");
+    let newest = png_files(outputs.path()).pop().unwrap();
+    let parameters = read_png_parameters(&newest).unwrap().unwrap();
+    assert!(
+        parameters.contains("<lora:sd1-tiny-kohya:1>") && parameters.contains("Lora hashes: \"sd1-tiny-kohya: "),
+        "{parameters}"
+    );
+
+    h.state_mut().settings.prompt = "a red fox in the snow".into();
+    h.state_mut().generate();
+    step_until(&mut h, "the base picture again", |app| app.gallery.len() == 3 && app.running.is_none());
+    assert_eq!(h.state().gallery[2].image.clone().unwrap().data, base.data, "the base model exactly");
+
+    // An unknown tag is a message, and no job.
+    h.state_mut().settings.prompt = "a fox <lora:nowhere:1>".into();
+    h.state_mut().generate();
+    assert!(errors(h.state()).iter().any(|e| e.contains("nowhere.safetensors")), "{:?}", errors(h.state()));
+    assert!(h.state().queue.is_empty() && h.state().running.is_none());
+}

@@ -127,6 +127,8 @@ pub struct EaselApp {
     pub last_seed: Option<u64>,
     /// Set: jobs start from this picture instead of noise.
     pub init_image: Option<InitImage>,
+    /// The LoRA folder's files and what each is (the LoRAs panel).
+    pub lora_files: Vec<(PathBuf, Result<String, String>)>,
     worker: Worker,
     image_loader: gallery::ImageLoader,
     /// Steps, guidance and size a model change may replace (see `adopt_model_defaults`).
@@ -184,6 +186,7 @@ impl EaselApp {
             notices: Vec::new(),
             last_seed: None,
             init_image: None,
+            lora_files: Vec::new(),
             worker,
             image_loader: gallery::ImageLoader::spawn(repaint),
             previous_defaults: {
@@ -204,6 +207,7 @@ impl EaselApp {
             (None, None) => {}
         }
         app.refresh_local_models();
+        app.refresh_loras();
         app.gallery = gallery::history(&app.settings.outputs_dir()).into_iter().map(GalleryImage::on_disk).collect();
         app
     }
@@ -347,6 +351,51 @@ impl EaselApp {
         Some((count, chunks))
     }
 
+    /// The prompt's `<lora:NAME:…>` tags as files of the LoRA folder.
+    fn prompt_loras(&self) -> Result<Vec<easel_engine::models::lora::LoraWeight>, String> {
+        use easel_engine::models::lora::{extract_lora_tags, find_in_dir, LoraWeight};
+        let tags = extract_lora_tags(&self.settings.prompt).1;
+        let mut loras = Vec::with_capacity(tags.len());
+        for (name, text_weight, unet_weight) in tags {
+            let Some(dir) = &self.settings.lora_dir else {
+                return Err(format!("The prompt asks for <lora:{name}>: choose the LoRA folder first (LoRAs panel)."));
+            };
+            let Some(path) = find_in_dir(dir, &name) else {
+                return Err(format!(
+                    "The prompt asks for <lora:{name}>, but the LoRA folder has no {name}.safetensors."
+                ));
+            };
+            loras.push(LoraWeight { path, text_weight, unet_weight });
+        }
+        Ok(loras)
+    }
+
+    /// The LoRA folder's files with the family their names point to, read again.
+    pub fn refresh_loras(&mut self) {
+        let dir = self.settings.lora_dir.clone();
+        self.lora_files = dir
+            .map(|dir| {
+                easel_engine::models::lora::list_dir(&dir)
+                    .into_iter()
+                    .map(|path| {
+                        let kind = easel_engine::models::lora::describe_file(&path);
+                        (path, kind)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+
+    /// Adds `<lora:NAME:WEIGHT>` to the prompt (A1111's way: the tag is part of the prompt).
+    pub fn insert_lora(&mut self, path: &Path, weight: f64) {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let prompt = &mut self.settings.prompt;
+        if !prompt.is_empty() && !prompt.ends_with(' ') {
+            prompt.push(' ');
+        }
+        prompt.push_str(&format!("<lora:{name}:{weight}>"));
+    }
+
     /// Builds the request from the current settings, refusing bad values with a message.
     pub fn build_request(&self, seed: u64) -> Result<GenerationRequest, String> {
         let request = GenerationRequest {
@@ -362,7 +411,7 @@ impl EaselApp {
             rng: self.settings.rng,
             emphasis: self.settings.emphasis,
             clip_skip: self.settings.clip_skip,
-            loras: Vec::new(),
+            loras: self.prompt_loras()?,
         };
         let multiple = match &self.model {
             ModelState::Ready(m) => m.size_multiple,

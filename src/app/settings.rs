@@ -68,6 +68,8 @@ pub struct Settings {
     pub emphasis: Emphasis,
     /// A1111's "Clip skip" (1 = the last layer).
     pub clip_skip: u32,
+    /// Where `<lora:NAME:…>` tags find NAME.safetensors.
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -104,6 +106,7 @@ impl Default for Settings {
             hires_upscaler: HiresUpscaler::Latent,
             emphasis: Emphasis::A1111,
             clip_skip: 1,
+            lora_dir: None,
         }
     }
 }

@@ -282,6 +282,7 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
     }
     ui.separator();
     init_image_panel(app, ui);
+    loras_panel(app, ui);
     models_panel(app, ui);
     ui.collapsing("Saving", |ui| {
         ui.checkbox(&mut app.settings.autosave, "Save every image automatically");
@@ -741,6 +742,53 @@ fn gigabytes(bytes: u64) -> String {
 }
 
 /// Local models (HF cache, models folder) to load, and the curated ones to download.
+/// The LoRA folder: its files, what each is, and a click that puts `<lora:name:weight>` into
+/// the prompt.
+fn loras_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
+    let used = easel_engine::models::lora::extract_lora_tags(&app.settings.prompt).1.len();
+    let title = if used > 0 { format!("LoRAs ({used} in the prompt)") } else { "LoRAs".to_string() };
+    egui::CollapsingHeader::new(title).id_salt("loras").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            let folder = app.settings.lora_dir.as_ref().map(|d| shorten(&d.display().to_string(), 28));
+            ui.label(folder.unwrap_or_else(|| "no folder chosen".into()));
+            if ui.button("Choose folder…").clicked() {
+                if let Some(dir) = rfd::FileDialog::new().set_title("LoRA folder").pick_folder() {
+                    app.settings.lora_dir = Some(dir);
+                    app.refresh_loras();
+                }
+            }
+            if app.settings.lora_dir.is_some() && ui.button("⟳").on_hover_text("Read the folder again").clicked() {
+                app.refresh_loras();
+            }
+        });
+        let mut insert = None;
+        for (path, kind) in &app.lora_files {
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            ui.horizontal(|ui| match kind {
+                Ok(kind) => {
+                    if ui.button("Add").on_hover_text(format!("Put <lora:{name}:1> into the prompt")).clicked() {
+                        insert = Some(path.clone());
+                    }
+                    ui.label(shorten(&name, 22));
+                    ui.label(RichText::new(kind).small().weak());
+                }
+                Err(problem) => {
+                    ui.add_enabled(false, egui::Button::new("Add"));
+                    ui.label(shorten(&name, 22));
+                    ui.colored_label(Color32::from_rgb(255, 120, 110), RichText::new(problem).small());
+                }
+            });
+        }
+        if app.settings.lora_dir.is_some() && app.lora_files.is_empty() {
+            ui.label(RichText::new("No .safetensors files in this folder.").small().weak());
+        }
+        ui.label(RichText::new("Edit the weight in the prompt: <lora:name:0.8>").small().weak());
+        if let Some(path) = insert {
+            app.insert_lora(&path, 1.0);
+        }
+    });
+}
+
 fn models_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
     egui::CollapsingHeader::new("Models")
         .default_open(matches!(app.model, ModelState::None | ModelState::Failed { .. }))

@@ -672,6 +672,31 @@ pub fn find_in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
     None
 }
 
+/// What a file in a LoRA folder is, from its header alone (fast enough for a list): the
+/// kind and family its names show, or why it is no LoRA.
+pub fn describe_file(path: &Path) -> std::result::Result<String, String> {
+    let names = super::safetensors_check::validate_safetensors(path).map_err(|e| e.to_string())?;
+    if names.iter().any(|n| n.starts_with("model.diffusion_model.") || n.starts_with("conditioner.")) {
+        return Err("a checkpoint, not a LoRA".into());
+    }
+    let has = |s: &str| names.iter().any(|n| n.contains(s));
+    let kind = if has(".hada_w1_a") {
+        "LoHa"
+    } else if has(".lokr_w") {
+        "LoKr"
+    } else if has(".lora_A.") || has(".lora.down.") {
+        "LoRA (PEFT)"
+    } else if has(".lora_down.") {
+        "LoRA"
+    } else {
+        return Err("not a LoRA".into());
+    };
+    let xl = names.iter().any(|n| {
+        n.starts_with("lora_te2_") || n.starts_with("text_encoder_2.") || n.starts_with("lora_unet_input_blocks_")
+    });
+    Ok(format!("{kind}, {}", if xl { "SDXL" } else { "SD 1.x / 2.x" }))
+}
+
 /// The `.safetensors` files under `dir`, sorted (the app's LoRA browser).
 pub fn list_dir(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
