@@ -132,15 +132,15 @@ def make_peft(pipe, xl, seed):
     return tensors
 
 
-def make_lycoris(pipe, kind, seed):
+def make_lycoris(pipe, kind, seed, xl, lpb):
     """LoHa or LoKr on the U-Net's attention linear layers; returns (file tensors, ΔW per module)."""
-    attn, _, _ = targets(pipe, False)
+    attn, _, _ = targets(pipe, xl)
     g = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}
     for _, name, module in attn:
         if not isinstance(module, torch.nn.Linear):
             continue
-        key = "lora_unet_" + name.replace(".", "_")
+        key = kohya_key("unet", name, xl, lpb)
         out, inp = module.weight.shape
         if kind == "loha":
             w1a, w1b = torch.randn((out, RANK), generator=g) * 0.5, torch.randn((RANK, inp), generator=g) * 0.5
@@ -203,16 +203,15 @@ def main():
         pipe = load_txt2img(name, toks)
         xl = "XL" in type(pipe).__name__
         lpb = pipe.unet.config.layers_per_block
-        files = {"kohya": make_kohya(pipe, xl, lpb, False, 1), "peft": make_peft(pipe, xl, 2)}
-        if not xl:
-            files["locon"] = make_kohya(pipe, xl, lpb, True, 3)
+        files = {"kohya": make_kohya(pipe, xl, lpb, False, 1), "peft": make_peft(pipe, xl, 2),
+                 "locon": make_kohya(pipe, xl, lpb, True, 3)}
         for kind, t in files.items():
             save_file(t, os.path.join(OUT, f"{name}-{kind}.safetensors"))
         record(f"{name}.base", pipe, run(pipe), model=name, loras=[])
         before = {**{f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()},
                   **{f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()},
                   **{f"te2.{k}": v.clone() for k, v in getattr(pipe, "text_encoder_2", torch.nn.Module()).state_dict().items()}}
-        for kind, weight in [("kohya", 0.8), ("peft", 0.7)] + ([("locon", 0.6)] if not xl else []):
+        for kind, weight in [("kohya", 0.8), ("peft", 0.7), ("locon", 0.6)]:
             file = f"{name}-{kind}.safetensors"
             pipe.load_lora_weights(OUT, weight_name=file, adapter_name=kind)
             pipe.fuse_lora(lora_scale=weight, adapter_names=[kind])
@@ -235,9 +234,9 @@ def main():
             record(f"{name}.lcm", pipe, run(pipe, "lcm", 4, 1.0), model=name,
                    loras=[[f"{name}-peft.safetensors", 1.0]], sampler="lcm", steps=4, guidance=1.0)
         pipe.unload_lora_weights()
-        if not xl:
+        if True:
             for kind, weight in [("loha", 0.9), ("lokr", 0.9)]:
-                t, deltas = make_lycoris(pipe, kind, 4 if kind == "loha" else 5)
+                t, deltas = make_lycoris(pipe, kind, 4 if kind == "loha" else 5, xl, lpb)
                 file = f"{name}-{kind}.safetensors"
                 save_file(t, os.path.join(OUT, file))
                 saved = copy.deepcopy(pipe.unet.state_dict())

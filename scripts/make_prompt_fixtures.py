@@ -207,6 +207,68 @@ def encode(tokenizer, encoder, text, emphasis, clip_skip, penultimate, pad):
     return torch.cat(parts, 1), pooled, len(chunks), count
 
 
+TI_PROMPT = "a photo of inkwash fox in the snow"
+
+
+@torch.no_grad()
+def textual_inversion(encoder, merges, tensors):
+    """A 2-vector embedding named `inkwash` per model (SDXL: clip_l + clip_g), through
+    diffusers' `load_textual_inversion`. SDXL's pooled output is taken at EOS, as A1111 does
+    (the tiny encoders' legacy `eos_token_id` would make transformers pool at the new token)."""
+    from transformers import CLIPTokenizer
+
+    from safetensors.torch import save_file as save
+
+    cases = []
+    for name in MODELS:
+        spec = SPECS[name]
+        toks = {sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
+                for sub, pad in spec["pads"].items()}
+        pipe = load_txt2img(name, toks)
+        xl = "XL" in type(pipe).__name__
+        g = torch.Generator().manual_seed(21)
+        widths = [pipe.text_encoder.config.hidden_size] + ([pipe.text_encoder_2.config.hidden_size] if xl else [])
+        vectors = [torch.randn((2, w), generator=g) for w in widths]
+        folder = os.path.join(OUT, "embeddings", name)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "inkwash.safetensors")
+        if xl:
+            save({"clip_l": vectors[0].contiguous(), "clip_g": vectors[1].contiguous()}, path)
+            pipe.load_textual_inversion(vectors[0], token="inkwash", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(vectors[1], token="inkwash", text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        else:
+            save({"emb_params": vectors[0].contiguous()}, path)
+            pipe.load_textual_inversion(path, token="inkwash")
+        generator = torch.Generator("cpu").manual_seed(SEED)
+        pipe.scheduler = make_sampler("euler", dict(pipe.scheduler.config))
+        common = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=SIZE, height=SIZE, generator=generator,
+                      output_type="latent")
+        key = f"ti.{name}"
+        if xl:
+            pos, neg, pos_pooled, neg_pooled = pipe.encode_prompt(TI_PROMPT, negative_prompt="blurry")
+            text = pipe.maybe_convert_prompt(TI_PROMPT, pipe.tokenizer_2)
+            ids = pipe.tokenizer_2(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            out = pipe.text_encoder_2(ids, output_hidden_states=True)
+            eos = int((ids[0] == EOS).nonzero()[0])
+            pos_pooled = pipe.text_encoder_2.text_projection(out.last_hidden_state[:, eos])
+            latents = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pos_pooled,
+                           negative_pooled_prompt_embeds=neg_pooled, **common).images
+            tensors[f"{key}.pooled"] = torch.cat([neg_pooled, pos_pooled], 0).float().contiguous()
+        else:
+            pos, neg = pipe.encode_prompt(TI_PROMPT, "cpu", 1, True, negative_prompt="blurry")
+            latents = pipe(TI_PROMPT, negative_prompt="blurry", **common).images
+        tensors[f"{key}.positive"] = pos.float().contiguous()
+        tensors[f"{key}.negative"] = neg.float().contiguous()
+        tensors[f"{key}.latents"] = latents.float().contiguous()
+        tensors[f"{key}.image"] = decoded_pixels(pipe, latents).contiguous()
+        cases.append(dict(key=key, model=name, prompt=TI_PROMPT, negative="blurry", emphasis="none", clip_skip=1,
+                          embedding=f"tests/fixtures/prompts/embeddings/{name}/inkwash.safetensors",
+                          chunks=[1, 1], tokens=None, image=True))
+        print(key)
+    return cases
+
+
 @torch.no_grad()
 def main():
     torch.set_num_threads(2)
@@ -272,6 +334,7 @@ def main():
                 entry["image"] = True
             cases.append(entry)
             print(key, "chunks", entry["chunks"], "tokens", count, "image", entry["image"])
+    cases += textual_inversion(encoder, merges, tensors)
     reference = dict(steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, width=SIZE, height=SIZE, sampler="euler",
                      versions=dict(torch=torch.__version__, diffusers=diffusers.__version__), cases=cases)
     with open(os.path.join(OUT, "reference.json"), "w") as f:

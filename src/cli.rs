@@ -228,6 +228,10 @@ pub struct GenerateArgs {
     /// Where `<lora:NAME:…>` tags in the prompt find NAME.safetensors (subfolders too).
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Option<PathBuf>,
+    /// A folder of textual-inversion embeddings (.safetensors): a file's name written in the
+    /// prompt or negative prompt stands for its learned tokens.
+    #[arg(long, value_name = "DIR")]
+    pub embedding_dir: Option<PathBuf>,
     /// A1111's "Clip skip": 1 conditions on the text encoder's last layer, 2 on the one before
     /// (anime models), up to 12.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -529,10 +533,29 @@ fn generate(args: GenerateArgs) -> Result<()> {
         emphasis: args.emphasis,
         clip_skip: args.clip_skip,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     };
     let (prompt, loras) = resolve_loras(&request.prompt, &args.lora, args.lora_dir.as_deref())?;
     request.prompt = prompt;
     request.loras = loras;
+    if let Some(dir) = &args.embedding_dir {
+        if !dir.is_dir() {
+            bail!("--embedding-dir {}: no such folder", dir.display());
+        }
+        let (usable, pickles) = easel_engine::pipeline::embeddings::embedding_files(dir);
+        for pickle in pickles {
+            let name = pickle.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let texts = [&request.prompt, &request.negative_prompt];
+            if texts.iter().any(|t| easel_engine::pipeline::embeddings::mentions(t, &name)) {
+                bail!(
+                    "the prompt names the embedding {name}, but {} is a pickle file, which can run code when opened: \
+                     Easel reads only .safetensors embeddings",
+                    pickle.display()
+                );
+            }
+        }
+        request.embeddings = usable;
+    }
     request.validate(&info)?;
     let task = build_task(&args, &mut request, &info)?;
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("easel-{seed}.png")));
@@ -631,6 +654,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         emphasis: Default::default(),
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     };
     let options = args.model.load_options()?;
     let load_start = Instant::now();

@@ -35,7 +35,7 @@ pub enum Command {
     /// Generate one image; when `save_dir` is set the worker saves it there with its parameters.
     Generate {
         job: JobId,
-        request: GenerationRequest,
+        request: Box<GenerationRequest>,
         /// Text to image, or image to image / inpainting (the picture already of the
         /// request's size), or a hires fix.
         task: Task,
@@ -379,7 +379,7 @@ impl WorkerState {
     fn handle(&mut self, command: Command) {
         match command {
             Command::LoadModel { path, vae, cpu_bf16 } => self.load(path, vae, cpu_bf16),
-            Command::Generate { job, request, task, save_dir } => self.generate(job, request, task, save_dir),
+            Command::Generate { job, request, task, save_dir } => self.generate(job, *request, task, save_dir),
             Command::Shutdown => {}
             #[cfg(test)]
             Command::Panic { .. } => panic!("test: a bug inside a command"),
@@ -537,6 +537,7 @@ mod tests {
             emphasis: Default::default(),
             clip_skip: 1,
             loras: Vec::new(),
+            embeddings: Vec::new(),
         }
     }
 
@@ -573,7 +574,12 @@ mod tests {
         assert!(worker.is_alive());
 
         // The model survived the panic: the next job runs on it.
-        worker.send(Command::Generate { job: 8, request: request(), task: Task::TextToImage, save_dir: None });
+        worker.send(Command::Generate {
+            job: 8,
+            request: Box::new(request()),
+            task: Task::TextToImage,
+            save_dir: None,
+        });
         let image = wait_for(&worker, |e| match e {
             Event::JobFinished { job: 8, image, .. } => Some(image),
             Event::JobFailed { job: 8, error } => panic!("{error}"),
@@ -595,7 +601,12 @@ mod tests {
         assert!(worker.restart_if_dead());
         assert!(worker.is_alive());
         // The new thread takes commands (no model yet: it says so).
-        worker.send(Command::Generate { job: 3, request: request(), task: Task::TextToImage, save_dir: None });
+        worker.send(Command::Generate {
+            job: 3,
+            request: Box::new(request()),
+            task: Task::TextToImage,
+            save_dir: None,
+        });
         let error = wait_for(&worker, |e| match e {
             Event::JobFailed { job: 3, error } => Some(error),
             _ => None,

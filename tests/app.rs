@@ -244,6 +244,9 @@ fn the_models_panel_lists_the_hf_cache_and_reports_offline_downloads() {
     h.get_by_label("Load").click();
     step_until(&mut h, "the cached model to load", model_ready);
 
+    // The Models panel sits low in the side panel: scrolled to first, as an artist would.
+    h.get_all_by_label("Download").next().expect("a Download button").scroll_to_me();
+    h.run_steps(3);
     h.get_all_by_label("Download").next().expect("a Download button").click();
     step_until(&mut h, "the download to fail", |app| app.downloads.values().any(|d| !d.running));
     let errs = errors(h.state());

@@ -375,6 +375,7 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
         emphasis: Default::default(),
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     };
     let expected = pipeline.generate(&request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
     let image = read_png(&path).unwrap();
@@ -758,12 +759,38 @@ fn loras_through_the_cli_match_diffusers() {
     let flag = format!("{}:0.8", kohya.display());
     let tagged = format!("{} <lora:sdxl-tiny-peft:0.7>", json["prompt"].as_str().unwrap());
     let lora_dir = fixtures.to_str().unwrap().to_string();
-    for (key, model, prompt, extra) in [
-        ("sd1-tiny.kohya", "sd1-tiny", json["prompt"].as_str().unwrap().to_string(), vec!["--lora", flag.as_str()]),
-        ("sdxl-tiny.peft", "sdxl-tiny", tagged.clone(), vec!["--lora-dir", lora_dir.as_str()]),
-    ] {
-        let out_path = dir.path().join(format!("{key}.png"));
-        let model_path = model_dir(model);
+    // Every case as `--lora PATH:W` flags, and one as a tag found in the folder.
+    let mut runs: Vec<(String, String, String, Vec<String>)> = Vec::new();
+    for case in json["cases"].as_array().unwrap() {
+        let loras = case["loras"].as_array().unwrap();
+        if loras.is_empty() {
+            continue;
+        }
+        let mut extra: Vec<String> = Vec::new();
+        for l in loras {
+            extra.push("--lora".into());
+            extra.push(format!("{}:{}", fixtures.join(l[0].as_str().unwrap()).display(), l[1]));
+        }
+        if let Some(sampler) = case["sampler"].as_str() {
+            extra.extend(["--sampler".into(), sampler.into()]);
+        }
+        // The LCM case has its own steps and guidance.
+        extra.extend(["--steps".into(), case["steps"].as_u64().unwrap_or(6).to_string()]);
+        extra.extend(["--guidance".into(), case["guidance"].as_f64().unwrap_or(7.5).to_string()]);
+        let model = case["model"].as_str().unwrap().to_string();
+        runs.push((case["key"].as_str().unwrap().into(), model, json["prompt"].as_str().unwrap().into(), extra));
+    }
+    let _ = flag;
+    let defaults =
+        ["--steps".to_string(), json["steps"].to_string(), "--guidance".into(), json["guidance_scale"].to_string()];
+    let mut tag_run = vec!["--lora-dir".to_string(), lora_dir.clone()];
+    tag_run.extend(defaults);
+    runs.push(("sdxl-tiny.peft".into(), "sdxl-tiny".into(), tagged.clone(), tag_run));
+    assert!(runs.len() >= 12, "{} LoRA cases", runs.len());
+    for (i, (key, model, prompt, extra)) in runs.into_iter().enumerate() {
+        let key = key.as_str();
+        let out_path = dir.path().join(format!("{i}-{key}.png"));
+        let model_path = model_dir(&model);
         let mut args = vec![
             "generate".to_string(),
             "--model".into(),
@@ -772,10 +799,6 @@ fn loras_through_the_cli_match_diffusers() {
             prompt,
             "--negative-prompt".into(),
             json["negative_prompt"].as_str().unwrap().into(),
-            "--steps".into(),
-            json["steps"].to_string(),
-            "--guidance".into(),
-            json["guidance_scale"].to_string(),
             "--seed".into(),
             json["seed"].to_string(),
             "--width".into(),
@@ -785,7 +808,7 @@ fn loras_through_the_cli_match_diffusers() {
             "--output".into(),
             out_path.to_str().unwrap().into(),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = easel(&args);
         assert!(out.status.success(), "{key}: {}", stderr(&out));
@@ -814,4 +837,74 @@ fn loras_through_the_cli_match_diffusers() {
     let out = generate(&sd1, &out_path, &["--lora", &xl]);
     assert!(stderr(&out).contains("for SDXL but the model is SD 1.x"), "{}", stderr(&out));
     assert!(!out_path.exists());
+}
+
+/// A textual-inversion embedding from `--embedding-dir`, named in the prompt, against diffusers'
+/// `load_textual_inversion`; `TI hashes` in the PNG; a pickle embedding named is refused.
+#[test]
+fn embeddings_through_the_cli_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures().join("prompts");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let case = json["cases"].as_array().unwrap().iter().find(|c| c["key"] == "ti.sd1-tiny").unwrap();
+    let emb_dir = fixtures.join("embeddings/sd1-tiny");
+    let out_path = dir.path().join("ti.png");
+    let model = model_dir("sd1-tiny");
+    let steps = json["steps"].to_string();
+    let guidance = json["guidance_scale"].to_string();
+    let seed = json["seed"].to_string();
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        case["negative"].as_str().unwrap(),
+        "--emphasis",
+        "none",
+        "--steps",
+        &steps,
+        "--guidance",
+        &guidance,
+        "--seed",
+        &seed,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--embedding-dir",
+        emb_dir.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ];
+    let out = easel(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ours = read_png(&out_path).unwrap();
+    let theirs: Vec<u8> = tensors["ti.sd1-tiny.image"].flatten_all().unwrap().to_vec1().unwrap();
+    let psnr = common::psnr(&ours.data, &theirs);
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    let text = read_png_parameters(&out_path).unwrap().unwrap();
+    assert!(text.contains("TI hashes: \"inkwash: "), "{text}");
+
+    // A pickle embedding the prompt names: refused, unread.
+    let pickles = dir.path().join("pickles");
+    std::fs::create_dir_all(&pickles).unwrap();
+    std::fs::write(pickles.join("badstyle.pt"), b"not read").unwrap();
+    let never = dir.path().join("never.png");
+    let out = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a fox, badstyle",
+        "--embedding-dir",
+        pickles.to_str().unwrap(),
+        "--output",
+        never.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success() && stderr(&out).contains("pickle"), "{}", stderr(&out));
 }

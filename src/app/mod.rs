@@ -129,6 +129,8 @@ pub struct EaselApp {
     pub init_image: Option<InitImage>,
     /// The LoRA folder's files and what each is (the LoRAs panel).
     pub lora_files: Vec<(PathBuf, Result<String, String>)>,
+    /// The embeddings folder's usable files (the Embeddings panel).
+    pub embedding_files: Vec<PathBuf>,
     worker: Worker,
     image_loader: gallery::ImageLoader,
     /// Steps, guidance and size a model change may replace (see `adopt_model_defaults`).
@@ -187,6 +189,7 @@ impl EaselApp {
             last_seed: None,
             init_image: None,
             lora_files: Vec::new(),
+            embedding_files: Vec::new(),
             worker,
             image_loader: gallery::ImageLoader::spawn(repaint),
             previous_defaults: {
@@ -208,6 +211,7 @@ impl EaselApp {
         }
         app.refresh_local_models();
         app.refresh_loras();
+        app.refresh_embeddings();
         app.gallery = gallery::history(&app.settings.outputs_dir()).into_iter().map(GalleryImage::on_disk).collect();
         app
     }
@@ -386,6 +390,26 @@ impl EaselApp {
             .unwrap_or_default();
     }
 
+    /// The embeddings folder's `.safetensors` files, read again (pickles are never listed).
+    pub fn refresh_embeddings(&mut self) {
+        self.embedding_files = self
+            .settings
+            .embeddings_dir
+            .as_deref()
+            .map(|dir| easel_engine::pipeline::embeddings::embedding_files(dir).0)
+            .unwrap_or_default();
+    }
+
+    /// Adds an embedding's name to the prompt or the negative prompt.
+    pub fn insert_embedding(&mut self, path: &Path, negative: bool) {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let text = if negative { &mut self.settings.negative_prompt } else { &mut self.settings.prompt };
+        if !text.is_empty() && !text.ends_with([' ', ',']) {
+            text.push_str(", ");
+        }
+        text.push_str(&name);
+    }
+
     /// Adds `<lora:NAME:WEIGHT>` to the prompt (A1111's way: the tag is part of the prompt).
     pub fn insert_lora(&mut self, path: &Path, weight: f64) {
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -412,6 +436,7 @@ impl EaselApp {
             emphasis: self.settings.emphasis,
             clip_skip: self.settings.clip_skip,
             loras: self.prompt_loras()?,
+            embeddings: self.embedding_files.clone(),
         };
         let multiple = match &self.model {
             ModelState::Ready(m) => m.size_multiple,
@@ -602,7 +627,12 @@ impl EaselApp {
         }
         let Some(next) = self.queue.pop_front() else { return };
         let save_dir = self.settings.autosave.then(|| self.settings.outputs_dir());
-        self.worker.send(Command::Generate { job: next.job, request: next.request.clone(), task: next.task, save_dir });
+        self.worker.send(Command::Generate {
+            job: next.job,
+            request: Box::new(next.request.clone()),
+            task: next.task,
+            save_dir,
+        });
         let total = next.request.steps;
         self.running = Some(RunningJob {
             job: next.job,

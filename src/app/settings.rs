@@ -70,6 +70,8 @@ pub struct Settings {
     pub clip_skip: u32,
     /// Where `<lora:NAME:…>` tags find NAME.safetensors.
     pub lora_dir: Option<PathBuf>,
+    /// Textual-inversion embeddings the prompts can name.
+    pub embeddings_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -107,6 +109,7 @@ impl Default for Settings {
             emphasis: Emphasis::A1111,
             clip_skip: 1,
             lora_dir: None,
+            embeddings_dir: None,
         }
     }
 }

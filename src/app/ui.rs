@@ -283,6 +283,7 @@ fn settings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
     ui.separator();
     init_image_panel(app, ui);
     loras_panel(app, ui);
+    embeddings_panel(app, ui);
     models_panel(app, ui);
     ui.collapsing("Saving", |ui| {
         ui.checkbox(&mut app.settings.autosave, "Save every image automatically");
@@ -785,6 +786,42 @@ fn loras_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         ui.label(RichText::new("Edit the weight in the prompt: <lora:name:0.8>").small().weak());
         if let Some(path) = insert {
             app.insert_lora(&path, 1.0);
+        }
+    });
+}
+
+/// The embeddings folder: its textual-inversion files; a click writes a name into the prompt
+/// or the negative prompt.
+fn embeddings_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
+    egui::CollapsingHeader::new("Embeddings").id_salt("embeddings").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            let folder = app.settings.embeddings_dir.as_ref().map(|d| shorten(&d.display().to_string(), 28));
+            ui.label(folder.unwrap_or_else(|| "no folder chosen".into()));
+            if ui.button("Choose folder…").clicked() {
+                if let Some(dir) = rfd::FileDialog::new().set_title("Embeddings folder").pick_folder() {
+                    app.settings.embeddings_dir = Some(dir);
+                    app.refresh_embeddings();
+                }
+            }
+        });
+        let mut insert = None;
+        for path in &app.embedding_files {
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            ui.horizontal(|ui| {
+                if ui.small_button("Prompt").clicked() {
+                    insert = Some((path.clone(), false));
+                }
+                if ui.small_button("Negative").clicked() {
+                    insert = Some((path.clone(), true));
+                }
+                ui.label(shorten(&name, 24));
+            });
+        }
+        if app.settings.embeddings_dir.is_some() && app.embedding_files.is_empty() {
+            ui.label(RichText::new("No .safetensors embeddings in this folder.").small().weak());
+        }
+        if let Some((path, negative)) = insert {
+            app.insert_embedding(&path, negative);
         }
     });
 }

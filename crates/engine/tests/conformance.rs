@@ -41,6 +41,7 @@ fn request(reference: &Reference, sampler: SamplerId) -> GenerationRequest {
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     }
 }
 

@@ -176,6 +176,7 @@ fn request(prompt: &str, steps: usize, guidance_scale: f64, seed: u64) -> Genera
         emphasis: Default::default(),
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     }
 }
 

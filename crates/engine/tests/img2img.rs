@@ -36,6 +36,7 @@ fn request(json: &serde_json::Value, sampler: &str) -> GenerationRequest {
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     }
 }
 

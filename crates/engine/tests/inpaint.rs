@@ -38,6 +38,7 @@ fn request(json: &serde_json::Value, sampler: &str, size: u32) -> GenerationRequ
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     }
 }
 

@@ -46,6 +46,7 @@ fn request(json: &serde_json::Value, case: &serde_json::Value) -> GenerationRequ
             .iter()
             .map(|l| lora(l[0].as_str().unwrap(), l[1].as_f64().unwrap()))
             .collect(),
+        embeddings: Vec::new(),
     }
 }
 

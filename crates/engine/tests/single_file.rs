@@ -89,6 +89,7 @@ fn single_files_match_diffusers_from_single_file() {
             emphasis: easel_engine::pipeline::prompt::Emphasis::None,
             clip_skip: 1,
             loras: Vec::new(),
+            embeddings: Vec::new(),
         };
         let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
         assert_close(&format!("{name} euler latents"), &latents, r.tensor("euler.latents"), 2e-5);
@@ -167,6 +168,7 @@ fn an_inpainting_single_file_matches_diffusers() {
         emphasis: easel_engine::pipeline::prompt::Emphasis::None,
         clip_skip: 1,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     };
     let latents = pipeline.denoise_inpaint(&request, &image, &mask, 1.0, &mut |_| ControlFlow::Continue(())).unwrap();
     assert_close("inpaint euler latents", &latents, r.tensor("euler.latents"), 1e-3);

@@ -202,6 +202,18 @@ impl ClipTextModel {
 
     /// Encodes one batch of token-id rows (each already padded to the same length).
     pub fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<ClipOutput> {
+        self.forward_with_fixes(ids, device, &[])
+    }
+
+    /// As [`Self::forward`], with token embeddings replaced: each `(row, position, vectors)`
+    /// puts `vectors` (n, hidden) in place of the token embeddings of `row` from `position`
+    /// (textual inversion, as A1111's `EmbeddingsWithFixes`).
+    pub fn forward_with_fixes(
+        &self,
+        ids: &[Vec<u32>],
+        device: &Device,
+        fixes: &[(usize, usize, Tensor)],
+    ) -> Result<ClipOutput> {
         let batch = ids.len();
         let n = ids.first().map(|r| r.len()).unwrap_or(0);
         if batch == 0 || n == 0 || n > self.config.max_position_embeddings {
@@ -210,7 +222,20 @@ impl ClipTextModel {
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let input = Tensor::from_vec(flat, (batch, n), device)?;
         let positions = self.position_embedding.i(0..n)?;
-        let mut xs = self.token_embedding.forward(&input)?.broadcast_add(&positions)?;
+        let mut tokens = self.token_embedding.forward(&input)?;
+        if !fixes.is_empty() {
+            let dtype = tokens.dtype();
+            let hidden = self.config.hidden_size;
+            let mut values: Vec<f32> = tokens.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            for (row, position, vectors) in fixes {
+                let v: Vec<f32> = vectors.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let start = (row * n + position) * hidden;
+                let end = (start + v.len()).min((row + 1) * n * hidden);
+                values[start..end].copy_from_slice(&v[..end - start]);
+            }
+            tokens = Tensor::from_vec(values, (batch, n, hidden), device)?.to_dtype(dtype)?;
+        }
+        let mut xs = tokens.broadcast_add(&positions)?;
         let mask = Self::causal_mask(n, device, xs.dtype())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {

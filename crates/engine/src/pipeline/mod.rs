@@ -1,6 +1,7 @@
 //! The text-to-image pipeline: text encoding → the denoising loop → VAE decoding, written as
 //! an explicit loop in the shape of diffusers' `StableDiffusionPipeline.__call__`.
 
+pub mod embeddings;
 pub mod fit;
 pub mod inpaint;
 pub mod preview;
@@ -49,6 +50,8 @@ pub struct GenerationRequest {
     pub clip_skip: u32,
     /// LoRAs for this job (the prompt's `<lora:…>` tags resolved to files, and any others).
     pub loras: Vec<crate::models::lora::LoraWeight>,
+    /// Textual-inversion files the prompts may name (an embeddings folder's files).
+    pub embeddings: Vec<std::path::PathBuf>,
 }
 
 impl GenerationRequest {
@@ -128,6 +131,8 @@ pub struct Pipeline {
     vae_encoder: std::sync::OnceLock<crate::models::vae::VaeEncoder>,
     /// The LoRAs the model's layers carry now, and what applying them reported.
     applied_loras: std::sync::Mutex<(Vec<LoraWeight>, LoraReport)>,
+    /// The embeddings read for the last job, by their files.
+    embeddings: std::sync::Mutex<(Vec<std::path::PathBuf>, Vec<embeddings::Embedding>)>,
 }
 
 /// A job's conditioning, prepared once: the text's cross-attention states (and SDXL's pooled
@@ -345,6 +350,7 @@ impl Pipeline {
             scheduler_config,
             vae_encoder: std::sync::OnceLock::new(),
             applied_loras: Default::default(),
+            embeddings: Default::default(),
         })
     }
 
@@ -370,11 +376,45 @@ impl Pipeline {
         negative_prompt: &str,
         options: &PromptOptions,
     ) -> Result<TextConditioning> {
+        self.encode_text_with(prompt, negative_prompt, options, &[])
+    }
+
+    /// The embeddings of `paths` that `texts` name, read once per list of files.
+    pub fn embeddings_for(&self, paths: &[std::path::PathBuf], texts: &[&str]) -> Result<Vec<embeddings::Embedding>> {
+        let used: Vec<std::path::PathBuf> = paths
+            .iter()
+            .filter(|p| {
+                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                texts.iter().any(|t| embeddings::mentions(t, &stem))
+            })
+            .cloned()
+            .collect();
+        let mut cache = self.embeddings.lock().map_err(|e| Error::InvalidSetting(e.to_string()))?;
+        if cache.0 != used {
+            let info = &self.model.info;
+            let mut widths = vec![info.text_encoder.hidden_size];
+            if let Some(second) = &info.text_encoder_2 {
+                widths.push(second.hidden_size);
+            }
+            let loaded = used.iter().map(|p| embeddings::Embedding::read(p, &widths)).collect::<Result<Vec<_>>>()?;
+            *cache = (used, loaded);
+        }
+        Ok(cache.1.clone())
+    }
+
+    /// [`Self::encode_text`] with textual-inversion embeddings.
+    pub fn encode_text_with(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        options: &PromptOptions,
+        embeddings: &[embeddings::Embedding],
+    ) -> Result<TextConditioning> {
         self.model.keep_resident_only(Component::TextEncoders);
         // Each layer frees and allocates the same activations (2×77×768 f32 is 0.5 MB): without
         // a hold, each would be faulted in again (measured: 0.15 → 0.21 s in SD 1.5).
         let _hold = crate::memory::HoldFreedMemory::new();
-        encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt, options)
+        encode_prompts(&self.model, &self.tokenizers, prompt, negative_prompt, options, embeddings)
     }
 
     /// The shape of the latents for the request.
@@ -413,7 +453,8 @@ impl Pipeline {
         self.apply_loras(&req.loras)?;
         let prompt = extract_lora_tags(&req.prompt).0;
         let negative = extract_lora_tags(&req.negative_prompt).0;
-        let cond = self.encode_text(&prompt, &negative, &req.prompt_options())?;
+        let embeddings = self.embeddings_for(&req.embeddings, &[&prompt, &negative])?;
+        let cond = self.encode_text_with(&prompt, &negative, &req.prompt_options(), &embeddings)?;
         let cfg = req.uses_cfg();
         let time_ids = |rows: usize| -> Result<Option<Tensor>> {
             if self.model.info.family != Family::Sdxl {
@@ -903,6 +944,21 @@ impl GenerationRequest {
             .collect();
         if !hashes.is_empty() {
             extra.push(("Lora hashes".to_string(), hashes.join(", ")));
+        }
+        // A1111's `TI hashes`: the embeddings the prompts name, the first 12 hex digits of
+        // each file's SHA-256.
+        let texts = [extract_lora_tags(&self.prompt).0, self.negative_prompt.clone()];
+        let used: Vec<String> = self
+            .embeddings
+            .iter()
+            .filter_map(|p| {
+                let name = p.file_stem()?.to_string_lossy().into_owned();
+                texts.iter().any(|t| embeddings::mentions(t, &name)).then_some((name, p))
+            })
+            .filter_map(|(name, p)| crate::models::hash::sha256_file(p).ok().map(|h| format!("{name}: {}", &h[..12])))
+            .collect();
+        if !used.is_empty() {
+            extra.push(("TI hashes".to_string(), used.join(", ")));
         }
         extra
     }

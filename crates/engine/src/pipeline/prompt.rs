@@ -255,6 +255,28 @@ const COMMA_BACKTRACK: usize = 20;
 pub struct PromptChunk {
     pub tokens: Vec<u32>,
     pub weights: Vec<f64>,
+    /// Textual-inversion embeddings: (position in the 77, which embedding); their vectors
+    /// replace the token embeddings from there (A1111's `PromptChunkFix`).
+    pub fixes: Vec<(usize, usize)>,
+}
+
+/// A textual-inversion embedding as the prompt sees it: the tokens of its name, and how many
+/// vectors (tokens) it puts in their place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingName {
+    pub ids: Vec<u32>,
+    pub vectors: usize,
+}
+
+/// The embedding whose name's tokens start at `ids[at]`, longest name first (A1111's
+/// `find_embedding_at_position`).
+fn embedding_at(embeddings: &[EmbeddingName], ids: &[u32], at: usize) -> Option<usize> {
+    embeddings
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.ids.is_empty() && ids[at..].starts_with(&e.ids))
+        .max_by_key(|(_, e)| e.ids.len())
+        .map(|(i, _)| i)
 }
 
 /// The ids a tokenizer gives a piece of text, without BOS/EOS.
@@ -277,6 +299,18 @@ pub fn chunk_prompt(
     prompt: &str,
     emphasis: Emphasis,
 ) -> crate::Result<(Vec<PromptChunk>, usize)> {
+    chunk_prompt_with(tokenizer, prompt, emphasis, &[])
+}
+
+/// [`chunk_prompt`] with textual-inversion embeddings: where a piece's tokens spell an
+/// embedding's name, its vectors take their place (placeholder id 0, the piece's weight); an
+/// embedding that does not fit in the chunk starts the next one.
+pub fn chunk_prompt_with(
+    tokenizer: &dyn PieceTokenizer,
+    prompt: &str,
+    emphasis: Emphasis,
+    embeddings: &[EmbeddingName],
+) -> crate::Result<(Vec<PromptChunk>, usize)> {
     let pieces = match emphasis {
         Emphasis::None => vec![PromptPiece::Text(prompt.to_string(), 1.0)],
         _ => parse_prompt_attention(prompt),
@@ -286,7 +320,12 @@ pub fn chunk_prompt(
     let (mut tokens, mut weights): (Vec<u32>, Vec<f64>) = (Vec::new(), Vec::new());
     let mut token_count = 0;
     let mut last_comma: Option<usize> = None;
-    let mut next_chunk = |tokens: &mut Vec<u32>, weights: &mut Vec<f64>, is_last: bool, count: &mut usize| {
+    let mut fixes: Vec<(usize, usize)> = Vec::new();
+    let mut next_chunk = |tokens: &mut Vec<u32>,
+                          weights: &mut Vec<f64>,
+                          fixes: &mut Vec<(usize, usize)>,
+                          is_last: bool,
+                          count: &mut usize| {
         *count += if is_last { tokens.len() } else { CHUNK_TOKENS };
         let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
         ids.push(bos);
@@ -301,18 +340,22 @@ pub fn chunk_prompt(
         w.push(1.0);
         w.append(weights);
         w.resize(CHUNK_TOKENS + 2, 1.0);
-        chunks.push(PromptChunk { tokens: ids, weights: w });
+        let fixes = fixes.drain(..).map(|(at, e)| (at + 1, e)).collect();
+        chunks.push(PromptChunk { tokens: ids, weights: w, fixes });
     };
     for piece in pieces {
         let (text, weight) = match piece {
             PromptPiece::Break => {
-                next_chunk(&mut tokens, &mut weights, false, &mut token_count);
+                next_chunk(&mut tokens, &mut weights, &mut fixes, false, &mut token_count);
                 last_comma = None;
                 continue;
             }
             PromptPiece::Text(text, weight) => (text, weight),
         };
-        for token in tokenizer.tokenize(&text)? {
+        let ids = tokenizer.tokenize(&text)?;
+        let mut position = 0;
+        while position < ids.len() {
+            let token = ids[position];
             if token == comma {
                 last_comma = Some(tokens.len());
             } else if let Some(at) =
@@ -320,21 +363,38 @@ pub fn chunk_prompt(
             {
                 let moved_tokens = tokens.split_off(at + 1);
                 let moved_weights = weights.split_off(at + 1);
-                next_chunk(&mut tokens, &mut weights, false, &mut token_count);
+                // Embeddings in the moved part move with it (A1111 loses them here).
+                let (moved_fixes, kept): (Vec<_>, Vec<_>) = fixes.iter().partition(|(p, _)| *p > at);
+                fixes = kept;
+                next_chunk(&mut tokens, &mut weights, &mut fixes, false, &mut token_count);
                 last_comma = None;
                 tokens = moved_tokens;
                 weights = moved_weights;
+                fixes = moved_fixes.into_iter().map(|(p, e)| (p - (at + 1), e)).collect();
             }
             if tokens.len() == CHUNK_TOKENS {
-                next_chunk(&mut tokens, &mut weights, false, &mut token_count);
+                next_chunk(&mut tokens, &mut weights, &mut fixes, false, &mut token_count);
                 last_comma = None;
+            }
+            if let Some(e) = embedding_at(embeddings, &ids, position) {
+                let vectors = embeddings[e].vectors.min(CHUNK_TOKENS);
+                if tokens.len() + vectors > CHUNK_TOKENS {
+                    next_chunk(&mut tokens, &mut weights, &mut fixes, false, &mut token_count);
+                    last_comma = None;
+                }
+                fixes.push((tokens.len(), e));
+                tokens.extend(std::iter::repeat_n(0, vectors));
+                weights.extend(std::iter::repeat_n(weight, vectors));
+                position += embeddings[e].ids.len();
+                continue;
             }
             tokens.push(token);
             weights.push(weight);
+            position += 1;
         }
     }
     if !tokens.is_empty() || token_count == 0 {
-        next_chunk(&mut tokens, &mut weights, true, &mut token_count);
+        next_chunk(&mut tokens, &mut weights, &mut fixes, true, &mut token_count);
     }
     Ok((chunks, token_count))
 }
@@ -468,5 +528,20 @@ mod tests {
         assert_eq!("No norm".parse::<Emphasis>().unwrap(), Emphasis::A1111NoNorm);
         assert_eq!("Original".parse::<Emphasis>().unwrap(), Emphasis::A1111);
         assert!("loud".parse::<Emphasis>().is_err());
+    }
+
+    #[test]
+    fn an_embedding_takes_its_vectors_place_and_moves_to_the_next_chunk_when_it_does_not_fit() {
+        let emb = [EmbeddingName { ids: vec![77, 78], vectors: 3 }];
+        let (chunks, count) = chunk_prompt_with(&Words, "w5 w77 w78 w6", Emphasis::A1111, &emb).unwrap();
+        assert_eq!(&chunks[0].tokens[..7], &[1, 5, 0, 0, 0, 6, 2]);
+        assert_eq!((chunks[0].fixes.clone(), count), (vec![(2, 0)], 5));
+        // 74 words, then the 3-vector embedding: it starts the second chunk.
+        let prompt = format!("{} w77 w78", words(100..174));
+        let (chunks, _) = chunk_prompt_with(&Words, &prompt, Emphasis::A1111, &emb).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks[0].fixes.is_empty());
+        assert_eq!(chunks[1].fixes, vec![(1, 0)]);
+        assert_eq!(&chunks[1].tokens[..5], &[1, 0, 0, 0, 2]);
     }
 }

@@ -4,7 +4,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::prompt::{chunk_prompt, Emphasis};
+use super::embeddings::Embedding;
+use super::prompt::{chunk_prompt_with, EmbeddingName, Emphasis};
 use crate::models::clip::{ClipTextModel, EOS_TOKEN_ID};
 use crate::models::{Family, StableDiffusion};
 use crate::{Error, Result};
@@ -258,6 +259,7 @@ fn conditioning_states(
 /// One prompt through one text encoder, A1111's way: chunked, each chunk encoded alone, the
 /// weights applied as `emphasis` says, the chunks joined along the sequence. Returns the states
 /// (1, 77·chunks, width), the first chunk's pooled output, the token count and chunk count.
+#[allow(clippy::too_many_arguments)]
 fn encode_one(
     model: &ClipTextModel,
     tokenizer: &ClipTokenizer,
@@ -265,8 +267,15 @@ fn encode_one(
     options: &PromptOptions,
     penultimate: bool,
     device: &Device,
+    embeddings: &[Embedding],
+    tower: usize,
 ) -> Result<(Tensor, Tensor, usize, usize)> {
-    let (chunks, token_count) = chunk_prompt(tokenizer, text, options.emphasis)?;
+    use super::prompt::PieceTokenizer;
+    let names = embeddings
+        .iter()
+        .map(|e| Ok(EmbeddingName { ids: tokenizer.tokenize(&e.name)?, vectors: e.vector_count() }))
+        .collect::<Result<Vec<_>>>()?;
+    let (chunks, token_count) = chunk_prompt_with(tokenizer, text, options.emphasis, &names)?;
     let weighted = chunks.iter().any(|c| c.weights.iter().any(|&w| w != 1.0));
     let mut rows: Vec<Vec<u32>> = chunks.iter().map(|c| c.tokens.clone()).collect();
     let comfy = options.emphasis == Emphasis::ComfyUi && weighted;
@@ -276,7 +285,12 @@ fn encode_one(
         empty.resize(MAX_TOKENS, tokenizer.pad_id());
         rows.push(empty);
     }
-    let out = model.forward(&rows, device)?;
+    let fixes: Vec<(usize, usize, Tensor)> = chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(row, c)| c.fixes.iter().map(move |&(at, e)| (row, at, embeddings[e].vectors[tower].clone())))
+        .collect();
+    let out = model.forward_with_fixes(&rows, device, &fixes)?;
     let states = conditioning_states(model, &out, penultimate, options.clip_skip)?;
     let mut parts = Vec::with_capacity(chunks.len());
     for (i, chunk) in chunks.iter().enumerate() {
@@ -334,16 +348,18 @@ pub fn encode_prompts(
     prompt: &str,
     negative: &str,
     options: &PromptOptions,
+    embeddings: &[Embedding],
 ) -> Result<TextConditioning> {
     let device = &model.options.device;
     let is_sdxl = model.info.family == Family::Sdxl;
-    let first = |text: &str| encode_one(&model.text_encoder, &tokenizers.first, text, options, is_sdxl, device);
+    let first =
+        |text: &str| encode_one(&model.text_encoder, &tokenizers.first, text, options, is_sdxl, device, embeddings, 0);
     let (neg_1, _, _, _) = first(negative)?;
     let (pos_1, _, token_count, chunks) = first(prompt)?;
     let (Some(encoder_2), Some(tokenizer_2)) = (&model.text_encoder_2, &tokenizers.second) else {
         return Ok(TextConditioning { negative: neg_1, positive: pos_1, pooled: None, token_count, chunks });
     };
-    let second = |text: &str| encode_one(encoder_2, tokenizer_2, text, options, true, device);
+    let second = |text: &str| encode_one(encoder_2, tokenizer_2, text, options, true, device, embeddings, 1);
     let (neg_2, neg_pooled, _, _) = second(negative)?;
     let (pos_2, pos_pooled, _, _) = second(prompt)?;
     let mut negative_states = Tensor::cat(&[neg_1, neg_2], 2)?;
