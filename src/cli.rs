@@ -588,7 +588,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
     if !request.loras.is_empty() {
         let report = pipeline.apply_loras(&request.loras)?;
-        eprintln!("LoRAs: {} layers adapted, {:.1} MB of adapter weights", report.layers, report.bytes as f64 / 1e6);
+        let size = if report.bytes >= 1 << 20 {
+            format!("{:.1} MB", report.bytes as f64 / 1e6)
+        } else {
+            format!("{:.1} KB", report.bytes as f64 / 1e3)
+        };
+        eprintln!("LoRAs: {} layers adapted, {size} of adapter weights (the model's own untouched)", report.layers);
         for (name, keys) in &report.unmatched {
             let shown: Vec<&str> = keys.iter().take(5).map(String::as_str).collect();
             eprintln!(
