@@ -571,3 +571,52 @@ fn a_lora_from_the_folder_changes_the_picture_and_goes_away_again() {
     assert!(errors(h.state()).iter().any(|e| e.contains("nowhere.safetensors")), "{:?}", errors(h.state()));
     assert!(h.state().queue.is_empty() && h.state().running.is_none());
 }
+
+/// The hires fix and outpainting in the window: the pictures come out at the larger sizes and
+/// their PNGs say how they were made.
+#[test]
+fn hires_fix_and_outpainting_make_larger_pictures() {
+    let outputs = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        outputs_dir: Some(outputs.path().to_path_buf()),
+        prompt: "a house with a tree".into(),
+        steps: 4,
+        seed: 2,
+        random_seed: false,
+        hires_enabled: true,
+        hires_scale: 2.0,
+        hires_denoise: 0.5,
+        ..Default::default()
+    };
+    let mut h = harness(settings);
+    step_until(&mut h, "Easel Mini to load", model_ready);
+    h.state_mut().settings.width = 64;
+    h.state_mut().settings.height = 64;
+    h.run_steps(2);
+    assert!(h.query_by_label_contains("Hires fix (on)").is_some());
+    h.state_mut().generate();
+    step_until(&mut h, "the hires picture", |app| app.gallery.len() == 1 && app.running.is_none());
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    let big = app.gallery[0].image.clone().unwrap();
+    assert_eq!((big.width, big.height), (128, 128));
+    let parameters = read_png_parameters(&png_files(outputs.path()).pop().unwrap()).unwrap().unwrap();
+    assert!(parameters.contains("Hires upscale: 2") && parameters.contains("Size: 64x64"), "{parameters}");
+
+    // Outpainting: the picture extended by 64 pixels on the right, the border painted.
+    h.state_mut().set_init_image(Arc::new((*big).clone()), "hires");
+    h.state_mut().settings.width = 128;
+    h.state_mut().settings.height = 128;
+    h.state_mut().init_image.as_mut().unwrap().outpaint.right = 64;
+    h.state_mut().generate();
+    step_until(&mut h, "the outpainted picture", |app| app.gallery.len() == 2 && app.running.is_none());
+    let app = h.state();
+    assert!(errors(app).is_empty(), "{:?}", errors(app));
+    let wide = app.gallery[1].image.clone().unwrap();
+    assert_eq!((wide.width, wide.height), (192, 128));
+    // The original part far from the seam is kept (the mask blur overlays it exactly).
+    let at = |img: &RgbImage, x: u32, y: u32| img.data[((y * img.width + x) * 3) as usize];
+    assert_eq!(at(&wide, 10, 10), at(&big, 10, 10));
+    let parameters = read_png_parameters(&png_files(outputs.path()).pop().unwrap()).unwrap().unwrap();
+    assert!(parameters.contains("Outpaint") || parameters.contains("Mask blur"), "{parameters}");
+}

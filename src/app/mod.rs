@@ -569,7 +569,10 @@ impl EaselApp {
     /// Queues `batch_count` jobs (seed, seed+1, … like AUTOMATIC1111, or fresh random seeds).
     pub fn generate(&mut self) {
         if !matches!(self.model, ModelState::Ready(_)) {
-            self.notify(NoticeKind::Error, "Open a model first (Model → Open…).");
+            self.notify(
+                NoticeKind::Error,
+                "Open a model first (Open model folder… or Open checkpoint… at the top of the side panel).",
+            );
             return;
         }
         let base_seed = if self.settings.random_seed { random_seed() } else { self.settings.seed };

@@ -758,7 +758,8 @@ fn loras_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
                     app.refresh_loras();
                 }
             }
-            if app.settings.lora_dir.is_some() && ui.button("⟳").on_hover_text("Read the folder again").clicked() {
+            if app.settings.lora_dir.is_some() && ui.button("Refresh").on_hover_text("Read the folder again").clicked()
+            {
                 app.refresh_loras();
             }
         });
@@ -1011,7 +1012,7 @@ fn hires_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
             ui.add(egui::Slider::new(&mut s.hires_scale, 1.0..=4.0).step_by(0.05).text("Upscale by"));
             let (w, h) =
                 ((s.width as f64 * s.hires_scale) as usize / 8 * 8, (s.height as f64 * s.hires_scale) as usize / 8 * 8);
-            ui.label(RichText::new(format!("→ {w}×{h}")).small().weak());
+            ui.label(RichText::new(format!("makes {w}×{h}")).small().weak());
             ui.add(egui::Slider::new(&mut s.hires_denoise, 0.01..=1.0).text("Denoising strength"));
             ui.add(egui::DragValue::new(&mut s.hires_steps).range(0..=150).prefix("Hires steps "))
                 .on_hover_text("0: as many as the first pass");
