@@ -150,6 +150,8 @@ pub enum Event {
         parameters: String,
         saved: Option<Result<PathBuf, String>>,
         seconds: f64,
+        /// What the artist should know about the job (e.g. LoRA modules that matched no layer).
+        warnings: Vec<String>,
     },
     JobFailed {
         job: JobId,
@@ -450,7 +452,18 @@ impl WorkerState {
         let saved =
             save_dir.map(|dir| save_numbered(&dir, &image, &parameters, request.seed).map_err(|e| e.to_string()));
         let seconds = started.elapsed().as_secs_f64();
-        self.emit(Event::JobFinished { job, image, request, parameters, saved, seconds });
+        // Applying the job's LoRAs again is free (the same list): only its report is wanted.
+        let warnings = match pipeline.apply_loras(&request.loras) {
+            Ok(report) => report
+                .unmatched
+                .iter()
+                .map(|(name, keys)| {
+                    format!("{} of LoRA {name}'s modules match no layer of this model and were not applied", keys.len())
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        self.emit(Event::JobFinished { job, image, request, parameters, saved, seconds, warnings });
     }
 }
 

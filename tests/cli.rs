@@ -695,6 +695,7 @@ fn prompts_through_the_cli_match_the_reference() {
         ("no-norm.sdxl-tiny", vec!["Emphasis: No norm"]),
         ("clip-skip-2.sd1-tiny", vec!["Clip skip: 2"]),
         ("long.sd2v-tiny", vec![]),
+        ("break.sdxl-tiny", vec![]),
     ] {
         let case = json["cases"].as_array().unwrap().iter().find(|c| c["key"] == key).unwrap();
         let out_path = dir.path().join(format!("{key}.png"));
@@ -738,6 +739,21 @@ fn prompts_through_the_cli_match_the_reference() {
             assert!(stderr(&out).contains("chunks of 75"), "{}", stderr(&out));
         }
     }
+    // Unbalanced brackets are no error: an unclosed one runs to the end, a stray one is text.
+    let unbalanced = dir.path().join("unbalanced.png");
+    let model = model_dir("sd1-tiny");
+    let out = easel(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a fox ((( in ]] the snow))))",
+        "--steps",
+        "2",
+        "--output",
+        unbalanced.to_str().unwrap(),
+    ]);
+    assert!(out.status.success() && unbalanced.exists(), "{}", stderr(&out));
     // Nonsense is refused before any work.
     let out = generate(&model_dir("sd1-tiny"), &dir.path().join("x.png"), &["--clip-skip", "0"]);
     assert!(stderr(&out).contains("clip skip"), "{}", stderr(&out));

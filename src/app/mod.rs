@@ -131,6 +131,8 @@ pub struct EaselApp {
     pub lora_files: Vec<(PathBuf, Result<String, String>)>,
     /// The embeddings folder's usable files (the Embeddings panel).
     pub embedding_files: Vec<PathBuf>,
+    /// The weight the LoRAs panel's Add writes.
+    pub lora_weight: f64,
     worker: Worker,
     image_loader: gallery::ImageLoader,
     /// Steps, guidance and size a model change may replace (see `adopt_model_defaults`).
@@ -190,6 +192,7 @@ impl EaselApp {
             init_image: None,
             lora_files: Vec::new(),
             embedding_files: Vec::new(),
+            lora_weight: 1.0,
             worker,
             image_loader: gallery::ImageLoader::spawn(repaint),
             previous_defaults: {
@@ -681,8 +684,11 @@ impl EaselApp {
                         self.view = CentralView::Preview(preview);
                     }
                 }
-                Event::JobFinished { job, image, request, parameters, saved, seconds } => {
+                Event::JobFinished { job, image, request, parameters, saved, seconds, warnings } => {
                     self.finish_job(job);
+                    for warning in warnings {
+                        self.notify(NoticeKind::Info, warning);
+                    }
                     let path = match saved {
                         Some(Ok(path)) => Some(path),
                         Some(Err(error)) => {

@@ -763,12 +763,18 @@ fn loras_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
                 app.refresh_loras();
             }
         });
+        ui.horizontal(|ui| {
+            ui.label("Weight");
+            ui.add(egui::DragValue::new(&mut app.lora_weight).speed(0.05).range(-4.0..=4.0))
+                .on_hover_text("The weight Add writes into the tag; edit it in the prompt afterwards");
+        });
         let mut insert = None;
         for (path, kind) in &app.lora_files {
             let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             ui.horizontal(|ui| match kind {
                 Ok(kind) => {
-                    if ui.button("Add").on_hover_text(format!("Put <lora:{name}:1> into the prompt")).clicked() {
+                    let tag = format!("<lora:{name}:{}>", app.lora_weight);
+                    if ui.button("Add").on_hover_text(format!("Put {tag} into the prompt")).clicked() {
                         insert = Some(path.clone());
                     }
                     ui.label(shorten(&name, 22));
@@ -786,7 +792,7 @@ fn loras_panel(app: &mut EaselApp, ui: &mut egui::Ui) {
         }
         ui.label(RichText::new("Edit the weight in the prompt: <lora:name:0.8>").small().weak());
         if let Some(path) = insert {
-            app.insert_lora(&path, 1.0);
+            app.insert_lora(&path, app.lora_weight);
         }
     });
 }
