@@ -696,5 +696,15 @@ def main():
     print(f"tests/fixtures total: {du(fx) / 1e6:.2f} MB")
 
 
+def tiny_tokenizers(name, encoder, merges):
+    """The CLIP tokenizers of tiny model `name` (one per text encoder, with its pad token)."""
+    from transformers import CLIPTokenizer
+
+    return {
+        sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
+        for sub, pad in SPECS[name]["pads"].items()
+    }
+
+
 if __name__ == "__main__":
     main()

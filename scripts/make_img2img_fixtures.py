@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler  # noqa: E402
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, tiny_tokenizers  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
 MODELS = ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"]
@@ -91,15 +91,11 @@ def hires_cases(encoder, merges, tensors):
     """AUTOMATIC1111's hires fix in diffusers' terms: text to image (`output_type="latent"`), the
     latents upscaled by `F.interpolate` (or the decoded picture by PIL's Lanczos), then the img2img
     pipeline with those latents (or that picture) as `image` and a generator seeded again."""
-    from transformers import CLIPTokenizer
 
     cases = []
     for name in ["sd1-tiny", "sdxl-tiny"]:
         spec = SPECS[name]
-        toks = {
-            sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
-            for sub, pad in spec["pads"].items()
-        }
+        toks = tiny_tokenizers(name, encoder, merges)
         pipe = load(name, toks)
         components = {k: v for k, v in pipe.components.items()}
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -144,7 +140,6 @@ def main():
     torch.use_deterministic_algorithms(True)
     import diffusers
     import transformers
-    from transformers import CLIPTokenizer
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -157,10 +152,7 @@ def main():
     tensors, cases = {}, []
     for name in MODELS:
         spec = SPECS[name]
-        toks = {
-            sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
-            for sub, pad in spec["pads"].items()
-        }
+        toks = tiny_tokenizers(name, encoder, merges)
         pipe = load(name, toks)
         config = dict(pipe.scheduler.config)
         for sampler in SAMPLERS:

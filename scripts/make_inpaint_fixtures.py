@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler  # noqa: E402
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, tiny_tokenizers  # noqa: E402
 from make_img2img_fixtures import GUIDANCE, SEED, SIZE, STEPS, init_image  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
@@ -155,7 +155,6 @@ def main():
     torch.use_deterministic_algorithms(True)
     import diffusers
     import transformers
-    from transformers import CLIPTokenizer
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -187,10 +186,7 @@ def main():
     for name in MODELS:
         make_inpaint_unet(name)
         spec = SPECS[name]
-        toks = {
-            sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
-            for sub, pad in spec["pads"].items()
-        }
+        toks = tiny_tokenizers(name, encoder, merges)
         for nine in [False, True]:
             pipe = load(name, assemble(name, nine, tmp), toks)
             config = dict(pipe.scheduler.config)

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import SPECS, make_sampler  # noqa: E402
+from make_fixtures import SPECS, make_sampler, tiny_tokenizers  # noqa: E402
 from make_img2img_fixtures import decoded_pixels  # noqa: E402
 from make_prompt_fixtures import load_txt2img  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
@@ -182,7 +182,6 @@ def main():
     torch.use_deterministic_algorithms(True)
     import diffusers
     import transformers
-    from transformers import CLIPTokenizer
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -198,8 +197,7 @@ def main():
 
     for name in ["sd1-tiny", "sdxl-tiny"]:
         spec = SPECS[name]
-        toks = {sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
-                for sub, pad in spec["pads"].items()}
+        toks = tiny_tokenizers(name, encoder, merges)
         pipe = load_txt2img(name, toks)
         xl = "XL" in type(pipe).__name__
         lpb = pipe.unet.config.layers_per_block

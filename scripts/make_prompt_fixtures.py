@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import SPECS, make_sampler  # noqa: E402
+from make_fixtures import SPECS, make_sampler, tiny_tokenizers  # noqa: E402
 from make_img2img_fixtures import decoded_pixels  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
@@ -215,15 +215,13 @@ def textual_inversion(encoder, merges, tensors):
     """A 2-vector embedding named `inkwash` per model (SDXL: clip_l + clip_g), through
     diffusers' `load_textual_inversion`. SDXL's pooled output is taken at EOS, as A1111 does
     (the tiny encoders' legacy `eos_token_id` would make transformers pool at the new token)."""
-    from transformers import CLIPTokenizer
 
     from safetensors.torch import save_file as save
 
     cases = []
     for name in MODELS:
         spec = SPECS[name]
-        toks = {sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
-                for sub, pad in spec["pads"].items()}
+        toks = tiny_tokenizers(name, encoder, merges)
         pipe = load_txt2img(name, toks)
         xl = "XL" in type(pipe).__name__
         g = torch.Generator().manual_seed(21)
@@ -275,7 +273,6 @@ def main():
     torch.use_deterministic_algorithms(True)
     import diffusers
     import transformers
-    from transformers import CLIPTokenizer
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -284,10 +281,7 @@ def main():
     tensors, cases = {}, []
     for name in MODELS:
         spec = SPECS[name]
-        toks = {
-            sub: CLIPTokenizer(vocab=encoder, merges=list(merges), pad_token=pad, model_max_length=77)
-            for sub, pad in spec["pads"].items()
-        }
+        toks = tiny_tokenizers(name, encoder, merges)
         pipe = load_txt2img(name, toks)
         xl = "XL" in type(pipe).__name__
         towers = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if xl else [])

@@ -12,8 +12,15 @@ use crate::{Error, Result};
 
 /// The full SHA-256 of a file, streamed (never read whole into memory).
 pub fn sha256_file(path: &Path) -> Result<String> {
+    sha256_file_from(path, 0)
+}
+
+/// The SHA-256 of a file's bytes from `offset` on, as lowercase hex, streamed.
+pub fn sha256_file_from(path: &Path, offset: u64) -> Result<String> {
+    use std::io::{Seek, SeekFrom};
     let io = |source| Error::Io { path: path.to_path_buf(), source };
     let mut file = std::fs::File::open(path).map_err(io)?;
+    file.seek(SeekFrom::Start(offset)).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {

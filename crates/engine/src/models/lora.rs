@@ -635,23 +635,12 @@ pub fn extract_lora_tags(prompt: &str) -> (String, Vec<(String, f64, f64)>) {
 /// AUTOMATIC1111's LoRA hash: the first 12 hex digits of the SHA-256 of a safetensors file's
 /// data after its header (kohya's "addnet" hash), as `Lora hashes` writes it.
 pub fn addnet_hash(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Seek, SeekFrom};
+    use std::io::Read;
     let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(io)?;
-    file.seek(SeekFrom::Start(8 + u64::from_le_bytes(len))).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut len)).map_err(io)?;
+    let full = super::hash::sha256_file_from(path, 8 + u64::from_le_bytes(len))?;
+    Ok(full[..12].to_string())
 }
 
 /// Finds `<name>.safetensors` under `dir` (its subfolders too, as A1111's LoRA folder).
