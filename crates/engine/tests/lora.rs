@@ -127,6 +127,24 @@ fn bad_loras_are_refused_with_a_message_and_change_nothing() {
     let not_lora = model_dir("sd1-tiny").join("unet/diffusion_pytorch_model.safetensors");
     let err = refused(LoraWeight { path: not_lora, text_weight: 1.0, unet_weight: 1.0 });
     assert!(err.contains("not a LoRA"), "{err}");
+    // A file none of whose modules is a layer of this model, even behind a good one.
+    let stranger = dir.path().join("stranger.safetensors");
+    let t =
+        |dims: &[usize]| candle_core::Tensor::zeros(dims, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tensors = std::collections::HashMap::from([
+        ("lora_unet_no_such_block_proj.lora_down.weight".to_string(), t(&[2, 4])),
+        ("lora_unet_no_such_block_proj.lora_up.weight".to_string(), t(&[4, 2])),
+    ]);
+    candle_core::safetensors::save(&tensors, &stranger).unwrap();
+    let both = GenerationRequest {
+        loras: vec![
+            lora("sd1-tiny-kohya.safetensors", 1.0),
+            LoraWeight { path: stranger, text_weight: 1.0, unet_weight: 1.0 },
+        ],
+        ..base_req.clone()
+    };
+    let err = pipeline.denoise(&both, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
+    assert!(err.contains("stranger") && err.contains("none of its 1 modules"), "{err}");
     // A tag naming no file is refused before any work.
     let tagged = GenerationRequest { prompt: "a fox <lora:nowhere:0.5>".into(), ..base_req.clone() };
     let err = pipeline.denoise(&tagged, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();

@@ -425,6 +425,7 @@ impl Adapters {
                 return Err(lora_error(&file.path, format!("this LoRA is for {made_for} but the model is {family}")));
             }
             let mut unmatched = Vec::new();
+            let mut matched = 0;
             for (module, tensors) in &file.modules {
                 let Some((component, name, _kohya)) = module_target(module) else {
                     unmatched.push(module.clone());
@@ -434,6 +435,7 @@ impl Adapters {
                     unmatched.push(module.clone());
                     continue;
                 };
+                matched += 1;
                 let layer = &self.layers[key];
                 let w = if component == "unet" { weight.unet_weight } else { weight.text_weight };
                 if w == 0.0 {
@@ -443,7 +445,7 @@ impl Adapters {
                 planned.push((key.clone(), delta));
             }
             if !unmatched.is_empty() {
-                if planned.is_empty() && unmatched.len() == file.modules.len() {
+                if matched == 0 {
                     return Err(lora_error(
                         &file.path,
                         format!(
