@@ -706,5 +706,35 @@ def tiny_tokenizers(name, encoder, merges):
     }
 
 
+def load_tiny_pipeline(name, tokenizers, folder=None, task=""):
+    """Tiny model `name` (or the folder given) in diffusers: its text-to-image pipeline, or with
+    `task` "img2img" / "inpaint" that pipeline built from the same components."""
+    import diffusers
+
+    spec = SPECS[name]
+    folder = folder or os.path.join(ROOT, "crates/engine/tests/fixtures/models", name)
+    kw = dict(torch_dtype=torch.float32)
+    if spec["dtype"] == "float16":
+        kw["variant"] = "fp16"
+    xl = spec["pipeline"] != "StableDiffusionPipeline"
+    if xl:
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+            folder, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False, **kw
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, tokenizer=tokenizers["tokenizer"], **kw)
+    if task:
+        wrapper = {
+            ("img2img", False): "StableDiffusionImg2ImgPipeline",
+            ("img2img", True): "StableDiffusionXLImg2ImgPipeline",
+            ("inpaint", False): "StableDiffusionInpaintPipeline",
+            ("inpaint", True): "StableDiffusionXLInpaintPipeline",
+        }[(task, xl)]
+        extra = dict(add_watermarker=False) if xl else {}
+        pipe = getattr(diffusers, wrapper)(**pipe.components, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 if __name__ == "__main__":
     main()

@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, tiny_tokenizers  # noqa: E402
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
 MODELS = ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"]
@@ -57,28 +57,7 @@ def decoded_pixels(pipe, latents):
 
 
 def load(name, tokenizers):
-    from diffusers import (
-        StableDiffusionImg2ImgPipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    spec = SPECS[name]
-    folder = os.path.join(ROOT, "crates/engine/tests/fixtures/models", name)
-    kw = dict(torch_dtype=torch.float32)
-    if spec["dtype"] == "float16":
-        kw["variant"] = "fp16"
-    if spec["pipeline"] == "StableDiffusionPipeline":
-        base = StableDiffusionPipeline.from_pretrained(folder, tokenizer=tokenizers["tokenizer"], **kw)
-        pipe = StableDiffusionImg2ImgPipeline(**base.components)
-    else:
-        base = StableDiffusionXLPipeline.from_pretrained(
-            folder, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False, **kw
-        )
-        pipe = StableDiffusionXLImg2ImgPipeline(**base.components, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(name, tokenizers, task="img2img")
 
 
 HIRES_STEPS = 4

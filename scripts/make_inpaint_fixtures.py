@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, tiny_tokenizers  # noqa: E402
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers  # noqa: E402
 from make_img2img_fixtures import GUIDANCE, SEED, SIZE, STEPS, init_image  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
@@ -99,27 +99,7 @@ def assemble(name, nine, into):
 
 
 def load(name, folder, tokenizers):
-    from diffusers import (
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLInpaintPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    spec = SPECS[name]
-    kw = dict(torch_dtype=torch.float32)
-    if spec["dtype"] == "float16":
-        kw["variant"] = "fp16"
-    if spec["pipeline"] == "StableDiffusionPipeline":
-        base = StableDiffusionPipeline.from_pretrained(folder, tokenizer=tokenizers["tokenizer"], **kw)
-        pipe = StableDiffusionInpaintPipeline(**base.components)
-    else:
-        base = StableDiffusionXLPipeline.from_pretrained(
-            folder, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False, **kw
-        )
-        pipe = StableDiffusionXLInpaintPipeline(**base.components, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(name, tokenizers, folder=folder, task="inpaint")
 
 
 def run(pipe, sampler, config, image, mask, strength, output_type="latent", **extra):

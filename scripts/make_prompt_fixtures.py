@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import SPECS, make_sampler, tiny_tokenizers  # noqa: E402
+from make_fixtures import SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers  # noqa: E402
 from make_img2img_fixtures import decoded_pixels  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
@@ -61,21 +61,7 @@ CASES = [
 ]
 
 def load_txt2img(name, tokenizers):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    spec = SPECS[name]
-    folder = os.path.join(ROOT, "crates/engine/tests/fixtures/models", name)
-    kw = dict(torch_dtype=torch.float32)
-    if spec["dtype"] == "float16":
-        kw["variant"] = "fp16"
-    if spec["pipeline"] == "StableDiffusionPipeline":
-        pipe = StableDiffusionPipeline.from_pretrained(folder, tokenizer=tokenizers["tokenizer"], **kw)
-    else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            folder, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False, **kw
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(name, tokenizers)
 
 
 # --- A1111's prompt language ------------------------------------------------------------------

@@ -215,43 +215,33 @@ pub fn crop_region(mask: &Mask, width: u32, height: u32, pad: u32) -> Option<Cro
     let (mut x2, mut y2) = ((right + 1 + pad).min(w), (bottom + 1 + pad).min(h));
     let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
     let ratio_processing = width as f64 / height as f64;
-    // diffusers' arithmetic, step for step (including its `>=` edge checks).
     if ratio_crop > ratio_processing {
-        let desired = (x2 - x1) as f64 / ratio_processing;
-        let diff = (desired - (y2 - y1) as f64) as i64;
-        y1 -= diff / 2;
-        y2 += diff - diff / 2;
-        if y2 >= h {
-            let over = y2 - h;
-            y2 -= over;
-            y1 -= over;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        if y2 >= h {
-            y2 = h;
-        }
+        (y1, y2) = widen(y1, y2, (x2 - x1) as f64 / ratio_processing, h);
     } else {
-        let desired = (y2 - y1) as f64 * ratio_processing;
-        let diff = (desired - (x2 - x1) as f64) as i64;
-        x1 -= diff / 2;
-        x2 += diff - diff / 2;
-        if x2 >= w {
-            let over = x2 - w;
-            x2 -= over;
-            x1 -= over;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        if x2 >= w {
-            x2 = w;
-        }
+        (x1, x2) = widen(x1, x2, (y2 - y1) as f64 * ratio_processing, w);
     }
     Some(CropRegion { x1: x1.max(0) as u32, y1: y1.max(0) as u32, x2: x2.min(w) as u32, y2: y2.min(h) as u32 })
+}
+
+/// `lo..hi` grown evenly to `desired` and shifted back inside `0..limit`: diffusers' arithmetic
+/// in `get_crop_region`, step for step (its `>=` edge checks included).
+fn widen(mut lo: i64, mut hi: i64, desired: f64, limit: i64) -> (i64, i64) {
+    let diff = (desired - (hi - lo) as f64) as i64;
+    lo -= diff / 2;
+    hi += diff - diff / 2;
+    if hi >= limit {
+        let over = hi - limit;
+        hi -= over;
+        lo -= over;
+    }
+    if lo < 0 {
+        hi -= lo;
+        lo = 0;
+    }
+    if hi >= limit {
+        hi = limit;
+    }
+    (lo, hi)
 }
 
 /// `image` cut to `region`.
