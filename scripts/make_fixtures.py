@@ -736,5 +736,16 @@ def load_tiny_pipeline(name, tokenizers, folder=None, task=""):
     return pipe
 
 
+def deterministic_and_quiet():
+    """The fixture scripts' common start: 2 threads, deterministic torch, no library chatter."""
+    import diffusers
+    import transformers
+
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
 if __name__ == "__main__":
     main()

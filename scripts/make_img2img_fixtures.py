@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers  # noqa: E402
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers, deterministic_and_quiet  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
 MODELS = ["sd1-tiny", "sd2v-tiny", "sdxl-tiny"]
@@ -115,13 +115,9 @@ def hires_cases(encoder, merges, tensors):
 
 @torch.no_grad()
 def main():
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
     import diffusers
-    import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    deterministic_and_quiet()
     out = os.path.join(ROOT, "crates/engine/tests/fixtures/img2img")
     os.makedirs(out, exist_ok=True)
     image = init_image()

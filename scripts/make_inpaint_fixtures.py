@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers  # noqa: E402
+from make_fixtures import NEGATIVE, PROMPT, SAMPLERS, SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers, deterministic_and_quiet  # noqa: E402
 from make_img2img_fixtures import GUIDANCE, SEED, SIZE, STEPS, init_image  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
@@ -131,13 +131,9 @@ def pil_tensor(image):
 
 @torch.no_grad()
 def main():
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
     import diffusers
-    import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    deterministic_and_quiet()
     os.makedirs(OUT, exist_ok=True)
     image = init_image()
     mask = box_mask(8, 10, 38, 40)

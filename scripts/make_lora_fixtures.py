@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import SPECS, make_sampler, tiny_tokenizers  # noqa: E402
+from make_fixtures import SPECS, make_sampler, tiny_tokenizers, deterministic_and_quiet  # noqa: E402
 from make_img2img_fixtures import decoded_pixels  # noqa: E402
 from make_prompt_fixtures import load_txt2img  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
@@ -178,13 +178,9 @@ def changed_layers(before, pipe):
 
 @torch.no_grad()
 def main():
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
     import diffusers
-    import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    deterministic_and_quiet()
     os.makedirs(OUT, exist_ok=True)
     encoder, merges = load_clip_bpe()
     tensors, cases = {}, []

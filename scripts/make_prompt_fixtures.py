@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_fixtures import SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers  # noqa: E402
+from make_fixtures import SPECS, make_sampler, load_tiny_pipeline, tiny_tokenizers, deterministic_and_quiet  # noqa: E402
 from make_img2img_fixtures import decoded_pixels  # noqa: E402
 from make_tokenizer import load_clip_bpe  # noqa: E402
 
@@ -255,13 +255,9 @@ def textual_inversion(encoder, merges, tensors):
 
 @torch.no_grad()
 def main():
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
     import diffusers
-    import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    deterministic_and_quiet()
     os.makedirs(OUT, exist_ok=True)
     encoder, merges = load_clip_bpe()
     tensors, cases = {}, []

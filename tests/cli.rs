@@ -385,7 +385,12 @@ fn the_binary_with_its_allocator_makes_the_library_s_image() {
 
 /// diffusers' image-to-image and hires-fix results (crates/engine/tests/fixtures/img2img).
 fn img2img_reference() -> (serde_json::Value, std::collections::HashMap<String, candle_core::Tensor>) {
-    let fixtures = common::fixtures().join("img2img");
+    fixture_reference("img2img")
+}
+
+/// A reference folder's `reference.json` and `reference.safetensors` (crates/engine/tests/fixtures/DIR).
+fn fixture_reference(dir: &str) -> (serde_json::Value, std::collections::HashMap<String, candle_core::Tensor>) {
+    let fixtures = common::fixtures().join(dir);
     let json = serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
     let tensors =
         candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
@@ -538,11 +543,7 @@ fn hires_fix_through_the_cli_matches_diffusers() {
 }
 
 fn inpaint_reference() -> (serde_json::Value, std::collections::HashMap<String, candle_core::Tensor>) {
-    let fixtures = common::fixtures().join("inpaint");
-    let json = serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
-    (json, tensors)
+    fixture_reference("inpaint")
 }
 
 /// The reference's settings as `easel generate` flags, then `extra`.
@@ -685,11 +686,7 @@ fn bad_inpainting_input_is_refused_before_any_work() {
 #[test]
 fn prompts_through_the_cli_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = common::fixtures().join("prompts");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (json, tensors) = fixture_reference("prompts");
     for (key, words) in [
         ("weighted.sd1-tiny", vec![]),
         ("no-norm.sdxl-tiny", vec!["Emphasis: No norm"]),
@@ -767,10 +764,7 @@ fn prompts_through_the_cli_match_the_reference() {
 fn loras_through_the_cli_match_diffusers() {
     let dir = tempfile::tempdir().unwrap();
     let fixtures = common::fixtures().join("lora");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (json, tensors) = fixture_reference("lora");
     let kohya = fixtures.join("sd1-tiny-kohya.safetensors");
     let flag = format!("{}:0.8", kohya.display());
     let tagged = format!("{} <lora:sdxl-tiny-peft:0.7>", json["prompt"].as_str().unwrap());
@@ -861,10 +855,7 @@ fn loras_through_the_cli_match_diffusers() {
 fn embeddings_through_the_cli_match_diffusers() {
     let dir = tempfile::tempdir().unwrap();
     let fixtures = common::fixtures().join("prompts");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("reference.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(fixtures.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (json, tensors) = fixture_reference("prompts");
     let case = json["cases"].as_array().unwrap().iter().find(|c| c["key"] == "ti.sd1-tiny").unwrap();
     let emb_dir = fixtures.join("embeddings/sd1-tiny");
     let out_path = dir.path().join("ti.png");
