@@ -281,37 +281,61 @@ def tokenize(tok, captions):
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def shard_rng(args, shard):
+    """Shard 0 draws what a one-process run draws; the others their own streams."""
+    return random.Random(args.seed + 2 if shard == 0 else (args.seed + 2) * 1_000_003 + shard)
+
+
+def encode_shard(args, shard, count):
+    """`count` pictures of shard `shard`, drawn and encoded in this process (one thread), saved
+    to the work folder so that an interrupted data set continues where it stopped."""
+    path = os.path.join(args.work, f"latents-shard-{shard}-of-{args.workers}.pt")
+    if os.path.exists(path):
+        return path
+    torch.set_num_threads(1)
+    vae = load_vae(args, decoder=False)
+    rng = shard_rng(args, shard)
+    latents, captions = [], []
+    progress = Progress(f"latents {shard + 1}/{args.workers}", count, 0)
+    with torch.no_grad():
+        for start in range(0, count, 64):
+            n = min(64, count - start)
+            samples = [grammar.sample(rng) for _ in range(n)]
+            batch = images_to_tensor([s[1] for s in samples])
+            latents.append(vae.encode(batch).latent_dist.mean)
+            captions += [s[0] for s in samples]
+            progress.update(start + n, 0.0)
+    save_checkpoint(path, latents=torch.cat(latents), captions=captions)
+    return path
+
+
 def build_latents(args):
     path = os.path.join(args.work, "latents.pt")
     if os.path.exists(path):
         log("[latents] done already")
         return
-    vae = load_vae(args, decoder=False)
-    tok = tokenizer()
-    rng = random.Random(args.seed + 2)
-    latents, captions = [], []
-    progress = Progress("latents", args.dataset_size, 0)
-    scale_samples = []
-    with torch.no_grad():
-        for start in range(0, args.dataset_size, 64):
-            n = min(64, args.dataset_size - start)
-            samples = [grammar.sample(rng) for _ in range(n)]
-            batch = images_to_tensor([s[1] for s in samples])
-            mean = vae.encode(batch).latent_dist.mean
-            latents.append(mean.half())
-            captions += [s[0] for s in samples]
-            if len(scale_samples) < 40:
-                scale_samples.append(mean)
-            progress.update(start + n, 0.0)
-    latents = torch.cat(latents)
+    counts = [args.dataset_size // args.workers + (i < args.dataset_size % args.workers) for i in range(args.workers)]
+    if args.workers == 1:
+        shards = [encode_shard(args, 0, counts[0])]
+    else:
+        import multiprocessing
+
+        # spawn, not fork: a forked child inherits torch's thread pool in an undefined state.
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            shards = pool.starmap(encode_shard, [(args, i, n) for i, n in enumerate(counts)])
+    parts = [torch.load(p, weights_only=False) for p in shards]
+    means = torch.cat([p["latents"] for p in parts])
+    captions = [c for p in parts for c in p["captions"]]
     # Like SD's 0.18215: the factor that gives the latents unit variance (a warm start keeps
     # the factor its U-Net was trained with).
-    scaling_factor = float(1.0 / torch.cat(scale_samples).std())
+    scaling_factor = float(1.0 / means[: 40 * 64].std())
     if args.init_from:
         with open(os.path.join(args.init_from, "vae", "config.json")) as f:
             scaling_factor = json.load(f)["scaling_factor"]
-    ids = tokenize(tok, captions)
-    save_checkpoint(path, latents=latents, ids=ids, captions=captions, scaling_factor=scaling_factor)
+    ids = tokenize(tokenizer(), captions)
+    save_checkpoint(path, latents=means.half(), ids=ids, captions=captions, scaling_factor=scaling_factor)
+    for p in shards:
+        os.remove(p)
     log(f"[latents] {len(captions)} samples, scaling factor {scaling_factor:.5f}")
 
 
@@ -401,6 +425,13 @@ def train_unet(args):
         drop = torch.rand(args.unet_batch, generator=generator) < 0.1
         ids[drop] = empty_ids
         t = torch.randint(0, 1000, (args.unet_batch,), generator=generator)
+        if args.high_noise_fraction > 0:
+            # Where things go and which colour goes with which word is settled in the noisiest
+            # half of the schedule (the late steps only sharpen edges): drawing more timesteps
+            # there spends the CPU on what the captions decide.
+            high = torch.randint(500, 1000, (args.unet_batch,), generator=generator)
+            pick = torch.rand(args.unet_batch, generator=generator) < args.high_noise_fraction
+            t = torch.where(pick, high, t)
         noise = torch.randn(x0.shape, generator=generator)
         if not v_objective:
             # Offset noise: lets the model move a picture's mean colour, which SD's schedule
@@ -567,6 +598,10 @@ def main():
                         help="v prediction on a zero-terminal-SNR schedule, or SD 1.5's epsilon")
     parser.add_argument("--init-from", help="an exported model folder to start the VAE and U-Net stages from")
     parser.add_argument("--unet-warmup", type=int, default=500)
+    parser.add_argument("--high-noise-fraction", type=float, default=0.0,
+                        help="share of each batch whose timesteps are drawn from the noisier half")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that draw and encode the latent data set (one thread each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
