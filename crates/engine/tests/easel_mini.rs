@@ -273,16 +273,19 @@ fn easel_mini_draws_held_out_captions_and_guidance_matters() {
             percent(s.relation)
         );
     }
-    // What the shipped model does (measured: colour 81%, position 51%, relation 22% at
-    // guidance 6; 81%, 45%, 15% at guidance 1), with a margin. Chance is about 11% for a
-    // position (9 of them) and 25% for a relation before both colours must be found. The goal
-    // is 90% colour and position and 70% relations, not reached yet (see the model card).
-    assert!(percent(guided.colour) >= 75.0, "{guided:?}");
-    assert!(percent(guided.position) >= 40.0, "positions follow the words: {guided:?}");
+    // The shipped model measures colour 94%, position 94%, relation 83% at guidance 6 and 90%,
+    // 85%, 55% at guidance 1 (the model card). Chance is about 11% for a position (9 of them)
+    // and 25% for a relation before both colours must be found; a random model scores near 0.
+    assert!(percent(guided.colour) >= 90.0, "colours follow the words: {guided:?}");
+    assert!(percent(guided.position) >= 90.0, "positions follow the words: {guided:?}");
+    assert!(percent(guided.relation) >= 70.0, "two objects where the words put them: {guided:?}");
     // Guidance matters: where things go and what goes with what is followed more closely.
     let layout = |s: &Score| s.position.0 + s.relation.0;
-    assert!(layout(&guided) >= layout(&unguided) + 4, "guidance must matter: {unguided:?} vs {guided:?}");
-    assert!(guided.relation.0 > unguided.relation.0, "guidance must matter: {unguided:?} vs {guided:?}");
+    assert!(layout(&guided) >= layout(&unguided) + 10, "guidance must matter: {unguided:?} vs {guided:?}");
+    assert!(
+        percent(guided.relation) >= percent(unguided.relation) + 15.0,
+        "guidance must matter for relations: {unguided:?} vs {guided:?}"
+    );
 }
 
 /// diffusers' StableDiffusionPipeline loads the shipped folder and paints Easel's picture
@@ -311,36 +314,43 @@ fn easel_mini_is_not_taken_for_a_turbo_model() {
 }
 
 /// The live preview of Easel Mini uses its own latent-to-RGB map (vae/latent_rgb.json, fitted
-/// by train.py): on the final latents it is much nearer the decoded picture (8×8 averages) than
-/// SD 1.x's map, which belongs to another VAE.
+/// by train.py): on the final latents of a few pictures it is much nearer the decoded picture
+/// (8×8 averages) than SD 1.x's map, which belongs to another VAE.
 #[test]
 fn easel_mini_previews_with_its_own_colours() {
     use easel_engine::models::Family;
     let pipeline = Pipeline::load(&model_dir(), LoadOptions::default()).unwrap();
     let info = pipeline.info();
     assert!(info.latent_rgb.is_some(), "vae/latent_rgb.json is read");
-    let request = request("a red circle above a blue square", 15, 6.0, 3);
-    let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
-    let image = easel_engine::pipeline::to_rgb8(&pipeline.decode_latents(&latents).unwrap()).unwrap();
-    let values: Vec<f32> = latents.flatten_all().unwrap().to_vec1().unwrap();
-    let error = |(factors, bias): ([[f32; 3]; 4], [f32; 3])| {
-        let (w, plane) = (16usize, 256usize);
-        let mut total = 0.0;
-        for p in 0..plane {
-            let (px, py) = (p % w, p / w);
-            for c in 0..3 {
-                let v = bias[c] + (0..4).map(|ch| values[ch * plane + p] * factors[ch][c]).sum::<f32>();
-                let shown = ((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
-                let mean = (0..64)
-                    .map(|k| image.data[(((py * 8 + k / 8) * 128 + px * 8 + k % 8) * 3) + c] as f32)
-                    .sum::<f32>()
-                    / 64.0;
-                total += (shown - mean).abs();
-            }
-        }
-        total / (plane * 3) as f32
-    };
-    let (own, sd1) = (error(info.latent_rgb_factors()), error(Family::Sd1.latent_rgb_factors()));
+    let (mut own, mut sd1) = (0.0, 0.0);
+    let prompts = ["a red circle above a blue square", "the sun over the sea at sunset", "a green star on the left"];
+    for prompt in prompts {
+        let request = request(prompt, 15, 6.0, 3);
+        let latents = pipeline.denoise(&request, &mut |_| ControlFlow::Continue(())).unwrap();
+        let image = easel_engine::pipeline::to_rgb8(&pipeline.decode_latents(&latents).unwrap()).unwrap();
+        let values: Vec<f32> = latents.flatten_all().unwrap().to_vec1().unwrap();
+        own += preview_error(&values, &image, info.latent_rgb_factors()) / prompts.len() as f32;
+        sd1 += preview_error(&values, &image, Family::Sd1.latent_rgb_factors()) / prompts.len() as f32;
+    }
     println!("preview vs picture, mean abs error in 0-255: own map {own:.1}, SD 1.x map {sd1:.1}");
-    assert!(own * 2.0 < sd1, "own map {own:.1} vs SD 1.x {sd1:.1}");
+    assert!(own * 1.5 < sd1, "own map {own:.1} vs SD 1.x {sd1:.1}");
+}
+
+/// Mean absolute difference (0–255) between a linear preview of 16×16×4 `latents` and the 8×8
+/// averages of the 128×128 picture they decode to.
+fn preview_error(latents: &[f32], image: &RgbImage, (factors, bias): ([[f32; 3]; 4], [f32; 3])) -> f32 {
+    let (w, plane) = (16usize, 256usize);
+    let mut total = 0.0;
+    for p in 0..plane {
+        let (px, py) = (p % w, p / w);
+        for c in 0..3 {
+            let v = bias[c] + (0..4).map(|ch| latents[ch * plane + p] * factors[ch][c]).sum::<f32>();
+            let shown = ((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
+            let mean =
+                (0..64).map(|k| image.data[(((py * 8 + k / 8) * 128 + px * 8 + k % 8) * 3) + c] as f32).sum::<f32>()
+                    / 64.0;
+            total += (shown - mean).abs();
+        }
+    }
+    total / (plane * 3) as f32
 }
