@@ -50,7 +50,11 @@ fn step_until(h: &mut Harness<'static, EaselApp>, what: &str, done: impl Fn(&Eas
     while !done(h.state()) {
         h.step();
         std::thread::sleep(Duration::from_millis(5));
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}; notices: {:?}",
+            h.state().notices
+        );
     }
     h.step();
 }
@@ -241,6 +245,9 @@ fn the_models_panel_lists_the_hf_cache_and_reports_offline_downloads() {
     h.state_mut().refresh_local_models();
     h.step();
     assert_eq!(h.state().local_models.len(), 1);
+    // Low in the side panel (below the fold where the CPU adds the bf16 switch): scrolled to.
+    h.get_by_label("Load").scroll_to_me();
+    h.run_steps(3);
     h.get_by_label("Load").click();
     step_until(&mut h, "the cached model to load", model_ready);
 

@@ -578,6 +578,11 @@ impl EaselApp {
             );
             return;
         }
+        if self.settings.prompt.trim().is_empty() {
+            // Painted all the same (an unconditional picture, as A1111 and the CLI do), but the
+            // placeholder in the empty box is not the prompt, and the artist should know that.
+            self.notify(NoticeKind::Info, "The prompt is empty: this picture follows no text.");
+        }
         let base_seed = if self.settings.random_seed { random_seed() } else { self.settings.seed };
         for i in 0..self.settings.batch_count.max(1) {
             let seed =
@@ -944,6 +949,27 @@ mod tests {
         let mut app = EaselApp::with_default_model(&ctx, chosen, false, Some(model));
         run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
         assert_eq!((app.settings.width, app.settings.height, app.settings.steps), (96, 64, 12));
+    }
+
+    #[test]
+    fn an_empty_prompt_paints_and_says_so() {
+        let ctx = egui::Context::default();
+        let outputs = tempfile::tempdir().unwrap();
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures/models/sd1-tiny");
+        let settings = Settings {
+            model_path: Some(model),
+            outputs_dir: Some(outputs.path().to_path_buf()),
+            prompt: "  ".into(),
+            steps: 2,
+            width: 64,
+            height: 64,
+            ..Default::default()
+        };
+        let mut app = EaselApp::with_settings(&ctx, settings, false);
+        run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
+        app.generate();
+        assert!(app.notices.iter().any(|n| n.text.contains("prompt is empty")), "{:?}", app.notices);
+        run_until(&mut app, &ctx, |a| !a.gallery.is_empty());
     }
 
     #[test]
