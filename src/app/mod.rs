@@ -951,21 +951,25 @@ mod tests {
         assert_eq!((app.settings.width, app.settings.height, app.settings.steps), (96, 64, 12));
     }
 
-    #[test]
-    fn an_empty_prompt_paints_and_says_so() {
-        let ctx = egui::Context::default();
-        let outputs = tempfile::tempdir().unwrap();
+    /// The tiny test model, 2 steps at 64×64, saving into `outputs`.
+    fn tiny_model_settings(outputs: &Path, prompt: &str) -> Settings {
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures/models/sd1-tiny");
-        let settings = Settings {
+        Settings {
             model_path: Some(model),
-            outputs_dir: Some(outputs.path().to_path_buf()),
-            prompt: "  ".into(),
+            outputs_dir: Some(outputs.to_path_buf()),
+            prompt: prompt.into(),
             steps: 2,
             width: 64,
             height: 64,
             ..Default::default()
-        };
-        let mut app = EaselApp::with_settings(&ctx, settings, false);
+        }
+    }
+
+    #[test]
+    fn an_empty_prompt_paints_and_says_so() {
+        let ctx = egui::Context::default();
+        let outputs = tempfile::tempdir().unwrap();
+        let mut app = EaselApp::with_settings(&ctx, tiny_model_settings(outputs.path(), "  "), false);
         run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
         app.generate();
         assert!(app.notices.iter().any(|n| n.text.contains("prompt is empty")), "{:?}", app.notices);
@@ -976,17 +980,7 @@ mod tests {
     fn a_dead_worker_is_restarted_the_model_reloaded_and_the_next_job_runs() {
         let ctx = egui::Context::default();
         let outputs = tempfile::tempdir().unwrap();
-        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/engine/tests/fixtures/models/sd1-tiny");
-        let settings = Settings {
-            model_path: Some(model),
-            outputs_dir: Some(outputs.path().to_path_buf()),
-            prompt: "a fox".into(),
-            steps: 2,
-            width: 64,
-            height: 64,
-            ..Default::default()
-        };
-        let mut app = EaselApp::with_settings(&ctx, settings, false);
+        let mut app = EaselApp::with_settings(&ctx, tiny_model_settings(outputs.path(), "a fox"), false);
         run_until(&mut app, &ctx, |a| matches!(a.model, ModelState::Ready(_)));
 
         app.worker.send(Command::KillThread);
