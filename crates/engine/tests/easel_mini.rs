@@ -333,7 +333,7 @@ fn easel_mini_previews_with_its_own_colours() {
         sd1 += preview_error(&values, &image, Family::Sd1.latent_rgb_factors()) / prompts.len() as f32;
     }
     println!("preview vs picture, mean abs error in 0-255: own map {own:.1}, SD 1.x map {sd1:.1}");
-    assert!(own * 1.5 < sd1, "own map {own:.1} vs SD 1.x {sd1:.1}");
+    assert!(own * 2.0 < sd1, "own map {own:.1} vs SD 1.x {sd1:.1}");
 }
 
 /// Mean absolute difference (0–255) between a linear preview of 16×16×4 `latents` and the 8×8
